@@ -1,0 +1,3 @@
+from dynamiclrp.cli import main
+
+raise SystemExit(main())
