@@ -1,2 +1,19 @@
-"""dynamiclrp: Layer-wise Relevance Propagation over the autograd graph of any PyTorch model."""
+"""dynamiclrp: Layer-wise Relevance Propagation over the autograd graph of any PyTorch model.
+
+>>> import dynamiclrp
+>>> rel = dynamiclrp.relevance(outputs, inputs)            # doctest: +SKIP
+>>> ex = dynamiclrp.explain(outputs, inputs)               # doctest: +SKIP
+"""
+from . import presets, rules
+from .api import explain, relevance
+from .errors import (DynamicLRPError, GraphFreedError, RuleError, UnsupportedOperationError,
+                     ValueUnavailableError)
+from .results import Explanation, Ledger, Sink
+from .rules import RuleSet
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "DynamicLRPError", "Explanation", "GraphFreedError", "Ledger", "RuleError", "RuleSet", "Sink",
+    "UnsupportedOperationError", "ValueUnavailableError", "explain", "presets", "relevance", "rules",
+]

@@ -1,0 +1,88 @@
+"""The two entry points: :func:`relevance` and :func:`explain`."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .engine import compute
+from .results import Explanation
+
+Tensor = torch.Tensor
+
+
+def relevance(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor],
+              seeds: Tensor | Sequence[Tensor | None] | None = None, *, rules: Any = None) -> tuple[Tensor, ...]:
+    """Layer-wise Relevance Propagation relevance of ``inputs`` for ``outputs``, like ``torch.autograd.grad``.
+
+    The autograd graph of an ordinary forward pass is walked operation by operation from ``outputs`` to
+    ``inputs``; each node type has an explicit rule (Lee & Millan Arias 2025, "DynamicLRP"). The model is not
+    modified, hooked or re-run, its parameters and their ``.grad`` are untouched, and the graph can still be
+    used for ``backward()`` afterwards.
+
+    Parameters
+    ----------
+    outputs : Tensor or sequence of Tensor
+        Tensors of the forward pass to explain (each must have a ``grad_fn``). To explain class ``c`` of each
+        row of ``logits``, pass ``logits[:, c]`` (or ``logits.gather(1, y[:, None])``); rows are explained
+        independently.
+    inputs : Tensor or sequence of Tensor
+        Tensors whose relevance is wanted: leaves that require grad (inputs, parameters) or intermediate tensors
+        of the same graph (e.g. input embeddings).
+    seeds : Tensor or sequence of (Tensor or None), optional
+        Starting relevance of each output, same shape. Default: the outputs' own values, so that with a
+        conservative rule set the input relevance sums to the explained outputs.
+    rules : None, str or RuleSet, optional
+        ``None`` for the default (:func:`dynamiclrp.presets.epsilon`), a preset name (``"epsilon"``,
+        ``"zero"``, ``"attnlrp"``, ``"cplrp"``, ``"paper"``, ``"epsilon_plus"``...) or a
+        :class:`~dynamiclrp.rules.RuleSet`.
+
+    Returns
+    -------
+    tuple of Tensor
+        One tensor per input, with the input's shape, dtype and device. Inputs the outputs do not depend on get
+        zeros.
+
+    Raises
+    ------
+    UnsupportedOperationError
+        A node type without a rule (e.g. a custom ``torch.autograd.Function``): register one with
+        ``RuleSet.with_ops``.
+    GraphFreedError
+        The graph's saved tensors were freed by an earlier ``backward()``.
+
+    Examples
+    --------
+    >>> import torch, dynamiclrp
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> x = torch.randn(4, 3, requires_grad=True)
+    >>> (r,) = dynamiclrp.relevance(lin(x)[:, 0], x, rules="zero")
+    >>> r.shape
+    torch.Size([4, 3])
+    """
+    return compute(outputs, inputs, seeds, rules=rules, ledger=False).relevance
+
+
+def explain(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor],
+            seeds: Tensor | Sequence[Tensor | None] | None = None, *, rules: Any = None, ledger: bool = True,
+            model: torch.nn.Module | None = None, trace_promises: bool = False) -> Explanation:
+    """Like :func:`relevance`, returning an :class:`~dynamiclrp.results.Explanation` with the ledger.
+
+    Parameters
+    ----------
+    outputs, inputs, seeds, rules
+        As in :func:`relevance`.
+    ledger : bool, optional
+        Account for every unit of seed relevance: requested inputs, or named sinks (biases, unrequested leaves,
+        constants, stabilisers, non-conservative rules). Propagates through the whole graph, so it costs more
+        than :func:`relevance`. ``ex.unaccounted`` is ≈ 0.
+    model : torch.nn.Module, optional
+        Only used to name parameters in the ledger.
+    trace_promises : bool, optional
+        Keep every value the Promise System recovered (``ex.promises``), for inspection and tests.
+
+    Returns
+    -------
+    Explanation
+    """
+    return compute(outputs, inputs, seeds, rules=rules, ledger=ledger, model=model, trace_promises=trace_promises)

@@ -1,0 +1,408 @@
+"""Planning and executing a relevance pass over an autograd graph.
+
+Data flow (see ``docs/ARCHITECTURE.md``)::
+
+    outputs ──► GraphView (graph.py) ──► Planner: registry rows, activation flags, rule per node (rules/),
+                                          value recipes (promises.py) ──► Plan (a flat list of steps)
+    seeds ──► Run: execute the steps in topological order, summing messages per slot ──► relevance, Ledger
+
+A plan depends only on the graph's structure (node types, edges, shapes, which saved fields exist) and the
+rule set, so it is cached under a signature of those and reused for the next graph with the same signature.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import torch
+
+from . import graph as G
+from .errors import DynamicLRPError, RuleError, UnsupportedOperationError
+from .promises import PromiseResolver, ValueStore
+from .results import Explanation, Ledger
+from .rules.base import Msg, OpSpec, Site, Step, safe_div
+from .rules.registry import REGISTRY
+from .rules.ruleset import RuleSet, resolve_rules
+
+Tensor = torch.Tensor
+
+
+#: nodes whose output is data even though their only differentiable input is a parameter
+_DATA_LOOKUPS = frozenset({"EmbeddingBackward0", "EmbeddingBagBackward0", "EmbeddingDenseBackward0"})
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Planner
+# -----------------------------------------------------------------------------------------------------------
+class Planner:
+    """Compiles a rule set against one graph.
+
+    Parameters
+    ----------
+    graph : GraphView
+    rules : RuleSet
+    requested : dict
+        ``slot -> key`` of the requested input tensors present in the graph.
+    sources : set of int
+        Slots that are activation sources (requested non-parameter tensors).
+    known : dict
+        ``slot -> key`` of every tensor the caller holds (requested inputs and outputs).
+    everywhere : bool
+        Propagate through every node, not only those that lead to a requested input (the ledger needs this).
+    model : torch.nn.Module or None
+        Used only to name parameters and layers.
+    """
+
+    def __init__(self, graph: G.GraphView, rules: RuleSet, requested: dict[int, int], sources: set[int],
+                 known: dict[int, int], everywhere: bool, model: torch.nn.Module | None = None):
+        self.graph = graph
+        self.rules = rules
+        self.requested = requested
+        self.model = model
+        n = len(graph)
+        self.specs: list[OpSpec | None] = [rules.spec_for(t) for t in graph.types]
+        self._check_supported()
+        self.active = self._activation_flags(sources)
+        self.needed_below = self._needed_below()
+        # requested slots with nothing requested below them: relevance stops there
+        self.terminal = {s for s in requested if not self.needed_below[graph.slot_node[s]]}
+        self.resolver = PromiseResolver(graph, self.specs, known)
+        self.structure_cache: dict[Any, Any] = {}
+        self.bias_slots: set[int] = set()
+        self.steps: list[Step | None] = [None] * n
+        self.run_node = [False] * n
+        for i in graph.order:
+            if everywhere or self.needed_below[i]:
+                self.run_node[i] = True
+                site = Site(self, i, self.specs[i], tuple(
+                    e >= 0 and self.active[e] for e in graph.edges[i]))
+                self.steps[i] = rules.rule_for(site).bind(site)
+
+    # -----------------------------------------------------------------------------------------------------
+    def _check_supported(self) -> None:
+        missing: dict[str, list[int]] = {}
+        for i, spec in enumerate(self.specs):
+            if spec is None:
+                missing.setdefault(self.graph.types[i], []).append(i)
+        if not missing:
+            return
+        lines = []
+        for name, idx in missing.items():
+            op = G.forward_op_name(self.graph.nodes[idx[0]])
+            lines.append(f"  - {name} ({len(idx)} node{'s' if len(idx) > 1 else ''}), produced by {op}")
+        first = next(iter(missing))
+        raise UnsupportedOperationError(
+            "dynamiclrp has no relevance rule for these autograd node types:\n" + "\n".join(lines) + "\n"
+            "Every op needs an explicit rule; nothing falls back silently. Register one on your rule set, e.g.\n"
+            f"    rules = dynamiclrp.presets.epsilon().with_ops({{'{first}': dynamiclrp.rules.Routing()}})\n"
+            "choosing the rule that matches the op (Routing for index/shape ops, Identity for element-wise "
+            "non-linearities, Gradient when gradient x input is the right relevance, or your own Rule). See "
+            "docs/rules.md, 'Custom operations'.")
+
+    def _activation_flags(self, sources: set[int]) -> list[bool]:
+        """Per slot: does the forward value depend on the data rather than on parameters alone?
+
+        Activation sources are data leaves (tensors that require grad but are not ``nn.Parameter``), embedding
+        lookups (their indices are data) and requested non-parameter tensors. Product rules treat operands that
+        are not activations (weights, parameter-only subgraphs, constants) as constants. The flags are a
+        property of the graph, not of which tensors are requested, so requesting more inputs never changes
+        the relevance of the others.
+        """
+        g = self.graph
+        active = [False] * len(g.slot_node)
+        for i in reversed(g.order):  # producers before consumers
+            t = g.types[i]
+            if t == "AccumulateGrad":
+                a = not isinstance(G.leaf_tensor(g.nodes[i]), torch.nn.Parameter)
+            elif t in _DATA_LOOKUPS:
+                a = True
+            else:
+                a = False
+                for e in g.edges[i]:
+                    if e >= 0 and active[e]:
+                        a = True
+                        break
+            for s in g.slots_of(i):
+                active[s] = a or s in sources
+        return active
+
+    def _needed_below(self) -> list[bool]:
+        """Per node: does some requested slot lie strictly below it (so its rule must run)?"""
+        g = self.graph
+        has_req = [False] * len(g)
+        for s in self.requested:
+            has_req[g.slot_node[s]] = True
+        needed = [False] * len(g)  # node or something below it is requested
+        below = [False] * len(g)
+        for i in reversed(g.order):
+            b = False
+            for e in g.edges[i]:
+                if e >= 0 and needed[g.slot_node[e]]:
+                    b = True
+                    break
+            below[i] = b
+            needed[i] = b or has_req[i]
+        return below
+
+    # -- helpers for rules ---------------------------------------------------------------------------------
+    def need_value(self, slot: int) -> None:
+        """Declare that a step will read the forward value of ``slot`` (a promise, if it is not saved)."""
+        self.resolver.request(slot)
+
+    def mark_bias(self, slot: int) -> None:
+        """Record that ``slot`` is the additive bias of a linear/conv/norm op (for ledger names)."""
+        self.bias_slots.add(slot)
+
+    def is_parameter_slot(self, slot: int) -> bool:
+        g = self.graph
+        i = g.slot_node[slot]
+        return g.types[i] == "AccumulateGrad" and isinstance(G.leaf_tensor(g.nodes[i]), torch.nn.Parameter)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Run: executing a plan
+# -----------------------------------------------------------------------------------------------------------
+class Run:
+    """State of one relevance pass: messages per slot, values, and the optional ledger."""
+
+    __slots__ = ("graph", "values", "ledger", "planner")
+
+    def __init__(self, planner: Planner, values: ValueStore, ledger: Ledger | None):
+        self.planner = planner
+        self.graph = planner.graph
+        self.values = values
+        self.ledger = ledger
+
+    def node(self, i: int) -> Any:
+        return self.graph.nodes[i]
+
+    def value(self, slot: int, origin: str = "") -> Tensor:
+        """Forward value of ``slot`` (read, rebuilt or replayed by the Promise System)."""
+        return self.values.get(slot, origin)
+
+    def r_to_g(self, slot: int, r: Tensor) -> Tensor:
+        """Turn explicit relevance at ``slot`` into gradient form by dividing by the slot's value."""
+        v = self.value(slot, "conversion to gradient form")
+        if v.shape != r.shape:
+            v = v.expand_as(r)
+        g = safe_div(r, v)
+        if self.ledger is not None:
+            lost = torch.where(v == 0, r, torch.zeros((), dtype=r.dtype, device=r.device)).sum()
+            self.ledger.book("conversion", self.graph.describe(self.graph.slot_node[slot]), lost,
+                             "relevance on a zero activation cannot be passed on in gradient form")
+        return g
+
+    def total(self, slot: int, msg: Msg | None) -> Tensor | None:
+        """Total relevance of ``msg`` at ``slot`` (needs the slot's value for the gradient-form part)."""
+        if msg is None:
+            return None
+        t = None
+        if msg.g is not None:
+            v = self.value(slot, "ledger")
+            prod = msg.g * v
+            t = _finite_sum(prod)
+        if msg.r is not None:
+            rt = msg.r.sum()
+            t = rt if t is None else t + rt
+        return t
+
+
+    def shifted_total(self, slot: int, msg: Msg) -> Tensor | None:
+        """Total relevance at a softmax's input slot whose value autograd did not keep (e.g. logits plus a
+        constant mask): ``x = log s + c`` per row and the rule's ``G`` sums to zero per row, so ``c`` drops
+        out. Returns ``None`` when the slot does not feed a softmax through views and casts only."""
+        if msg.r is not None or msg.g is None:
+            return None
+        g = self.graph
+        s = slot
+        for _ in range(6):
+            cons = g.consumers[s]
+            if len(cons) != 1:
+                return None
+            c, _pos = cons[0]
+            t = g.types[c]
+            if t in ("SoftmaxBackward0", "SafeSoftmaxBackward0"):
+                res = G.saved(g.nodes[c], "result")
+                logs = torch.where(res > 0, torch.log(torch.where(res > 0, res, 1)), 0)
+                if logs.numel() != msg.g.numel():
+                    return None
+                return (logs.reshape(msg.g.shape).to(msg.g.dtype) * msg.g).sum()
+            if t in ("ViewBackward0", "UnsafeViewBackward0", "ToCopyBackward0", "CloneBackward0",
+                     "ReshapeAliasBackward0"):
+                s = g.slot_base[c]
+                continue
+            return None
+        return None
+
+
+def _finite_sum(t: Tensor) -> Tensor:
+    # 0 * inf (a masked -inf logit with zero relevance) contributes nothing
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0).sum() if not torch.isfinite(t).all() else t.sum()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The public entry point (used by dynamiclrp.relevance / dynamiclrp.explain)
+# -----------------------------------------------------------------------------------------------------------
+def _as_tuple(x: Tensor | Sequence[Tensor], what: str) -> tuple[Tensor, ...]:
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    if isinstance(x, (list, tuple)):
+        out = tuple(x)
+        for k, t in enumerate(out):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{what}[{k}] is a {type(t).__name__}, expected a torch.Tensor")
+        if not out:
+            raise ValueError(f"{what} is empty: pass at least one tensor")
+        return out
+    raise TypeError(f"{what} must be a tensor or a sequence of tensors, got {type(x).__name__}")
+
+
+def compute(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor],
+            seeds: Tensor | Sequence[Tensor | None] | None = None, *, rules: Any = None, ledger: bool = False,
+            model: torch.nn.Module | None = None, trace_promises: bool = False) -> Explanation:
+    """Run one relevance pass. See :func:`dynamiclrp.explain` for the parameters."""
+    outs = _as_tuple(outputs, "outputs")
+    ins = _as_tuple(inputs, "inputs")
+    for k, o in enumerate(outs):
+        if o.grad_fn is None:
+            raise DynamicLRPError(
+                f"outputs[{k}] has no grad_fn, so there is no autograd graph to explain. Run the forward pass "
+                "with gradients enabled (not under torch.no_grad() or torch.inference_mode()) and make sure the "
+                "input or the model's parameters require grad.")
+    if seeds is None:
+        seed_list: list[Tensor | None] = [None] * len(outs)
+    elif isinstance(seeds, torch.Tensor):
+        seed_list = [seeds]
+    else:
+        seed_list = list(seeds)
+    if len(seed_list) != len(outs):
+        raise ValueError(f"got {len(seed_list)} seeds for {len(outs)} outputs; pass one seed per output "
+                         "(or None for the default, the output's own value)")
+    seed_tensors: list[Tensor] = []
+    for k, (o, s) in enumerate(zip(outs, seed_list)):
+        if s is None:
+            s = o.detach()
+        else:
+            if not isinstance(s, torch.Tensor):
+                raise TypeError(f"seeds[{k}] must be a tensor or None")
+            if s.shape != o.shape:
+                raise ValueError(f"seeds[{k}] has shape {tuple(s.shape)} but outputs[{k}] has shape "
+                                 f"{tuple(o.shape)}; a seed is the starting relevance of every output element")
+            s = s.detach().to(dtype=o.dtype, device=o.device)
+        seed_tensors.append(s)
+    rule_set = resolve_rules(rules)
+
+    graph = G.GraphView([(o.grad_fn, o.output_nr) for o in outs])
+    # tensors we hold: outputs, then inputs
+    held: list[Tensor] = [o for o in outs] + [t for t in ins]
+    known: dict[int, int] = {}
+    for k, o in enumerate(outs):
+        known.setdefault(graph.root_slots[k], k)
+    requested: dict[int, int] = {}
+    sources: set[int] = set()
+    input_slots: list[int | None] = []
+    for k, t in enumerate(ins):
+        edge = G.gradient_edge(t)
+        slot = None if edge is None else graph.slot_of(*edge)
+        if edge is None and not t.requires_grad:
+            raise DynamicLRPError(
+                f"inputs[{k}] does not require grad and is not produced by the graph, so no relevance can reach "
+                "it. Call .requires_grad_() on it before the forward pass, or pass a tensor computed in the "
+                "forward pass (e.g. the input embeddings).")
+        input_slots.append(slot)
+        if slot is not None:
+            requested.setdefault(slot, len(outs) + k)
+            known[slot] = len(outs) + k
+            if not isinstance(t, torch.nn.Parameter):
+                sources.add(slot)
+
+    with torch.no_grad():
+        planner = Planner(graph, rule_set, requested, sources, known, everywhere=ledger, model=model)
+        values = ValueStore(graph, planner.specs, planner.resolver, held, trace=trace_promises)
+        book = Ledger(graph) if ledger else None
+        run = Run(planner, values, book)
+        captured = _execute(run, planner, seed_tensors, requested, held, book)
+
+    relevance = []
+    for k, (t, slot) in enumerate(zip(ins, input_slots)):
+        r = captured.get(slot) if slot is not None else None
+        if r is None:
+            r = torch.zeros_like(t, memory_format=torch.contiguous_format)
+        relevance.append(r.detach().to(dtype=t.dtype))
+    if book is not None:
+        for k, (t, slot) in enumerate(zip(ins, input_slots)):
+            if slot is not None and slot in planner.terminal and requested.get(slot) == len(outs) + k:
+                book.requested(f"inputs[{k}]", relevance[k].sum())
+        book.seed(sum(s.sum() for s in seed_tensors))
+        book.finish()
+    return Explanation(tuple(relevance), book, values.records if trace_promises else [])
+
+
+def _execute(run: Run, planner: Planner, seeds: list[Tensor], requested: dict[int, int], held: list[Tensor],
+             book: Ledger | None) -> dict[int, Tensor]:
+    g = planner.graph
+    msgs: list[Msg | None] = [None] * len(g.slot_node)
+    for slot, s in zip(g.root_slots, seeds):
+        m = Msg(r=s)
+        if msgs[slot] is None:
+            msgs[slot] = m
+        else:
+            msgs[slot].add(m)
+    captured: dict[int, Tensor] = {}
+    terminal = planner.terminal
+    steps = planner.steps
+    run_node = planner.run_node
+    slot_base = g.slot_base
+    n_out = g.n_out
+    edges = g.edges
+    for i in g.order:
+        base = slot_base[i]
+        k = n_out[i] or 1
+        if k == 1:
+            outs = [msgs[base]]
+            msgs[base] = None
+        else:
+            outs = msgs[base:base + k]
+            for j in range(base, base + k):
+                msgs[j] = None
+        if requested:
+            for j in range(k):
+                s = base + j
+                if s in requested:
+                    m = outs[j]
+                    captured[s] = _relevance_of(m, held[requested[s]])
+                    if s in terminal:
+                        outs[j] = None  # relevance ends at a requested tensor
+        if not run_node[i]:
+            continue
+        if all(m is None for m in outs):
+            continue
+        step = steps[i]
+        ins = step(run, outs)
+        if book is not None:
+            step.account(run, outs, ins)
+        row = edges[i]
+        for pos, m in enumerate(ins):
+            if m is None:
+                continue
+            s = row[pos]
+            if s < 0:
+                continue
+            cur = msgs[s]
+            if cur is None:
+                msgs[s] = m
+            else:
+                cur.add(m)
+    return captured
+
+
+def _relevance_of(m: Msg | None, value: Tensor) -> Tensor:
+    v = value.detach()
+    if m is None:
+        return torch.zeros_like(v)
+    r = None
+    if m.g is not None:
+        r = m.g * v
+    if m.r is not None:
+        r = m.r if r is None else r + m.r
+    return r

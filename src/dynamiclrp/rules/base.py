@@ -1,0 +1,250 @@
+"""Building blocks shared by every rule: relevance messages, plan-time sites and compiled steps.
+
+Relevance messages
+------------------
+Relevance travels along slots in one of two forms, and a message may carry both parts at once:
+
+``g`` (gradient form)
+    A tensor ``G`` with the shape of the slot's forward value ``v``; the relevance it stands for is ``v * G``.
+    Every rule that is a *z-rule* (ε, γ, z⁺, α-β, the sum rule, routing, the identity rule, the uniform product
+    rule, the AttnLRP softmax rule...) maps ``G`` to ``G`` without ever dividing by an activation. This is the
+    fast path: on piecewise-linear graphs LRP-0 in this form *is* gradient × input.
+``r`` (explicit form)
+    The relevance tensor ``R`` itself. Seeds start in this form, and rules whose result is not proportional to
+    the input (flat, w², z^B, the paper's magnitude splits) produce it.
+
+Converting ``g`` to ``r`` multiplies by the slot's forward value, converting ``r`` to ``g`` divides by it; both
+need the value, which the Promise System (:mod:`dynamiclrp.promises`) supplies when autograd did not save it.
+
+A rule is a small object (``Epsilon(1e-6)``, ``Uniform()``...). At plan time the engine calls
+``rule.bind(site)`` for every node, which returns a compiled :class:`Step`: a callable holding everything that
+could be decided from the graph's structure, so that executing a plan is a flat loop of step calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+from .. import graph as G
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine import Run, Planner
+
+Tensor = torch.Tensor
+
+
+class Msg:
+    """Relevance arriving at one slot: a gradient-form part ``g`` and/or an explicit part ``r``."""
+
+    __slots__ = ("g", "r")
+
+    def __init__(self, g: Tensor | None = None, r: Tensor | None = None):
+        self.g = g
+        self.r = r
+
+    def add(self, other: "Msg") -> None:
+        """Accumulate ``other`` into this message (out of place, so no tensor shared elsewhere is mutated)."""
+        if other.g is not None:
+            self.g = other.g if self.g is None else self.g + other.g
+        if other.r is not None:
+            self.r = other.r if self.r is None else self.r + other.r
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        def d(t):
+            return None if t is None else tuple(t.shape)
+        return f"Msg(g={d(self.g)}, r={d(self.r)})"
+
+
+def gmsg(t: Tensor | None) -> Msg | None:
+    return None if t is None else Msg(g=t)
+
+
+def rmsg(t: Tensor | None) -> Msg | None:
+    return None if t is None else Msg(r=t)
+
+
+def safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` with 0 wherever ``den == 0`` (never NaN or inf from a zero denominator)."""
+    zero = den == 0
+    return torch.where(zero, torch.zeros((), dtype=num.dtype, device=num.device), num / torch.where(zero, 1, den))
+
+
+def stabilize(z: Tensor, eps: float) -> Tensor:
+    """``z + eps * sign(z)`` with ``sign(0) = +1`` (Zennit's convention); ``eps == 0`` returns ``z``."""
+    if eps == 0:
+        return z
+    return torch.where(z >= 0, z + eps, z - eps)
+
+
+@dataclass
+class Site:
+    """Everything a rule may look at while it compiles itself for one node (plan time only).
+
+    Attributes
+    ----------
+    planner : Planner
+        The plan under construction; gives access to the graph, structure queries and value recipes.
+    index : int
+        Node index in ``planner.graph``.
+    spec : OpSpec
+        The registry row of this node type.
+    active : tuple of bool
+        Per forward input: whether that input depends on an activation source (a requested non-parameter
+        tensor or a data leaf). Inputs that do not (parameters, constants, parameter-only subgraphs) are treated
+        as constants by product rules. ``None`` edges are never active.
+    """
+
+    planner: "Planner"
+    index: int
+    spec: "OpSpec"
+    active: tuple[bool, ...]
+
+    @property
+    def graph(self) -> G.GraphView:
+        return self.planner.graph
+
+    @property
+    def node(self) -> Any:
+        return self.planner.graph.nodes[self.index]
+
+    @property
+    def type(self) -> str:
+        return self.planner.graph.types[self.index]
+
+    @property
+    def edges(self) -> tuple[int, ...]:
+        return self.planner.graph.edges[self.index]
+
+    def saved(self, field_name: str) -> Any:
+        return G.saved(self.node, field_name)
+
+    def describe(self) -> str:
+        return self.planner.graph.describe(self.index)
+
+
+class Step:
+    """A rule compiled for one node. Subclasses implement :meth:`g` and, where meaningful, :meth:`r`.
+
+    ``__call__`` receives one :class:`Msg` (or ``None``) per forward output of the node and returns one
+    :class:`Msg` (or ``None``) per forward input. The default implementation converts parts the subclass does
+    not handle: an ``r`` part is turned into ``g`` by dividing by the output value (relevance where the value is
+    exactly 0 cannot be represented and is booked in the ledger as a conversion loss).
+    """
+
+    __slots__ = ("index", "n_in", "out_slots", "in_edges")
+    handles_r = False  # subclasses that implement r() natively set this
+
+    def __init__(self, site: Site):
+        self.index = site.index
+        self.n_in = len(site.edges)
+        self.out_slots = tuple(site.graph.slots_of(site.index))
+        self.in_edges = site.edges
+
+    # -- to override ---------------------------------------------------------------------------------------
+    def g(self, run: "Run", gs: list[Tensor | None]) -> list[Msg | None]:
+        raise NotImplementedError
+
+    def r(self, run: "Run", rs: list[Tensor | None]) -> list[Msg | None]:
+        raise NotImplementedError
+
+    def account(self, run: "Run", outs: list[Msg | None], ins: list[Msg | None]) -> None:
+        """Book local sinks in ``run.ledger`` (only called when a ledger is requested).
+
+        The default is for conservative rules: only relevance sent towards inputs that do not require grad
+        (constants) leaves the propagation, and it is measured as the node's residual.
+        """
+        if any(e < 0 for e in self.in_edges):
+            run.ledger.constants(run, self, outs, ins)
+
+    # -- driver ---------------------------------------------------------------------------------------------
+    def __call__(self, run: "Run", outs: list[Msg | None]) -> list[Msg | None]:
+        gs: list[Tensor | None] = [None if m is None else m.g for m in outs]
+        rs: list[Tensor | None] = [None if m is None else m.r for m in outs]
+        has_r = any(t is not None for t in rs)
+        if has_r and not self.handles_r:
+            for k, t in enumerate(rs):
+                if t is None:
+                    continue
+                conv = run.r_to_g(self.out_slots[k], t)
+                gs[k] = conv if gs[k] is None else gs[k] + conv
+            has_r = False
+        has_g = any(t is not None for t in gs)
+        res_g = self.g(run, gs) if has_g else None
+        res_r = self.r(run, rs) if has_r else None
+        if res_r is None:
+            return res_g if res_g is not None else [None] * self.n_in
+        if res_g is None:
+            return res_r
+        merged: list[Msg | None] = []
+        for a, b in zip(res_g, res_r):
+            if a is None:
+                merged.append(b)
+            elif b is None:
+                merged.append(a)
+            else:
+                m = Msg(a.g, a.r)
+                m.add(b)
+                merged.append(m)
+        return merged
+
+
+class Rule:
+    """Base class of relevance rules. A rule is immutable configuration; :meth:`bind` compiles it for a node.
+
+    Subclasses state which op families they apply to in ``families`` (used to validate rule sets).
+    """
+
+    families: frozenset[str] = frozenset()
+
+    def bind(self, site: Site) -> Step:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(sorted((k, repr(v)) for k, v in vars(self).items()))))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Op specification (one registry row)
+# -----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OpSpec:
+    """One row of the registry: how dynamiclrp understands one autograd node type.
+
+    Attributes
+    ----------
+    family : str
+        Which entry of a rule set handles the node (``"linear"``, ``"add"``, ``"routing"``...). Kernels whose
+        family depends on the graph (a matmul of two activations is a ``"matmul"``, of an activation and a
+        weight a ``"linear"``) provide ``family_of``.
+    kernel : Any
+        Op semantics the rules need: forward functions, saved-field adapters, Jacobian-transpose products.
+    results : tuple
+        ``(output number, saved field)`` pairs: forward outputs autograd saved (Arg Nodes by construction).
+    inputs_saved : tuple
+        ``(input position, saved field)`` pairs: forward inputs autograd saved for this node.
+    rebuild : callable or None
+        ``rebuild(node, nr) -> tensor``: output ``nr`` recomputed from the node's own saved tensors (an Arg
+        Node). It may return ``None`` when a needed field was not saved for this particular node.
+    replay : callable or None
+        ``replay(node, input_values, nr) -> tensor``: output ``nr`` recomputed from the values of the node's
+        inputs (the forward closure of a promise branch step, or the op of a promise-generating node).
+        ``replay_inputs`` lists the input positions it needs (default: every non-``None`` edge).
+    """
+
+    family: str
+    kernel: Any = None
+    results: tuple[tuple[int, str], ...] = ()
+    inputs_saved: tuple[tuple[int, str], ...] = ()
+    rebuild: Callable[[Any, int], Tensor | None] | None = None
+    replay: Callable[[Any, Sequence[Tensor | None], int], Tensor] | None = None
+    replay_inputs: tuple[int, ...] | None = None
+    family_of: Callable[[Site], str] | None = field(default=None, compare=False)

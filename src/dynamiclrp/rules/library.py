@@ -1,0 +1,1359 @@
+"""The rule catalogue.
+
+Every rule is an immutable object whose :meth:`~dynamiclrp.rules.base.Rule.bind` compiles it for one node into a
+:class:`~dynamiclrp.rules.base.Step`. Rules are written against the kernel interfaces of
+:mod:`dynamiclrp.rules.kernels`, so one rule serves every op of its family (``Epsilon`` serves ``addmm``,
+``mm``, ``bmm``, ``conv1d/2d/3d`` and transposed convolutions alike).
+
+Linear rules follow Zennit's algebra (Anders et al. 2021): a rule is a list of *branches*; each branch sums
+*terms* ``f(x_k, w_k) + b_k`` built with input and parameter modifiers, divides the incoming relevance by the
+stabilised branch output (optionally only where the unmodified output is positive or negative), and sends the
+quotient back through each term's Jacobian transpose, multiplied by the modified input. ε, γ, z⁺, α-β, z^B,
+w² and flat are all instances.
+
+Notation: ``R`` relevance, ``G`` its gradient form (``R = value * G``), ``z`` an op's output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+from .. import graph as G
+from ..errors import RuleError, ValueUnavailableError
+from .base import Msg, Rule, Site, Step, gmsg, rmsg, safe_div, stabilize
+from .kernels import (AttentionKernel, LinearKernel, NegKernel, NormKernel, ProductKernel, RoutingKernel,
+                      SoftmaxKernel, SumKernel, UnaryKernel)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine import Run
+
+Tensor = torch.Tensor
+Stabiliser = float | Callable[[Tensor], Tensor]
+
+__all__ = [
+    "Epsilon", "Zero", "Gamma", "ZPlus", "AlphaBeta", "ZBox", "WSquare", "Flat", "Pass", "Norm",
+    "Identity", "Gradient", "Uniform", "Product", "NormConstant", "Softmax", "AttnLRP", "CPLRP", "Routing",
+    "Block", "Sum", "MagnitudeSplit",
+]
+
+
+def _stab(stabiliser: Stabiliser, z: Tensor) -> Tensor:
+    if callable(stabiliser):
+        return stabiliser(z)
+    return stabilize(z, float(stabiliser))
+
+
+def _zero(t: Tensor) -> Tensor:
+    return torch.zeros((), dtype=t.dtype, device=t.device)
+
+
+def _wrong_family(rule: Rule, site: Site, family: str) -> RuleError:
+    return RuleError(f"{type(rule).__name__} does not apply to {site.describe()} (family '{family}'); it "
+                     f"applies to: {', '.join(sorted(rule.families))}")
+
+
+def _child_meta(site: Site) -> list[tuple[torch.Size, torch.dtype] | None]:
+    g = site.graph
+    out: list[tuple[torch.Size, torch.dtype] | None] = []
+    for e in site.edges:
+        if e < 0:
+            out.append(None)
+        else:
+            m = G.output_meta(g.nodes[g.slot_node[e]])[g.slot_nr[e]]
+            out.append((m.shape, m.dtype))
+    return out
+
+
+def _fit(t: Tensor | None, meta: tuple[torch.Size, torch.dtype] | None) -> Tensor | None:
+    if t is None or meta is None:
+        return None
+    return G.fit_to(t, meta[0], meta[1])
+
+
+# ===========================================================================================================
+# Routing: the node's own backward
+# ===========================================================================================================
+class RoutingStep(Step):
+    """Selection, permutation, copy and broadcast ops: relevance moves exactly like gradient, in both forms."""
+
+    __slots__ = ("meta", "conservative")
+    handles_r = True
+
+    def __init__(self, site: Site):
+        super().__init__(site)
+        self.meta = _child_meta(site)
+        self.conservative = all(e >= 0 for e in site.edges)
+
+    def _route(self, run: "Run", parts: list[Tensor | None]) -> list[Tensor | None]:
+        node = run.graph.nodes[self.index]
+        try:
+            grads = G.call_backward(node, parts)
+        except (RuntimeError, TypeError):
+            if all(p is not None for p in parts):
+                raise
+            metas = G.output_meta(node)
+            filled = [p if p is not None else torch.zeros(m.shape, dtype=m.dtype, device=m.device)
+                      for p, m in zip(parts, metas)]
+            grads = G.call_backward(node, filled)
+        return [_fit(t, m) for t, m in zip(grads, self.meta)]
+
+    def g(self, run, gs):
+        return [gmsg(t) for t in self._route(run, gs)]
+
+    def r(self, run, rs):
+        return [rmsg(t) for t in self._route(run, rs)]
+
+    def account(self, run, outs, ins):
+        if self.conservative:
+            return
+        t = run.graph.types[self.index]
+        if t == "CatBackward0" and self._constant_parts_empty(run, outs):
+            return
+        if t in ("WhereBackward0", "MaskedFillBackward0", "MaskedFillBackward1") and self._fill_share_zero(run, outs):
+            return
+        run.ledger.constants(run, self, outs, ins)
+
+    def _fill_share_zero(self, run, outs) -> bool:
+        """``where(c, a, const)`` / ``masked_fill(mask, v)``: the constant positions carry no relevance."""
+        node = run.graph.nodes[self.index]
+        m = outs[0]
+        if m is None:
+            return True
+        if run.graph.types[self.index] == "WhereBackward0":
+            cond = G.saved(node, "condition")
+            keep = []
+            if self.in_edges[0] < 0:
+                keep.append(cond)
+            if len(self.in_edges) > 1 and self.in_edges[1] < 0:
+                keep.append(~cond)
+            if not keep:
+                return True
+        else:
+            mask = G.saved(node, "mask")
+            if mask is None:
+                return False
+            keep = [mask]
+        for part in (m.g, m.r):
+            if part is None:
+                continue
+            for sel in keep:
+                if bool((part * sel.to(part.dtype)).any()):
+                    return False
+        return True
+
+    def _constant_parts_empty(self, run, outs) -> bool:
+        """A ``cat`` whose constant inputs carry no relevance (e.g. an empty key/value cache)."""
+        node = run.graph.nodes[self.index]
+        m = outs[0]
+        if m is None:
+            return True
+        dim = G.saved(node, "dim")
+        out_shape = G.output_meta(node)[0].shape
+        dim = dim + len(out_shape) if dim < 0 else dim
+        known = [None if meta is None else meta[0][dim] for meta in self.meta]
+        if sum(1 for k in known if k is None) != 1:
+            return False
+        pos = known.index(None)
+        size = out_shape[dim] - sum(k for k in known if k is not None)
+        if size == 0:
+            return True
+        offset = sum(k for k in known[:pos])
+        for part in (m.g, m.r):
+            if part is not None and bool(part.narrow(dim, offset, size).any()):
+                return False
+        return True
+
+
+class Routing(Rule):
+    """Route relevance like the gradient: for ops whose forward only selects, permutes, copies or broadcasts
+    (view, permute, slice, index, gather, cat, split, expand, max-pool's winner-take-all...). Conservative."""
+
+    families = frozenset({"routing", "embedding", "any"})
+
+    def bind(self, site):
+        return RoutingStep(site)
+
+
+class LeafStep(Step):
+    __slots__ = ("slot",)
+    handles_r = True
+
+    def __init__(self, site):
+        super().__init__(site)
+        self.slot = self.out_slots[0]
+
+    def g(self, run, gs):
+        return []
+
+    def r(self, run, rs):
+        return []
+
+    def account(self, run, outs, ins):
+        if self.slot in run.planner.requested:
+            return
+        total = run.total(self.slot, outs[0])
+        if total is not None:
+            if self.slot in run.planner.bias_slots:
+                run.ledger.book("bias", run.ledger.leaf_name(run, self.index), total, "a bias parameter")
+            else:
+                run.ledger.book("leaf", run.ledger.leaf_name(run, self.index), total,
+                                "relevance reaching a leaf that was not requested")
+
+
+class Leaf(Rule):
+    """``AccumulateGrad``: the end of every path. Unrequested leaves are ledger sinks."""
+
+    families = frozenset({"leaf"})
+
+    def bind(self, site):
+        return LeafStep(site)
+
+
+# ===========================================================================================================
+# Linear rules (ε, γ, z+, α-β, z^B, w², flat) for linear / conv / matmul-with-weight ops
+# ===========================================================================================================
+XMod = str | Callable[[Tensor], Tensor]  # "id" | "pos" | "neg" (homogeneous) or a callable / "ones"
+
+
+@dataclass(frozen=True)
+class Term:
+    """``coef * (f(x_mod(x), w_mod(w)) + b_mod(b))``.
+
+    ``x`` is ``"id"``, ``"pos"`` (x⁺), ``"neg"`` (x⁻), ``"ones"`` or a callable ``x -> tensor``; homogeneous
+    modifiers (id/pos/neg) keep the result in gradient form.
+    """
+
+    x: Any = "id"
+    w: Callable[[Tensor], Tensor] | None = None
+    b: Callable[[Tensor], Tensor] | None = None  # None: bias dropped from this term
+    coef: float = 1.0
+
+
+@dataclass(frozen=True)
+class Branch:
+    terms: tuple[Term, ...]
+    coef: float = 1.0
+    where: str | None = None  # "pos" / "neg": only outputs whose unmodified z is > 0 / < 0
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def _pos(t: Tensor) -> Tensor:
+    return t.clamp(min=0)
+
+
+def _neg(t: Tensor) -> Tensor:
+    return t.clamp(max=0)
+
+
+def _apply_x(mod: Any, x: Tensor) -> Tensor:
+    if mod == "id":
+        return x
+    if mod == "pos":
+        return x.clamp(min=0)
+    if mod == "neg":
+        return x.clamp(max=0)
+    if mod == "ones":
+        return torch.ones_like(x)
+    return mod(x)
+
+
+def _x_mask(mod: Any, x: Tensor) -> Tensor | None:
+    """For homogeneous modifiers m(x) = x * mask: the mask (None for identity)."""
+    if mod == "id":
+        return None
+    if mod == "pos":
+        return (x > 0).to(x.dtype)
+    if mod == "neg":
+        return (x < 0).to(x.dtype)
+    raise AssertionError(mod)  # pragma: no cover
+
+
+class LinearStep(Step):
+    """A linear rule compiled for one ``z = alpha * f(a, b) + beta * bias`` node."""
+
+    __slots__ = ("kernel", "which", "x_pos", "w_pos", "bias_pos", "branches", "stabiliser", "zero_bias",
+                 "homogeneous", "x_field", "w_field", "x_meta", "b_meta", "kind", "needs_z")
+    handles_r = True
+
+    def __init__(self, site: Site, branches: Sequence[Branch], stabiliser: Stabiliser, zero_bias: bool,
+                 kind: str):
+        super().__init__(site)
+        k: LinearKernel = site.spec.kernel
+        self.kernel = k
+        act = [site.active[p] if p < len(site.active) else False for p in k.operands]
+        # the activation operand; with none or two active (matmul family handled elsewhere) take the first
+        self.which = 1 if (act[1] and not act[0]) else 0
+        self.x_pos = k.operands[self.which]
+        self.w_pos = k.operands[1 - self.which]
+        self.x_field = k.saved_fields[self.which]
+        self.w_field = k.saved_fields[1 - self.which]
+        self.bias_pos = k.bias_pos if (k.bias_pos is not None and k.bias_pos < len(site.edges)) else None
+        self.branches = tuple(branches)
+        self.stabiliser = stabiliser
+        self.zero_bias = zero_bias
+        self.homogeneous = all(t.x in ("id", "pos", "neg") for b in branches for t in b.terms)
+        self.kind = kind
+        metas = _child_meta(site)
+        self.x_meta = metas[self.x_pos]
+        self.b_meta = metas[self.bias_pos] if self.bias_pos is not None else None
+        single = len(self.branches) == 1 and len(self.branches[0].terms) == 1
+        eps0 = (not callable(stabiliser)) and float(stabiliser) == 0.0
+        # LRP-0 in gradient form needs no z at all
+        self.needs_z = not (single and eps0 and kind == "epsilon")
+        planner = site.planner
+        node = site.node
+        if G.saved(node, self.x_field) is None and site.edges[self.x_pos] >= 0:
+            planner.need_value(site.edges[self.x_pos])
+        if G.saved(node, self.w_field) is None and site.edges[self.w_pos] >= 0:
+            planner.need_value(site.edges[self.w_pos])
+        if self.bias_pos is not None and site.edges[self.bias_pos] >= 0:
+            planner.need_value(site.edges[self.bias_pos])
+            planner.mark_bias(site.edges[self.bias_pos])
+        elif self.bias_pos is not None and not _no_bias(node) and self.needs_z:
+            planner.need_value(self.out_slots[0])
+
+    # -- operand access -------------------------------------------------------------------------------------
+    def _operands(self, run: "Run", node: Any) -> tuple[Tensor, Tensor]:
+        x = G.saved(node, self.x_field)
+        if x is None:
+            x = run.value(self.in_edges[self.x_pos], run.graph.describe(self.index))
+        w = G.saved(node, self.w_field)
+        if w is None:
+            w = run.value(self.in_edges[self.w_pos], run.graph.describe(self.index))
+        return x, w
+
+    def _bias(self, run: "Run", node: Any, z: Tensor) -> Tensor | None:
+        """The additive term of ``z`` (already scaled by ``beta`` and broadcast), or ``None``."""
+        if self.bias_pos is None:
+            return None
+        e = self.in_edges[self.bias_pos]
+        if e >= 0:
+            b = run.value(e, run.graph.describe(self.index))
+            return self.kernel.beta(node) * self.kernel.bias_view(node, b, z.shape)
+        if _no_bias(node):
+            return None
+        # a bias that does not require grad: autograd kept neither it nor z; recover z itself if we can
+        try:
+            return run.value(self.out_slots[0], run.graph.describe(self.index)) - z
+        except ValueUnavailableError:
+            raise RuleError(
+                f"{run.graph.describe(self.index)} adds a bias that does not require grad, so autograd kept neither "
+                "the bias nor the op's output, and the rule needs z = x·W + b. Let the parameters require grad "
+                "(model.requires_grad_(True)); the 'zero' preset (LRP-0) does not need z.") from None
+
+    def _to_bias(self, node, t: Tensor) -> Tensor:
+        shape, dtype = self.b_meta
+        out = self.kernel.bias_reduce(node, t, shape)
+        return out if out.dtype == dtype else out.to(dtype)
+
+    def _f(self, node, x, w):
+        return self.kernel.f(node, x, w) if self.which == 0 else self.kernel.f(node, w, x)
+
+    def _ft(self, node, x, w, s):
+        if self.which == 0:
+            return self.kernel.f_t(node, 0, x, w, s)
+        return self.kernel.f_t(node, 1, w, x, s)
+
+    # -- the rule -----------------------------------------------------------------------------------------
+    def __call__(self, run, outs):
+        m = outs[0]
+        if m is None:
+            return [None] * self.n_in
+        node = run.graph.nodes[self.index]
+        alpha = self.kernel.alpha(node)
+        x, w = self._operands(run, node)
+        res: list[Msg | None] = [None] * self.n_in
+        has_bias_edge = self.bias_pos is not None and self.in_edges[self.bias_pos] >= 0
+        if not self.needs_z and m.r is None and run.ledger is None:
+            # LRP-0 in gradient form: s = R / z = G, so the rule is the transpose of the linear map
+            s = m.g
+            res[self.x_pos] = Msg(g=_fit(alpha * self._ft(node, x, w, s), self.x_meta))
+            if has_bias_edge:
+                res[self.bias_pos] = Msg(g=self._to_bias(node, self.kernel.beta(node) * s))
+            return res
+        z = alpha * self._f(node, x, w)
+        bias = self._bias(run, node, z)
+        z_full = z if bias is None else z + bias
+        # relevance arriving at z
+        if m.g is not None:
+            R = m.g * z_full
+            if m.r is not None:
+                R = R + m.r
+        else:
+            R = m.r
+        eps0 = (not callable(self.stabiliser)) and float(self.stabiliser) == 0.0
+        use_bias = bias is not None and not self.zero_bias
+        gx: Tensor | None = None
+        rx: Tensor | None = None
+        rb: Tensor | None = None
+        for br in self.branches:
+            zb = None
+            for t in br.terms:
+                zt = alpha * self._f(node, _apply_x(t.x, x), w if t.w is None else t.w(w))
+                if use_bias and t.b is not None:
+                    zt = zt + t.b(bias)
+                if t.coef != 1.0:
+                    zt = t.coef * zt
+                zb = zt if zb is None else zb + zt
+            s = safe_div(R, zb) if eps0 else R / _stab(self.stabiliser, zb)
+            if br.where == "pos":
+                s = s * (z_full > 0).to(s.dtype)
+            elif br.where == "neg":
+                s = s * (z_full < 0).to(s.dtype)
+            if br.coef != 1.0:
+                s = br.coef * s
+            for t in br.terms:
+                xm = _apply_x(t.x, x)
+                back = (t.coef * alpha) * self._ft(node, xm, w if t.w is None else t.w(w), s)
+                if t.x in ("id", "pos", "neg"):
+                    mask = _x_mask(t.x, x)
+                    contrib = back if mask is None else back * _fit_mask(mask, back)
+                    gx = contrib if gx is None else gx + contrib
+                else:
+                    contrib = xm * back
+                    rx = contrib if rx is None else rx + contrib
+                if use_bias and t.b is not None:
+                    share = t.coef * s * t.b(bias)
+                    rb = share if rb is None else rb + share
+        res[self.x_pos] = Msg(g=_fit(gx, self.x_meta), r=_fit(rx, self.x_meta))
+        if has_bias_edge and rb is not None:
+            # the bias's own share, as explicit relevance (a sink unless the bias is requested)
+            res[self.bias_pos] = Msg(r=self._to_bias(node, rb))
+        if run.ledger is not None:
+            run.ledger.linear(run, self, R, x, gx, rx, rb, bias is not None and not has_bias_edge)
+        return res
+
+    def account(self, run, outs, ins):
+        pass  # booked inside __call__, where z and the shares are at hand
+
+
+def _no_bias(node: Any) -> bool:
+    """Whether a node with an empty bias edge has no bias at all (rather than a bias that needs no grad)."""
+    if G.node_type(node) != "ConvolutionBackward0":
+        return False
+    sizes = G.saved(node, "bias_sym_sizes_opt")
+    return sizes is None or all(int(v) == 0 for v in sizes)
+
+
+def _fit_mask(mask: Tensor, like: Tensor) -> Tensor:
+    return mask if mask.shape == like.shape else mask.expand_as(like)
+
+
+class _LinearRule(Rule):
+    families = frozenset({"linear", "conv"})
+    kind = "generic"
+
+    def __init__(self, stabiliser: Stabiliser = 1e-6, zero_params: Sequence[str] = ()):
+        _check_stabiliser(stabiliser)
+        zp = tuple(zero_params)
+        bad = [p for p in zp if p != "bias"]
+        if bad:
+            raise RuleError(f"zero_params may only contain 'bias' (op-level rules see no other parameter), got {bad}")
+        self.stabiliser = stabiliser
+        self.zero_params = zp
+
+    def branches(self) -> tuple[Branch, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def bind(self, site):
+        fam = site.spec.family_of(site) if site.spec.family_of else site.spec.family
+        if fam in ("linear", "conv") or (fam == "matmul" and self.kind == "epsilon"):
+            if fam == "matmul":
+                return BilinearStep(site, share=0.5, stabiliser=self.stabiliser)
+            return LinearStep(site, self.branches(), self.stabiliser, "bias" in self.zero_params, self.kind)
+        if fam in ("add", "reduce", "pool") and self.kind == "epsilon":
+            return SumStep(site, self.stabiliser)
+        raise _wrong_family(self, site, fam)
+
+
+def _check_stabiliser(stabiliser: Any) -> None:
+    if callable(stabiliser):
+        return
+    try:
+        v = float(stabiliser)
+    except (TypeError, ValueError):
+        raise RuleError(f"a stabiliser must be a float >= 0 or a callable z -> stabilised z, got {stabiliser!r}") from None
+    if v < 0 or v != v:
+        raise RuleError(f"a stabiliser must be >= 0, got {v}")
+
+
+class Epsilon(_LinearRule):
+    """LRP-ε (Bach et al. 2015): ``R_i = Σ_j x_i w_ij / (z_j + ε·sign z_j) · R_j`` with the bias as a sink.
+
+    ``epsilon=0`` is LRP-0 (0/0 := 0). ``epsilon`` may be a callable ``z -> stabilised z``. On sum-like ops
+    (add, sum, mean, average pooling) it is the stabilised sum rule (Zennit's ``Norm``); on a product of two
+    activations (``matmul`` family) it is the bilinear ε rule giving each operand half.
+
+    Parameters
+    ----------
+    epsilon : float or callable
+    zero_params : sequence of str
+        ``("bias",)`` drops the bias from the rule (Zennit's ``zero_params``).
+    """
+
+    families = frozenset({"linear", "conv", "matmul", "add", "reduce", "pool"})
+    kind = "epsilon"
+
+    def __init__(self, epsilon: Stabiliser = 1e-6, zero_params: Sequence[str] = ()):
+        super().__init__(epsilon, zero_params)
+
+    @property
+    def epsilon(self) -> Stabiliser:
+        return self.stabiliser
+
+    def branches(self):
+        return (Branch((Term("id", None, _identity),)),)
+
+
+def Zero(zero_params: Sequence[str] = ()) -> Epsilon:
+    """LRP-0: :class:`Epsilon` with ε = 0 (exact zeros give zero relevance, never NaN)."""
+    return Epsilon(0.0, zero_params)
+
+
+class Gamma(_LinearRule):
+    """Generalised LRP-γ (Montavon et al. 2019; Andéol et al. 2021), sign-aware as in Zennit.
+
+    Where ``z > 0``: terms ``x⁺(W + γW⁺) + (b + γb⁺)`` and ``x⁻(W + γW⁻)``; where ``z < 0``: ``x⁺(W + γW⁻) +
+    (b + γb⁻)`` and ``x⁻(W + γW⁺)``; each set normalised by its own stabilised sum.
+    """
+
+    kind = "gamma"
+
+    def __init__(self, gamma: float = 0.25, stabilizer: Stabiliser = 1e-6, zero_params: Sequence[str] = ()):
+        if not isinstance(gamma, (int, float)) or gamma < 0:
+            raise RuleError(f"gamma must be a number >= 0, got {gamma!r}")
+        super().__init__(stabilizer, zero_params)
+        self.gamma = float(gamma)
+
+    def branches(self):
+        g = self.gamma
+
+        def wp(w):
+            return w + g * w.clamp(min=0)
+
+        def wn(w):
+            return w + g * w.clamp(max=0)
+        return (
+            Branch((Term("pos", wp, wp), Term("neg", wn, None)), where="pos"),
+            Branch((Term("pos", wn, wn), Term("neg", wp, None)), where="neg"),
+        )
+
+
+class ZPlus(_LinearRule):
+    """LRP-z⁺ (Montavon et al. 2017) with negative inputs allowed: terms ``x⁺W⁺ + b⁺`` and ``x⁻W⁻``."""
+
+    kind = "zplus"
+
+    def __init__(self, stabilizer: Stabiliser = 1e-6, zero_params: Sequence[str] = ()):
+        super().__init__(stabilizer, zero_params)
+
+    def branches(self):
+        return (Branch((Term("pos", _pos, _pos), Term("neg", _neg, None))),)
+
+
+class AlphaBeta(_LinearRule):
+    """LRP-αβ (Bach et al. 2015): ``α`` times the positive-contribution rule minus ``β`` times the negative one.
+
+    Requires ``α − β = 1`` and ``α, β ≥ 0``.
+    """
+
+    kind = "alphabeta"
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: Stabiliser = 1e-6,
+                 zero_params: Sequence[str] = ()):
+        if alpha < 0 or beta < 0:
+            raise RuleError(f"alpha and beta must both be >= 0, got alpha={alpha}, beta={beta}")
+        if alpha - beta != 1:
+            raise RuleError(f"alpha - beta must equal 1 (conservation), got alpha={alpha}, beta={beta}")
+        super().__init__(stabilizer, zero_params)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+
+    def branches(self):
+        return (
+            Branch((Term("pos", _pos, _pos), Term("neg", _neg, None)), coef=self.alpha),
+            Branch((Term("pos", _neg, _neg), Term("neg", _pos, None)), coef=-self.beta),
+        )
+
+
+class ZBox(_LinearRule):
+    """LRP-z^B (Montavon et al. 2017) for inputs bounded by ``low`` and ``high`` (scalars or tensors that
+    broadcast against the input without its batch dimension, e.g. per-channel ``(1, 3, 1, 1)``)."""
+
+    kind = "zbox"
+
+    def __init__(self, low: float | Tensor, high: float | Tensor, stabilizer: Stabiliser = 1e-6,
+                 zero_params: Sequence[str] = ()):
+        super().__init__(stabilizer, zero_params)
+        self.low = low
+        self.high = high
+
+    def branches(self):
+        low, high = self.low, self.high
+
+        def lo(x):
+            return _bound(low, x)
+
+        def hi(x):
+            return _bound(high, x)
+        return (Branch((Term("id", None, _identity), Term(lo, _pos, _pos, -1.0), Term(hi, _neg, _neg, -1.0))),)
+
+    def __eq__(self, other):
+        return (type(other) is ZBox and _same(self.low, other.low) and _same(self.high, other.high)
+                and self.stabiliser == other.stabiliser)
+
+    __hash__ = Rule.__hash__
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool(
+            torch.equal(a.cpu(), b.cpu()))
+    return a == b
+
+
+def _bound(v: float | Tensor, x: Tensor) -> Tensor:
+    if isinstance(v, torch.Tensor):
+        v = v.to(device=x.device, dtype=x.dtype)
+        while v.dim() < x.dim():
+            v = v.unsqueeze(-1) if v.dim() >= 1 and v.shape[0] == 1 else v.unsqueeze(0)
+        return v.expand_as(x)
+    return torch.full_like(x, float(v))
+
+
+class WSquare(_LinearRule):
+    """LRP-w² (Montavon et al. 2017): ``R_i = Σ_j w_ij² / Σ_i w_ij² · R_j`` (bias squared too, as in Zennit)."""
+
+    kind = "wsquare"
+
+    def __init__(self, stabilizer: Stabiliser = 1e-6, zero_params: Sequence[str] = ()):
+        super().__init__(stabilizer, zero_params)
+
+    def branches(self):
+        def sq(w):
+            return w * w
+        return (Branch((Term("ones", sq, sq),)),)
+
+
+class Flat(_LinearRule):
+    """LRP-flat (Lapuschkin et al. 2019): w² with every weight 1 and no bias: relevance spread uniformly over
+    each output's receptive field."""
+
+    kind = "flat"
+
+    def __init__(self, stabilizer: Stabiliser = 1e-6, zero_params: Sequence[str] = ()):
+        super().__init__(stabilizer, zero_params)
+
+    def branches(self):
+        return (Branch((Term("ones", torch.ones_like, None),)),)
+
+
+# ===========================================================================================================
+# Products of two activations (matmul family) and element-wise products
+# ===========================================================================================================
+class BilinearStep(Step):
+    """``z = f(a, b)`` with both operands activations: each gets ``share`` of the relevance (uniform rule)."""
+
+    __slots__ = ("kernel", "share", "stabiliser", "pos", "fields", "meta", "give", "bias_pos")
+    handles_r = True
+
+    def __init__(self, site: Site, share: float = 0.5, stabiliser: Stabiliser = 0.0,
+                 give: tuple[float, float] | None = None):
+        super().__init__(site)
+        k: LinearKernel = site.spec.kernel
+        self.kernel = k
+        self.share = share
+        self.stabiliser = stabiliser
+        self.pos = k.operands
+        self.fields = k.saved_fields
+        self.meta = _child_meta(site)
+        self.give = give if give is not None else (share, share)
+        self.bias_pos = k.bias_pos if (k.bias_pos is not None and k.bias_pos < len(site.edges)) else None
+        for p, f in zip(self.pos, self.fields):
+            if G.saved(site.node, f) is None and site.edges[p] >= 0:
+                site.planner.need_value(site.edges[p])
+
+    def _operand(self, run, node, k):
+        v = G.saved(node, self.fields[k])
+        if v is None:
+            v = run.value(self.in_edges[self.pos[k]], run.graph.describe(self.index))
+        return v
+
+    def __call__(self, run, outs):
+        m = outs[0]
+        if m is None:
+            return [None] * self.n_in
+        node = run.graph.nodes[self.index]
+        a, b = self._operand(run, node, 0), self._operand(run, node, 1)
+        alpha = self.kernel.alpha(node)
+        eps0 = (not callable(self.stabiliser)) and float(self.stabiliser) == 0.0
+        s = None
+        if m.g is not None:
+            if eps0:
+                s = m.g
+            else:
+                z = self._z(run, node, a, b, alpha)
+                s = m.g * z / _stab(self.stabiliser, z)
+        if m.r is not None:
+            z = self._z(run, node, a, b, alpha)
+            sr = safe_div(m.r, z) if eps0 else m.r / _stab(self.stabiliser, z)
+            s = sr if s is None else s + sr
+        res: list[Msg | None] = [None] * self.n_in
+        for k in (0, 1):
+            if self.give[k] == 0 or self.in_edges[self.pos[k]] < 0:
+                continue
+            gk = (self.give[k] * alpha) * self.kernel.f_t(node, k, a, b, s)
+            res[self.pos[k]] = Msg(g=_fit(gk, self.meta[self.pos[k]]))
+        if self.bias_pos is not None and self.in_edges[self.bias_pos] >= 0:
+            res[self.bias_pos] = Msg(g=_fit(self.kernel.beta(node) * s, self.meta[self.bias_pos]))
+        if run.ledger is not None:
+            run.ledger.measured(run, self, outs, res)
+        return res
+
+    def _z(self, run, node, a, b, alpha):
+        z = alpha * self.kernel.f(node, a, b)
+        if self.bias_pos is not None:
+            e = self.in_edges[self.bias_pos]
+            if e >= 0:
+                z = z + self.kernel.beta(node) * run.value(e, run.graph.describe(self.index))
+            else:
+                z = run.value(self.out_slots[0], run.graph.describe(self.index))
+        return z
+
+    def account(self, run, outs, ins):
+        pass
+
+
+class ProductStep(Step):
+    """``a * b`` / ``a / b``: each operand gets a fixed share of the relevance, decided at plan time.
+
+    ``give[k]`` is operand ``k``'s share. In gradient form operand ``a`` of ``z = a * b`` receives
+    ``G_a = give_a * G * b`` (``R_a = give_a * R``); for ``a / b``: ``G_a = give_a * G / b`` and
+    ``G_b = give_b * G * a / b²``.
+    """
+
+    __slots__ = ("kernel", "give", "meta", "reason")
+    handles_r = True
+
+    def __init__(self, site: Site, give: tuple[float, float], reason: str):
+        super().__init__(site)
+        self.kernel: ProductKernel = site.spec.kernel
+        self.give = give
+        self.meta = _child_meta(site)
+        self.reason = reason
+        for k in (0, 1):
+            if give[k] and k < len(site.edges) and site.edges[k] >= 0:
+                other = 1 - k
+                if self.kernel.operand(site.node, other) is None and site.edges[other] >= 0:
+                    site.planner.need_value(site.edges[other])
+                if self.kernel.divide and k == 1 and self.kernel.operand(site.node, 0) is None and site.edges[0] >= 0:
+                    site.planner.need_value(site.edges[0])
+
+    def _op(self, run, node, k):
+        v = self.kernel.operand(node, k)
+        if v is None:
+            e = self.in_edges[k] if k < len(self.in_edges) else -1
+            if e < 0:
+                raise RuleError(f"{run.graph.describe(self.index)}: operand {k} is not available")
+            v = run.value(e, run.graph.describe(self.index))
+        return v
+
+    def g(self, run, gs):
+        gz = gs[0]
+        node = run.graph.nodes[self.index]
+        res: list[Msg | None] = [None] * self.n_in
+        for k in (0, 1):
+            if not self.give[k] or k >= self.n_in or self.in_edges[k] < 0:
+                continue
+            if self.kernel.divide:
+                b = self._op(run, node, 1)
+                if k == 0:
+                    gk = gz / b
+                else:
+                    a = self._op(run, node, 0)
+                    gk = gz * a / (b * b)
+            else:
+                gk = gz * self._op(run, node, 1 - k)
+            if self.give[k] != 1.0:
+                gk = self.give[k] * gk
+            res[k] = Msg(g=_fit(gk, self.meta[k]))
+        return res
+
+    def r(self, run, rs):
+        rz = rs[0]
+        res: list[Msg | None] = [None] * self.n_in
+        for k in (0, 1):
+            if not self.give[k] or k >= self.n_in or self.in_edges[k] < 0:
+                continue
+            rk = rz if self.give[k] == 1.0 else self.give[k] * rz
+            res[k] = Msg(r=_fit(rk, self.meta[k]))
+        return res
+
+    def account(self, run, outs, ins):
+        if sum(self.give[k] for k in (0, 1) if k < self.n_in and self.in_edges[k] >= 0) != 1.0:
+            run.ledger.measured(run, self, outs, ins, kind="constant")
+
+
+class ScaleStep(Step):
+    """Multiplication by a constant (``x * c``, ``x / c``, ``-x``): all relevance to ``x``."""
+
+    __slots__ = ("factor_fn", "meta")
+    handles_r = True
+
+    def __init__(self, site: Site, factor_fn: Callable[[Any], Any]):
+        super().__init__(site)
+        self.factor_fn = factor_fn
+        self.meta = _child_meta(site)
+
+    def g(self, run, gs):
+        node = run.graph.nodes[self.index]
+        return [Msg(g=_fit(gs[0] * self.factor_fn(node), self.meta[0]))] + [None] * (self.n_in - 1)
+
+    def r(self, run, rs):
+        return [Msg(r=_fit(rs[0], self.meta[0]))] + [None] * (self.n_in - 1)
+
+    def account(self, run, outs, ins):
+        pass  # conservative: R_x = R_z
+
+
+def _scale_factor(kernel: Any) -> Callable[[Any], Any]:
+    if isinstance(kernel, NegKernel):
+        return lambda node: -1.0
+    if isinstance(kernel, ProductKernel):
+        if kernel.divide:
+            return lambda node: 1.0 / kernel.operand(node, 1)
+        return lambda node: kernel.operand(node, 1)
+    raise AssertionError(kernel)  # pragma: no cover
+
+
+class Uniform(Rule):
+    """Uniform rule for a product of two activations (AttnLRP, Achtibat et al. 2024): each operand receives half
+    of the relevance. For ``a * b``, ``R_a = R_b = R / 2``; for ``A @ V``, ``R_A[j,k] = Σ_p A_jk V_kp R_jp /
+    (2 O_jp)``. Exactly conservative. When one operand is a constant or a parameter, it gets nothing and the
+    activation everything.
+    """
+
+    families = frozenset({"matmul", "product"})
+
+    def bind(self, site):
+        return _bind_product(self, site, detect=False)
+
+
+class Product(Rule):
+    """Product of two tensors with the structure recognised from the graph (the default product rule).
+
+    * one operand constant or a parameter → all relevance to the activation;
+    * one operand a normaliser (a statistic such as ``rsqrt(mean(x²) + ε)``) → treated as a constant
+      (AttnLRP's LayerNorm/RMSNorm rule);
+    * one operand a sigmoid gate → the signal takes all (LSTM/GRU gates, squeeze-excitation; Arras et al. 2017);
+    * ``x * g(x)`` with ``g`` element-wise (SiLU or tanh-GELU written out) → identity rule: all to ``x``;
+    * otherwise the uniform rule (½ each).
+    """
+
+    families = frozenset({"matmul", "product"})
+
+    def __init__(self, normalisers: bool = True, gates: bool = True, self_gating: bool = True):
+        self.normalisers = normalisers
+        self.gates = gates
+        self.self_gating = self_gating
+
+    def bind(self, site):
+        return _bind_product(self, site, detect=True)
+
+
+def _structure(site: Site):
+    from .structure import Structure
+    st = site.planner.structure_cache.get("structure")
+    if st is None:
+        st = Structure(site.planner)
+        site.planner.structure_cache["structure"] = st
+    return st
+
+
+def _bind_product(rule: Rule, site: Site, detect: bool, softmax_constant: bool = False) -> Step:
+    k = site.spec.kernel
+    fam = site.spec.family_of(site) if site.spec.family_of else site.spec.family
+    if isinstance(k, NegKernel) or (isinstance(k, ProductKernel) and k.scalar):
+        return ScaleStep(site, _scale_factor(k))
+    edges = site.edges
+    if isinstance(k, LinearKernel):
+        p0, p1 = k.operands
+        act = (site.active[p0], site.active[p1])
+        if act[0] != act[1]:
+            # activation times weight: the linear family's rule would apply; matmul family never gets here
+            return LinearStep(site, Epsilon(0.0).branches(), 0.0, False, "epsilon")
+        give = (0.5, 0.5)
+        if softmax_constant:
+            st = _structure(site)
+            sm = (edges[p0] >= 0 and st.from_softmax(edges[p0]), edges[p1] >= 0 and st.from_softmax(edges[p1]))
+            if sm[0] != sm[1]:
+                give = (0.0, 1.0) if sm[0] else (1.0, 0.0)
+        return BilinearStep(site, give=give)
+    if not isinstance(k, ProductKernel):
+        raise _wrong_family(rule, site, fam)
+    # element-wise product / division
+    present = [p < len(edges) and edges[p] >= 0 for p in (0, 1)]
+    act = [present[p] and site.active[p] for p in (0, 1)]
+    if present[0] and not present[1]:
+        return ScaleStep(site, _scale_factor(k)) if not k.divide else ProductStep(site, (1.0, 0.0), "constant")
+    if present[1] and not present[0]:
+        return ProductStep(site, (0.0, 1.0), "constant")
+    if act[0] != act[1]:
+        return ProductStep(site, (1.0, 0.0) if act[0] else (0.0, 1.0), "constant operand")
+    if detect and act[0] == act[1]:
+        st = _structure(site)
+        r: Product = rule  # type: ignore[assignment]
+        if softmax_constant:
+            sm = (st.from_softmax(edges[0]), st.from_softmax(edges[1]))
+            if sm[0] != sm[1]:
+                return ProductStep(site, (0.0, 1.0) if sm[0] else (1.0, 0.0), "attention weights constant")
+        if getattr(r, "normalisers", True):
+            nz = (st.is_normaliser(edges[0]), st.is_normaliser(edges[1]))
+            if nz[0] != nz[1]:
+                return ProductStep(site, (0.0, 1.0) if nz[0] else (1.0, 0.0), "normaliser")
+        if getattr(r, "gates", True) and not k.divide:
+            gt = (st.is_gate(edges[0]), st.is_gate(edges[1]))
+            if gt[0] != gt[1]:
+                return ProductStep(site, (0.0, 1.0) if gt[0] else (1.0, 0.0), "gate")
+        if getattr(r, "self_gating", True) and not k.divide:
+            sig = st.self_gating_signal(edges[0], edges[1])
+            if sig is not None:
+                return ProductStep(site, (1.0, 0.0) if sig == 0 else (0.0, 1.0), "self-gating")
+    return ProductStep(site, (0.5, 0.5), "uniform")
+
+
+# ===========================================================================================================
+# Sum rule (add, sub, sum, mean, average pooling, cumsum)
+# ===========================================================================================================
+class SumStep(Step):
+    """The z-rule on a linear map with unit coefficients: ``R_i = c_i / z · R`` (signed), ε-stabilised.
+
+    In gradient form with ε = 0 this is the map's transpose applied to ``G``, with no value needed.
+    """
+
+    __slots__ = ("kernel", "stabiliser", "meta", "coefs", "conservative", "eps0")
+    handles_r = True
+
+    def __init__(self, site: Site, stabiliser: Stabiliser):
+        super().__init__(site)
+        self.kernel: SumKernel = site.spec.kernel
+        self.stabiliser = stabiliser
+        self.meta = _child_meta(site)
+        self.coefs = None
+        self.conservative = all(e >= 0 for e in site.edges)
+        self.eps0 = (not callable(stabiliser)) and float(stabiliser) == 0.0
+        if not self.eps0:
+            site.planner.need_value(self.out_slots[0])
+
+    def _transpose(self, run, s: Tensor) -> list[Tensor | None]:
+        node = run.graph.nodes[self.index]
+        coefs = self.kernel.coefficients(node) if self.kernel.coefficients is not None else None
+        if coefs is not None:
+            return [None if (m is None) else _fit(s if c == 1 else c * s, m) for c, m in zip(coefs, self.meta)]
+        return [_fit(t, m) for t, m in zip(G.call_backward(node, [s]), self.meta)]
+
+    def g(self, run, gs):
+        s = gs[0]
+        if not self.eps0:
+            z = run.value(self.out_slots[0], run.graph.describe(self.index))
+            s = s * z / _stab(self.stabiliser, z)
+        return [gmsg(t) for t in self._transpose(run, s)]
+
+    def r(self, run, rs):
+        z = run.value(self.out_slots[0], run.graph.describe(self.index))
+        s = safe_div(rs[0], z) if self.eps0 else rs[0] / _stab(self.stabiliser, z)
+        return [gmsg(t) for t in self._transpose(run, s)]
+
+    def account(self, run, outs, ins):
+        if not self.eps0:
+            run.ledger.measured(run, self, outs, ins, kind="stabiliser")
+        elif not self.conservative:
+            run.ledger.constants(run, self, outs, ins)
+
+
+class Sum(Rule):
+    """The sum rule (z-rule without stabiliser) for additions and reductions: every operand gets relevance in
+    proportion to its signed contribution, ``R_i = c_i / Σ_j c_j · R``. Exactly conservative."""
+
+    families = frozenset({"add", "reduce", "pool"})
+
+    def bind(self, site):
+        return SumStep(site, 0.0)
+
+
+def Norm(stabilizer: Stabiliser = 1e-6) -> Epsilon:
+    """Zennit's ``Norm`` rule: the stabilised sum rule for sum-like ops (ε-rule without parameters)."""
+    return Epsilon(stabilizer)
+
+
+class MagnitudeStep(Step):
+    """The DynamicLRP paper's magnitude split: ``R_i = |c_i| / (Σ_j |c_j| + ε) · R`` (explicit relevance)."""
+
+    __slots__ = ("kernel", "eps", "meta")
+    handles_r = True
+
+    def __init__(self, site: Site, eps: float):
+        super().__init__(site)
+        self.kernel: SumKernel = site.spec.kernel
+        self.eps = eps
+        self.meta = _child_meta(site)
+        for e in site.edges:
+            if e >= 0:
+                site.planner.need_value(e)
+        site.planner.need_value(self.out_slots[0])
+
+    def _split(self, run, R: Tensor) -> list[Msg | None]:
+        node = run.graph.nodes[self.index]
+        vals = [None if e < 0 else run.value(e, "magnitude split") for e in self.in_edges]
+        mags = [None if v is None else v.abs() for v in vals]
+        coefs = self.kernel.coefficients(node) if self.kernel.coefficients is not None else None
+        if coefs is not None:
+            den = None
+            for c, mg in zip(coefs, mags):
+                if mg is None:
+                    continue
+                term = abs(c) * mg
+                den = term if den is None else den + term
+            s = R / (den + self.eps)
+            return [None if mg is None else Msg(r=_fit(abs(c) * mg * s, m)) for c, mg, m in zip(coefs, mags, self.meta)]
+        den = self.kernel.forward(node, mags, 0)
+        s = R / (den + self.eps)
+        back = G.call_backward(node, [s])
+        # R_x = |x| * back-projected quotient, scaled back from the map's own coefficients (mean divides by N)
+        ref = G.call_backward(node, [torch.ones_like(s)])
+        return [None if mg is None else Msg(r=_fit(mg * safe_div(t, t0) * t0.abs(), m))
+                for mg, t, t0, m in zip(mags, back, ref, self.meta)]
+
+    def g(self, run, gs):
+        z = run.value(self.out_slots[0], "magnitude split")
+        return self._split(run, gs[0] * z)
+
+    def r(self, run, rs):
+        return self._split(run, rs[0])
+
+    def account(self, run, outs, ins):
+        run.ledger.measured(run, self, outs, ins, kind="rule")
+
+
+class MagnitudeSplit(Rule):
+    """The DynamicLRP paper's rule for Add/Sum/Mean: split relevance by operand magnitude, ``|a| / (|a| + |b|)``.
+
+    Provided to reproduce the paper (its preset ``paper()``); it ignores signs and so matches no other
+    reference. Needs the operands' values, which the Promise System recovers.
+    """
+
+    families = frozenset({"add", "reduce"})
+
+    def __init__(self, epsilon: float = 1e-11):
+        self.epsilon = float(epsilon)
+
+    def bind(self, site):
+        if not isinstance(site.spec.kernel, SumKernel) or site.spec.kernel.forward is None:
+            raise _wrong_family(self, site, site.spec.family)
+        return MagnitudeStep(site, self.epsilon)
+
+
+# ===========================================================================================================
+# Element-wise non-linearities
+# ===========================================================================================================
+class IdentityStep(Step):
+    """``R_x = R_y``; in gradient form ``G_x = G_y · y / x``."""
+
+    __slots__ = ("kernel", "meta", "limit", "need_x_value", "f0")
+    handles_r = True
+
+    def __init__(self, site: Site):
+        super().__init__(site)
+        self.kernel: UnaryKernel = site.spec.kernel
+        self.meta = _child_meta(site)
+        lim = self.kernel.limit_ratio
+        self.limit = lim
+        f0 = self.kernel.f0
+        self.f0 = f0
+        k = self.kernel
+        self.need_x_value = (k._ratio is None and (k.x_field is None or G.saved(site.node, k.x_field) is None)
+                             and k.inverse is not None and k.y_field is not None and site.edges[0] >= 0
+                             and site.type in ("TanhBackward0", "SigmoidBackward0"))
+        if self.need_x_value:
+            site.planner.need_value(site.edges[0])
+
+    def _xy(self, run, node) -> tuple[Tensor | None, Tensor | None]:
+        k = self.kernel
+        x = G.saved(node, k.x_field) if k.x_field else None
+        y = G.saved(node, k.y_field) if k.y_field else None
+        if x is None and y is None:
+            x = run.value(self.in_edges[0], run.graph.describe(self.index))
+        if y is None and x is not None:
+            y = k.f(node, x)
+        if x is None:
+            if self.need_x_value:
+                try:
+                    x = run.value(self.in_edges[0], run.graph.describe(self.index))
+                except Exception:  # noqa: BLE001 - fall back to the inverse map
+                    x = k.inverse(node, y)
+            elif k.inverse is not None:
+                x = k.inverse(node, y)
+        return x, y
+
+    def ratio(self, run, node) -> Tensor:
+        k = self.kernel
+        x, y = self._xy(run, node) if k._ratio is None or k.x_field is not None else (None, G.saved(node, k.y_field))
+        if k._ratio is not None:
+            if x is None and k.x_field is not None:
+                x = G.saved(node, k.x_field)
+            return k._ratio(node, x, y)
+        lim = self.limit(node) if callable(self.limit) else self.limit
+        zero = x == 0
+        r = y / torch.where(zero, 1, x)
+        r = torch.where(zero, torch.as_tensor(lim, dtype=r.dtype, device=r.device), r)
+        return torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def g(self, run, gs):
+        node = run.graph.nodes[self.index]
+        return [Msg(g=_fit(gs[0] * self.ratio(run, node), self.meta[0]))]
+
+    def r(self, run, rs):
+        return [Msg(r=_fit(rs[0], self.meta[0]))]
+
+    def account(self, run, outs, ins):
+        f0 = self.f0(None) if callable(self.f0) else self.f0
+        if f0 == 0 or outs[0] is None or outs[0].g is None:
+            return
+        run.ledger.measured(run, self, outs, ins, kind="rule")
+
+
+class Identity(Rule):
+    """Identity rule for element-wise non-linearities (AttnLRP; Zennit's ``Pass``): ``R_x = R_y``."""
+
+    families = frozenset({"activation"})
+
+    def bind(self, site):
+        if not isinstance(site.spec.kernel, UnaryKernel):
+            raise _wrong_family(self, site, site.spec.family)
+        return IdentityStep(site)
+
+
+Pass = Identity
+
+
+class GradientStep(Step):
+    """Relevance as gradient × input through this node: ``G_x = Jᵀ G`` (the node's own backward)."""
+
+    __slots__ = ("meta",)
+
+    def __init__(self, site):
+        super().__init__(site)
+        self.meta = _child_meta(site)
+
+    def g(self, run, gs):
+        node = run.graph.nodes[self.index]
+        return [gmsg(_fit(t, m)) for t, m in zip(G.call_backward(node, gs), self.meta)]
+
+    def account(self, run, outs, ins):
+        run.ledger.measured(run, self, outs, ins, kind="rule")
+
+
+class Gradient(Rule):
+    """Treat the node like plain gradient × input (``G_x = Jᵀ G``). Not conservative in general; for piecewise
+    linear homogeneous ops (ReLU, LeakyReLU, max) it equals the identity rule."""
+
+    families = frozenset({"activation", "any", "norm", "softmax", "product", "matmul", "routing"})
+
+    def bind(self, site):
+        return GradientStep(site)
+
+
+# ===========================================================================================================
+# Normalisation
+# ===========================================================================================================
+class NormStep(Step):
+    """LayerNorm / BatchNorm / GroupNorm with the normaliser held constant (AttnLRP, Achtibat et al. 2024).
+
+    The remaining map ``y = (x - μ) · rstd · γ + β`` is linear in ``x``; the z-rule on it gives
+    ``G_x = rstd · (γG − mean(γG))`` (no centring for batch norm in eval mode, whose mean is a constant) and
+    books ``β`` (minus the scaled running mean) as a bias sink.
+    """
+
+    __slots__ = ("kernel", "meta")
+
+    def __init__(self, site):
+        super().__init__(site)
+        self.kernel: NormKernel = site.spec.kernel
+        self.meta = _child_meta(site)
+        if len(site.edges) > 2 and site.edges[2] >= 0:
+            site.planner.mark_bias(site.edges[2])
+
+    def g(self, run, gs):
+        node = run.graph.nodes[self.index]
+        gx = self.kernel.grad_const(node, gs[0])
+        res: list[Msg | None] = [Msg(g=_fit(gx, self.meta[0]))] + [None] * (self.n_in - 1)
+        # the bias (input 2) is a sink: route its share (G summed to its shape) so a requested bias sees it
+        if self.n_in > 2 and self.in_edges[2] >= 0 and self.meta[2] is not None:
+            res[2] = Msg(g=_fit(_per_channel(gs[0], self.kernel, node), self.meta[2]))
+        return res
+
+    def account(self, run, outs, ins):
+        run.ledger.measured(run, self, outs, ins, kind="bias")
+
+
+def _per_channel(g: Tensor, kernel: NormKernel, node: Any) -> Tensor:
+    if kernel.kind == "layer":
+        return g
+    dims = (0,) + tuple(range(2, g.dim()))
+    return g.sum(dim=dims)
+
+
+class NormConstant(Rule):
+    """Normalisation layers with the normaliser (mean / variance / rms statistics) treated as a constant."""
+
+    families = frozenset({"norm"})
+
+    def bind(self, site):
+        if not isinstance(site.spec.kernel, NormKernel):
+            raise _wrong_family(self, site, site.spec.family)
+        return NormStep(site)
+
+
+# ===========================================================================================================
+# Softmax and attention
+# ===========================================================================================================
+class SoftmaxStep(Step):
+    """AttnLRP softmax rule ``R_x = x ⊙ (R − s ⊙ Σ_j R_j)``: in gradient form exactly the softmax's backward."""
+
+    __slots__ = ("meta", "dim")
+
+    def __init__(self, site):
+        super().__init__(site)
+        self.meta = _child_meta(site)
+
+    def g(self, run, gs):
+        node = run.graph.nodes[self.index]
+        return [gmsg(_fit(t, m)) for t, m in zip(G.call_backward(node, gs), self.meta)]
+
+    def account(self, run, outs, ins):
+        run.ledger.softmax(run, self, outs, ins)
+
+
+class Softmax(Rule):
+    """The AttnLRP softmax rule (Achtibat et al. 2024), applied to the true (masked) logits: ``R_x = x ⊙ (R −
+    s ⊙ Σ_j R_j)``. Not conservative (the per-row bias of the logits absorbs relevance)."""
+
+    families = frozenset({"softmax"})
+
+    def bind(self, site):
+        if not isinstance(site.spec.kernel, SoftmaxKernel):
+            raise _wrong_family(self, site, site.spec.family)
+        if site.spec.kernel.log:
+            return LogSoftmaxStep(site)
+        return SoftmaxStep(site)
+
+
+class LogSoftmaxStep(Step):
+    """``log_softmax(x) = x − logsumexp(x)`` with the normaliser constant: all relevance to ``x``."""
+
+    __slots__ = ("meta",)
+    handles_r = False
+
+    def __init__(self, site):
+        super().__init__(site)
+        self.meta = _child_meta(site)
+
+    def g(self, run, gs):
+        return [gmsg(_fit(gs[0], self.meta[0]))]
+
+    def account(self, run, outs, ins):
+        run.ledger.measured(run, self, outs, ins, kind="rule")
+
+
+class AttentionStep(Step):
+    """Fused scaled-dot-product attention: the node's backward rescaled per operand.
+
+    AttnLRP: uniform rule on ``A·V`` and ``Q·Kᵀ`` plus the softmax rule gives ``G_q = ∇_q / 4``,
+    ``G_k = ∇_k / 4``, ``G_v = ∇_v / 2`` and ``G_mask = ∇_mask / 2`` (derived, not tuned). CP-LRP: the
+    attention weights are constants, so ``G_v = ∇_v`` and nothing else. One backward of the fused kernel, no
+    S×S matrix materialised beyond what the kernel itself uses.
+    """
+
+    __slots__ = ("factors", "meta")
+
+    def __init__(self, site, factors: tuple[float, ...]):
+        super().__init__(site)
+        self.factors = factors
+        self.meta = _child_meta(site)
+
+    def g(self, run, gs):
+        node = run.graph.nodes[self.index]
+        n_out = len(G.output_meta(node))
+        grads_in = [gs[0]] + [None] * (n_out - 1)
+        grads = G.call_backward(node, grads_in)
+        res: list[Msg | None] = []
+        for k, t in enumerate(grads[:self.n_in]):
+            f = self.factors[k] if k < len(self.factors) else 0.0
+            if t is None or f == 0 or self.in_edges[k] < 0:
+                res.append(None)
+            else:
+                res.append(Msg(g=_fit(t * f, self.meta[k])))
+        res += [None] * (self.n_in - len(res))
+        return res
+
+    def account(self, run, outs, ins):
+        run.ledger.measured(run, self, outs, ins, kind="rule")
+
+
+class AttnLRP(Rule):
+    """AttnLRP (Achtibat et al., ICML 2024) for fused attention nodes and softmax: uniform rule on the two
+    matmuls and the softmax rule on the true logits."""
+
+    families = frozenset({"attention", "softmax", "matmul", "product"})
+
+    def bind(self, site):
+        fam = site.spec.family_of(site) if site.spec.family_of else site.spec.family
+        if fam == "attention":
+            return AttentionStep(site, (0.25, 0.25, 0.5, 0.5))
+        if fam == "softmax":
+            return Softmax().bind(site)
+        return _bind_product(self, site, detect=True)
+
+
+class CPLRP(Rule):
+    """CP-LRP (Ali et al., ICML 2022): attention weights treated as constants, so attention relevance flows to
+    the values only. Conservative by construction. Applies to fused attention, to products with a softmax
+    output, and to softmax itself (which then receives nothing)."""
+
+    families = frozenset({"attention", "softmax", "matmul", "product"})
+
+    def bind(self, site):
+        fam = site.spec.family_of(site) if site.spec.family_of else site.spec.family
+        if fam == "attention":
+            return AttentionStep(site, (0.0, 0.0, 1.0, 0.0))
+        if fam == "softmax":
+            return Softmax().bind(site)
+        return _bind_product(self, site, detect=True, softmax_constant=True)
+
+
+class Block(Rule):
+    """Send no relevance through the node at all (everything arriving here is booked as a rule sink)."""
+
+    families = frozenset({"any", "routing", "activation", "norm", "softmax", "product", "matmul", "attention",
+                          "add", "reduce", "pool", "linear", "conv", "embedding"})
+
+    def bind(self, site):
+        return BlockStep(site)
+
+
+class BlockStep(Step):
+    handles_r = True
+
+    def g(self, run, gs):
+        return [None] * self.n_in
+
+    def r(self, run, rs):
+        return [None] * self.n_in
+
+    def account(self, run, outs, ins):
+        run.ledger.measured(run, self, outs, ins, kind="rule")

@@ -1,0 +1,281 @@
+"""The registry: one row per autograd node type (in the spirit of PyTorch's ``derivatives.yaml``).
+
+Each row says which *family* of rules handles the node (the rule set maps families to rules), which kernel
+describes the op, which forward inputs/outputs autograd saved and under which field, and how to rebuild or
+replay the node's output for the Promise System. Node types not in this table are unsupported: the planner
+raises :class:`~dynamiclrp.errors.UnsupportedOperationError` before any relevance is computed.
+
+Families
+--------
+``linear``, ``conv`` (activation × weight), ``matmul`` (activation × activation), ``product`` (element-wise
+``*`` and ``/``), ``add``, ``reduce``, ``pool``, ``activation``, ``norm``, ``softmax``, ``attention``,
+``routing``, ``embedding``, ``leaf``.
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels as K
+from .base import OpSpec, Site
+
+
+def _family_of_linear(site: Site) -> str:
+    return site.spec.kernel.family(site.active)
+
+
+def _linear(kernel: K.LinearKernel, inputs_saved: tuple[tuple[int, str], ...]) -> OpSpec:
+    return OpSpec("linear", kernel, inputs_saved=inputs_saved, rebuild=kernel.rebuild,
+                  replay=_linear_replay(kernel), family_of=_family_of_linear)
+
+
+def _linear_replay(kernel: K.LinearKernel):
+    def replay(node, xs, nr):
+        a, b = xs[kernel.operands[0]], xs[kernel.operands[1]]
+        if a is None:
+            a = K._s(node, kernel.saved_fields[0])
+        if b is None:
+            b = K._s(node, kernel.saved_fields[1])
+        z = kernel.alpha(node) * kernel.f(node, a, b)
+        if kernel.bias_pos is not None and len(xs) > kernel.bias_pos and xs[kernel.bias_pos] is not None:
+            z = z + kernel.beta(node) * kernel.bias_view(node, xs[kernel.bias_pos], z.shape)
+        return z
+    return replay
+
+
+def _routing(replay=None, replay_inputs=None, inputs_saved=()) -> OpSpec:
+    return OpSpec("routing", K.RoutingKernel(replay), replay=replay, replay_inputs=replay_inputs,
+                  inputs_saved=inputs_saved)
+
+
+def _unary(name: str) -> OpSpec:
+    k = K.UNARY[name]
+    results = ((0, k.y_field),) if k.y_field else ()
+    inputs_saved = ((0, k.x_field),) if k.x_field else ()
+    return OpSpec("activation", k, results=results, inputs_saved=inputs_saved, rebuild=k.rebuild,
+                  replay=k.replay)
+
+
+def _sum(forward, coefficients=None, rebuild=None, inputs_saved=(), replay_inputs=None,
+         family: str = "add") -> OpSpec:
+    return OpSpec(family, K.SumKernel(forward, coefficients, rebuild), rebuild=rebuild, replay=forward,
+                  replay_inputs=replay_inputs, inputs_saved=inputs_saved)
+
+
+def _add_coefs(node) -> tuple[float, ...]:
+    return (1.0, K._alpha(node))
+
+
+def _sub_coefs(node) -> tuple[float, ...]:
+    return (1.0, -K._alpha(node))
+
+
+def _rsub_coefs(node) -> tuple[float, ...]:
+    return (-K._alpha(node), 1.0)
+
+
+def _product(divide: bool, scalar: bool = False) -> OpSpec:
+    k = K.ProductKernel(divide=divide, scalar=scalar)
+    inputs_saved = ((0, "self"),) if not scalar else ()
+    if not scalar:
+        inputs_saved = inputs_saved + ((1, "other"),)
+    return OpSpec("product", k, inputs_saved=inputs_saved, rebuild=k.rebuild, replay=k.replay,
+                  replay_inputs=(0,) if scalar else None)
+
+
+def _max_pool_rebuild(fn):
+    def rebuild(node, nr):
+        x = K._s(node, "self")
+        if x is None or nr != 0:
+            return None
+        return fn(node, x)
+    return rebuild
+
+
+def _mp2d(node, x):
+    return F.max_pool2d(x, K._s(node, "kernel_size"), K._s(node, "stride") or None, K._s(node, "padding"),
+                        K._s(node, "dilation"), K._s(node, "ceil_mode"))
+
+
+def _mp3d(node, x):
+    return F.max_pool3d(x, K._s(node, "kernel_size"), K._s(node, "stride") or None, K._s(node, "padding"),
+                        K._s(node, "dilation"), K._s(node, "ceil_mode"))
+
+
+def _embedding_replay(node, xs, nr):
+    return F.embedding(K._s(node, "indices"), xs[0], K._s(node, "padding_idx"))
+
+
+def _leaf() -> OpSpec:
+    return OpSpec("leaf", K.LeafKernel())
+
+
+def _norm(kind: str) -> OpSpec:
+    k = K.NormKernel(kind)
+    inputs_saved = ((0, "input"),) + (((1, "weight"),) if kind in ("layer", "batch", "group") else ())
+    if kind == "layer":
+        inputs_saved = inputs_saved + ((2, "bias"),)
+    return OpSpec("norm", k, inputs_saved=inputs_saved, rebuild=k.rebuild, replay=k.replay,
+                  replay_inputs=(2,) if kind != "layer" else ())
+
+
+def _softmax(log: bool = False) -> OpSpec:
+    return OpSpec("softmax", K.SoftmaxKernel(log), results=((0, "result"),))
+
+
+def _attention() -> OpSpec:
+    return OpSpec("attention", K.AttentionKernel(), results=((0, "output"),),
+                  inputs_saved=((0, "query"), (1, "key"), (2, "value")))
+
+
+def _select_backward_rows() -> dict[str, OpSpec]:
+    rows: dict[str, OpSpec] = {}
+    for name in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0",
+                 "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "SqueezeBackward4",
+                 "UnsqueezeBackward0", "UnsqueezeBackward1", "FlattenBackward0", "UnflattenBackward0"):
+        rows[name] = _routing(K.replay_reshape)
+    for name in ("CloneBackward0", "AliasBackward0", "ContiguousBackward0", "LiftFreshBackward0",
+                 "DetachBackward0", "ViewAsRealBackward0"):
+        rows[name] = _routing(K.replay_identity)
+    rows["ToCopyBackward0"] = _routing(K.replay_to_copy)
+    rows["TBackward0"] = _routing(K.replay_t)
+    rows["TransposeBackward0"] = _routing(K.replay_transpose)
+    rows["TransposeBackward1"] = _routing(K.replay_transpose)
+    rows["PermuteBackward0"] = _routing(K.replay_permute)
+    rows["ExpandBackward0"] = _routing(K.replay_expand)
+    rows["SliceBackward0"] = _routing(K.replay_slice)
+    rows["SelectBackward0"] = _routing(K.replay_select)
+    rows["SelectBackward1"] = _routing(K.replay_select)
+    rows["IndexBackward0"] = _routing(K.replay_index)
+    rows["IndexSelectBackward0"] = _routing(K.replay_index_select)
+    rows["GatherBackward0"] = _routing(K.replay_gather)
+    rows["CatBackward0"] = _routing(K.replay_cat)
+    rows["StackBackward0"] = _routing(K.replay_stack)
+    rows["SplitBackward0"] = _routing(K.replay_split)
+    rows["SplitBackward1"] = _routing(K.replay_split)
+    rows["SplitWithSizesBackward0"] = _routing(K.replay_split)
+    rows["SplitWithSizesBackward1"] = _routing(K.replay_split)
+    rows["UnbindBackward0"] = _routing(K.replay_unbind)
+    rows["RepeatBackward0"] = _routing(K.replay_repeat)
+    rows["FlipBackward0"] = _routing(K.replay_flip)
+    rows["RollBackward0"] = _routing(K.replay_roll)
+    rows["WhereBackward0"] = _routing(K.replay_where, replay_inputs=(0, 1))
+    rows["ConstantPadNdBackward0"] = _routing(K.replay_constant_pad)
+    rows["MaskedFillBackward0"] = _routing()
+    rows["MaskedFillBackward1"] = _routing()
+    rows["CopySlices"] = _routing()
+    rows["IndexPutBackward0"] = _routing()
+    rows["ScatterBackward0"] = _routing()
+    rows["ScatterBackward1"] = _routing()
+    rows["ScatterAddBackward0"] = _routing()
+    rows["IndexAddBackward0"] = _routing()
+    rows["NativeDropoutBackward0"] = _routing()
+    rows["UnfoldBackward0"] = _routing()
+    rows["Im2ColBackward0"] = _routing()
+    rows["Col2ImBackward0"] = _routing()
+    rows["PixelShuffleBackward0"] = _routing()
+    rows["PixelUnshuffleBackward0"] = _routing()
+    rows["UpsampleNearest1DBackward0"] = _routing()
+    rows["UpsampleNearest2DBackward0"] = _routing()
+    rows["UpsampleNearest3DBackward0"] = _routing()
+    rows["UpsampleNearestExact1DBackward0"] = _routing()
+    rows["UpsampleNearestExact2DBackward0"] = _routing()
+    rows["UpsampleNearestExact3DBackward0"] = _routing()
+    rows["ReflectionPad1DBackward0"] = _routing()
+    rows["ReflectionPad2DBackward0"] = _routing()
+    rows["ReplicationPad1DBackward0"] = _routing()
+    rows["ReplicationPad2DBackward0"] = _routing()
+    # winner-take-all maxima: the gradient routes everything to the arg-max
+    rows["MaxBackward0"] = _routing()
+    rows["MaxBackward1"] = _routing()
+    rows["MinBackward0"] = _routing()
+    rows["MinBackward1"] = _routing()
+    rows["AmaxBackward0"] = _routing()
+    rows["AminBackward0"] = _routing()
+    rows["MaxPool2DWithIndicesBackward0"] = OpSpec(
+        "routing", K.RoutingKernel(), inputs_saved=((0, "self"),), rebuild=_max_pool_rebuild(_mp2d))
+    rows["MaxPool3DWithIndicesBackward0"] = OpSpec(
+        "routing", K.RoutingKernel(), inputs_saved=((0, "self"),), rebuild=_max_pool_rebuild(_mp3d))
+    rows["AdaptiveMaxPool2DBackward0"] = OpSpec("routing", K.RoutingKernel(), inputs_saved=((0, "self"),))
+    rows["AdaptiveMaxPool3DBackward0"] = OpSpec("routing", K.RoutingKernel(), inputs_saved=((0, "self"),))
+    rows["EmbeddingBackward0"] = OpSpec("embedding", K.EmbeddingKernel(), replay=_embedding_replay,
+                                        replay_inputs=(0,))
+    return rows
+
+
+def _build() -> Mapping[str, OpSpec]:
+    t: dict[str, OpSpec] = {}
+    t["AccumulateGrad"] = _leaf()
+    # linear algebra
+    t["MmBackward0"] = _linear(K.MmKernel(), ((0, "self"), (1, "mat2")))
+    t["BmmBackward0"] = _linear(K.BmmKernel(), ((0, "self"), (1, "mat2")))
+    t["AddmmBackward0"] = _linear(K.AddmmKernel(), ((1, "mat1"), (2, "mat2")))
+    t["BaddbmmBackward0"] = _linear(K.BaddbmmKernel(), ((1, "batch1"), (2, "batch2")))
+    t["MvBackward0"] = _linear(K.MvKernel(), ((0, "self"), (1, "vec")))
+    conv = K.ConvKernel()
+    t["ConvolutionBackward0"] = OpSpec("conv", conv, inputs_saved=((0, "input"), (1, "weight")),
+                                       replay=_linear_replay(conv), family_of=_family_of_linear)
+    # sums
+    t["AddBackward0"] = _sum(K.add_forward, _add_coefs, replay_inputs=(0, 1))
+    t["AddBackward1"] = _sum(None, lambda n: (1.0,))
+    t["SubBackward0"] = _sum(K.sub_forward, _sub_coefs, replay_inputs=(0, 1))
+    t["SubBackward1"] = _sum(None, lambda n: (1.0,))
+    t["RsubBackward0"] = _sum(K.rsub_forward, _rsub_coefs, replay_inputs=(0, 1))
+    t["RsubBackward1"] = _sum(None, lambda n: (-K._alpha(n),))
+    t["SumBackward0"] = _sum(K.sum_forward, family="reduce")
+    t["SumBackward1"] = _sum(K.sum_forward, family="reduce")
+    t["MeanBackward0"] = _sum(K.mean_forward, family="reduce")
+    t["MeanBackward1"] = _sum(K.mean_forward, family="reduce")
+    t["CumsumBackward0"] = _sum(K.cumsum_forward, family="reduce")
+    t["AvgPool2DBackward0"] = _sum(lambda n, xs, nr: K._avg_pool2d(n, xs[0]),
+                                   rebuild=K.avg_pool_rebuild(K._avg_pool2d), inputs_saved=((0, "self"),),
+                                   family="pool")
+    t["AvgPool3DBackward0"] = _sum(lambda n, xs, nr: K._avg_pool3d(n, xs[0]),
+                                   rebuild=K.avg_pool_rebuild(K._avg_pool3d), inputs_saved=((0, "self"),),
+                                   family="pool")
+    for name in ("AdaptiveAvgPool2DBackward0", "AdaptiveAvgPool3DBackward0"):
+        t[name] = _sum(lambda n, xs, nr: K._adaptive_avg_pool_nd(n, xs[0]),
+                       rebuild=K.avg_pool_rebuild(K._adaptive_avg_pool_nd), inputs_saved=((0, "self"),),
+                       family="pool")
+    # products
+    t["MulBackward0"] = _product(divide=False)
+    t["MulBackward1"] = _product(divide=False, scalar=True)
+    t["DivBackward0"] = _product(divide=True)
+    t["DivBackward1"] = _product(divide=True, scalar=True)
+    t["NegBackward0"] = OpSpec("product", K.NegKernel(), replay=K.NegKernel().replay)
+    # element-wise non-linearities
+    for name in K.UNARY:
+        t[name] = _unary(name)
+    # normalisation
+    t["NativeLayerNormBackward0"] = _norm("layer")
+    t["NativeBatchNormBackward0"] = _norm("batch")
+    t["NativeGroupNormBackward0"] = _norm("group")
+    # softmax and attention
+    t["SoftmaxBackward0"] = _softmax()
+    t["SafeSoftmaxBackward0"] = _softmax()
+    t["LogSoftmaxBackward0"] = _softmax(log=True)
+    for name in ("ScaledDotProductFlashAttentionForCpuBackward0", "ScaledDotProductEfficientAttentionBackward0",
+                 "ScaledDotProductFlashAttentionBackward0", "ScaledDotProductCudnnAttentionBackward0"):
+        t[name] = _attention()
+    t.update(_select_backward_rows())
+    return MappingProxyType(t)
+
+
+#: node type -> OpSpec. Read-only; extend per rule set with ``RuleSet.with_ops``.
+REGISTRY: Mapping[str, OpSpec] = _build()
+
+
+def families() -> frozenset[str]:
+    """Every family some registry row uses."""
+    return frozenset(spec.family for spec in REGISTRY.values()) | {"matmul"}
+
+
+def describe(name: str) -> dict[str, Any]:
+    """A readable summary of one row (used by the coverage report)."""
+    spec = REGISTRY.get(name)
+    if spec is None:
+        return {"node": name, "covered": False}
+    return {"node": name, "covered": True, "family": spec.family, "kernel": type(spec.kernel).__name__}
