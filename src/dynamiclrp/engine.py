@@ -20,7 +20,7 @@ from . import graph as G
 from .errors import DynamicLRPError, RuleError, UnsupportedOperationError
 from .promises import PromiseResolver, ValueStore
 from .results import Explanation, Ledger
-from .rules.base import Msg, OpSpec, Site, Step, safe_div
+from .rules.base import UNKNOWN, Msg, OpSpec, Site, Step, safe_div
 from .rules.registry import REGISTRY
 from .rules.ruleset import RuleSet, resolve_rules
 
@@ -165,13 +165,21 @@ class Planner:
 class Run:
     """State of one relevance pass: messages per slot, values, and the optional ledger."""
 
-    __slots__ = ("graph", "values", "ledger", "planner")
+    __slots__ = ("graph", "values", "ledger", "planner", "local")
 
     def __init__(self, planner: Planner, values: ValueStore, ledger: Ledger | None):
         self.planner = planner
         self.graph = planner.graph
         self.values = values
         self.ledger = ledger
+        self.local: Tensor | None = None  # sinks a step booked itself during its current call
+
+    def book_local(self, kind: str, index: int, total: Tensor, note: str = "") -> None:
+        """Book a sink from inside a step (e.g. a constant bias); it is excluded from the step's residual."""
+        if self.ledger is None:
+            return
+        self.ledger.book(kind, self.graph.describe(index), total, note)
+        self.local = total if self.local is None else self.local + total
 
     def node(self, i: int) -> Any:
         return self.graph.nodes[i]
@@ -188,8 +196,8 @@ class Run:
         g = safe_div(r, v)
         if self.ledger is not None:
             lost = torch.where(v == 0, r, torch.zeros((), dtype=r.dtype, device=r.device)).sum()
-            self.ledger.book("conversion", self.graph.describe(self.graph.slot_node[slot]), lost,
-                             "relevance on a zero activation cannot be passed on in gradient form")
+            self.book_local("conversion", self.graph.slot_node[slot], lost,
+                            "relevance on a zero activation cannot be passed on in gradient form")
         return g
 
     def total(self, slot: int, msg: Msg | None) -> Tensor | None:
@@ -349,6 +357,10 @@ def _execute(run: Run, planner: Planner, seeds: list[Tensor], requested: dict[in
         else:
             msgs[slot].add(m)
     captured: dict[int, Tensor] = {}
+    arrived: dict[int, Any] = {}  # ledger: relevance total delivered into each slot so far
+    if book is not None:
+        for slot, s in zip(g.root_slots, seeds):
+            arrived[slot] = s.sum() if slot not in arrived else arrived[slot] + s.sum()
     terminal = planner.terminal
     steps = planner.steps
     run_node = planner.run_node
@@ -376,11 +388,29 @@ def _execute(run: Run, planner: Planner, seeds: list[Tensor], requested: dict[in
         if not run_node[i]:
             continue
         if all(m is None for m in outs):
+            if book is not None:
+                for j in range(k):
+                    arrived.pop(base + j, None)
             continue
         step = steps[i]
-        ins = step(run, outs)
-        if book is not None:
-            step.account(run, outs, ins)
+        if book is None:
+            ins = step(run, outs)
+        else:
+            t_out = _arrived_total(run, arrived, base, k, outs)
+            run.local = None
+            ins = step(run, outs)
+            if t_out is not UNKNOWN and run.local is not None:
+                t_out = t_out - run.local
+            t_ins = step.book(run, t_out, step.input_totals(run, ins), outs)
+            for s_in, t in zip(edges[i], t_ins):
+                if s_in >= 0 and t is not None:
+                    prev = arrived.get(s_in)
+                    if prev is None:
+                        arrived[s_in] = t
+                    elif prev is UNKNOWN or t is UNKNOWN:
+                        arrived[s_in] = UNKNOWN
+                    else:
+                        arrived[s_in] = prev + t
         row = edges[i]
         for pos, m in enumerate(ins):
             if m is None:
@@ -394,6 +424,26 @@ def _execute(run: Run, planner: Planner, seeds: list[Tensor], requested: dict[in
             else:
                 cur.add(m)
     return captured
+
+
+def _arrived_total(run: Run, arrived: dict[int, Any], base: int, k: int, outs: list[Msg | None]) -> Any:
+    """Relevance that arrived at a node: the totals its consumers reported, measured from the node's output
+    value where a consumer could not report one."""
+    total = None
+    for j in range(k):
+        m = outs[j]
+        t = arrived.pop(base + j, None)
+        if m is None:
+            continue
+        if t is None or t is UNKNOWN:
+            try:
+                t = run.total(base + j, m)
+            except Exception:  # noqa: BLE001
+                t = run.shifted_total(base + j, m)
+                if t is None:
+                    return UNKNOWN
+        total = t if total is None else total + t
+    return total
 
 
 def _relevance_of(m: Msg | None, value: Tensor) -> Tensor:

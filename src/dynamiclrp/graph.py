@@ -140,7 +140,7 @@ def call_backward(node: Node, grads: Sequence[torch.Tensor | None]) -> tuple[tor
     dtypes; callers reduce with :func:`fit_to`.
     """
     try:
-        out = node(*grads)
+        out = node.apply(*grads) if is_custom_function(node) else node(*grads)
     except RuntimeError as err:
         if any(marker in str(err) for marker in _FREED_MARKERS):
             raise GraphFreedError(_FREED_HELP) from None

@@ -247,8 +247,11 @@ class PromiseResolver:
             return []
         if spec.replay is not None:
             edges = g.edges[node_i]
-            wanted = spec.replay_inputs if spec.replay_inputs is not None else tuple(
-                k for k, e in enumerate(edges) if e >= 0)
+            wanted = spec.replay_inputs
+            if wanted is None:
+                wanted = tuple(range(len(edges)))  # every input: a constant we do not know blocks the replay
+            elif callable(wanted):
+                wanted = tuple(wanted(node, edges))
             missing_const = [k for k in wanted if k >= len(edges) or edges[k] < 0]
             if missing_const:
                 self.recipes[s] = Unavailable(

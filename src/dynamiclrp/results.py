@@ -21,20 +21,6 @@ SINK_KINDS = {
 }
 
 
-def G_fit(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reduce or broadcast ``t`` to the shape of ``like``."""
-    if t.shape == like.shape:
-        return t
-    if t.numel() >= like.numel():
-        return t.sum_to_size(like.shape)
-    return t.expand_as(like)
-
-
-def _saved_result(run: Any, step: Any) -> torch.Tensor:
-    from . import graph as _G
-    return _G.saved(run.graph.nodes[step.index], "result")
-
-
 @dataclass(frozen=True)
 class Sink:
     """One place where relevance left the propagation without reaching a requested input.
@@ -69,6 +55,7 @@ class Ledger:
         self._inputs: list[tuple[str, torch.Tensor]] = []
         self._seed: torch.Tensor | None = None
         self.unmeasured: list[str] = []
+        self.derived = 0  # input totals derived from exact conservation instead of measured from values
         self.seed_total: float = 0.0
         self.inputs: dict[str, float] = {}
         self.sinks: list[Sink] = []
@@ -85,93 +72,6 @@ class Ledger:
     def unmeasurable(self, where: str, why: str) -> None:
         """Record relevance whose amount cannot be measured (its forward value is not in the graph)."""
         self.unmeasured.append(f"{where}: {why}")
-
-    # -- measuring helpers used by rule steps (``run`` is the engine's Run) -----------------------------------
-    def _totals(self, run: Any, step: Any, outs: list, ins: list) -> tuple[torch.Tensor | None, torch.Tensor | None,
-                                                                               str | None]:
-        """Σ relevance arriving at the node and Σ relevance it sends to non-constant inputs."""
-        t_out = None
-        problem = None
-        for slot, m in zip(step.out_slots, outs):
-            try:
-                t = run.total(slot, m)
-            except Exception as err:  # noqa: BLE001 - reported as unmeasurable, never fatal
-                t, problem = None, str(err).split(".")[0]
-                if m is not None:
-                    t = run.shifted_total(slot, m)
-                    if t is not None:
-                        problem = None
-            if t is not None:
-                t_out = t if t_out is None else t_out + t
-        t_in = None
-        for e, m in zip(step.in_edges, ins):
-            if e < 0 or m is None:
-                continue
-            try:
-                t = run.total(e, m)
-            except Exception as err:  # noqa: BLE001
-                t, problem = None, str(err).split(".")[0]
-            if t is not None:
-                t_in = t if t_in is None else t_in + t
-        return t_out, t_in, problem
-
-    def measured(self, run: Any, step: Any, outs: list, ins: list, kind: str = "rule", note: str = "") -> None:
-        """Book ``Σ R_out − Σ R_in`` of a node whose rule is not conservative (or has constant inputs)."""
-        t_out, t_in, problem = self._totals(run, step, outs, ins)
-        where = run.graph.describe(step.index)
-        if problem is not None:
-            self.unmeasurable(where, problem)
-            return
-        if t_out is None:
-            return
-        loss = t_out if t_in is None else t_out - t_in
-        self.book(kind, where, loss, note or SINK_KINDS[kind])
-
-    def constants(self, run: Any, step: Any, outs: list, ins: list) -> None:
-        """Book the share of a conservative node's relevance that went to inputs that do not require grad."""
-        if any(m is not None and (m.g is not None and bool((m.g != 0).any()) or m.r is not None)
-               for m in outs):
-            self.measured(run, step, outs, ins, kind="constant")
-
-    def linear(self, run: Any, step: Any, R: torch.Tensor, x: torch.Tensor, gx: torch.Tensor | None,
-               rx: torch.Tensor | None, rb: torch.Tensor | None, constant_bias: bool) -> None:
-        """Book a linear rule's bias share and its stabiliser / rule loss."""
-        where = run.graph.describe(step.index)
-        t_out = R.sum()
-        t_x = None
-        if gx is not None:
-            t_x = (gx * x).sum() if gx.shape == x.shape else (G_fit(gx, x) * x).sum()
-        if rx is not None:
-            t_x = rx.sum() if t_x is None else t_x + rx.sum()
-        t_b = rb.sum() if rb is not None else None
-        loss = t_out
-        if t_x is not None:
-            loss = loss - t_x
-        if t_b is not None:
-            loss = loss - t_b
-            if constant_bias:
-                self.book("constant", where, t_b, "bias that does not require grad")
-        kind = "stabiliser" if step.kind == "epsilon" else "rule"
-        self.book(kind, where, loss)
-
-    def softmax(self, run: Any, step: Any, outs: list, ins: list) -> None:
-        """Book the softmax rule's non-conservation: ``Σ s·G_s − Σ x·G_x`` with ``x = log s + const`` per row
-        (the constant drops out because the rule's ``G_x`` sums to zero over each row)."""
-        m_out = outs[0]
-        m_in = ins[0] if ins else None
-        where = run.graph.describe(step.index)
-        if m_out is None:
-            return
-        s = _saved_result(run, step)
-        t_out = (s * m_out.g).sum() if m_out.g is not None else torch.zeros((), dtype=s.dtype)
-        if m_out.r is not None:
-            t_out = t_out + m_out.r.sum()
-        t_in = torch.zeros((), dtype=s.dtype)
-        if m_in is not None and m_in.g is not None:
-            g = m_in.g
-            logs = torch.where(s > 0, torch.log(torch.where(s > 0, s, 1)), 0).to(g.dtype)
-            t_in = (logs.reshape(g.shape) * g).sum() if logs.numel() == g.numel() else (logs * g).sum()
-        self.book("rule", where, t_out - t_in, "softmax rule (relevance absorbed by the per-row logit offset)")
 
     def leaf_name(self, run: Any, index: int) -> str:
         from . import graph as _G

@@ -35,6 +35,16 @@ if TYPE_CHECKING:  # pragma: no cover
 Tensor = torch.Tensor
 
 
+class _Unknown:
+    """Marker for a relevance total that cannot be measured."""
+
+    def __repr__(self) -> str:  # pragma: no cover
+        return "UNKNOWN"
+
+
+UNKNOWN = _Unknown()
+
+
 class Msg:
     """Relevance arriving at one slot: a gradient-form part ``g`` and/or an explicit part ``r``."""
 
@@ -143,20 +153,70 @@ class Step:
         self.in_edges = site.edges
 
     # -- to override ---------------------------------------------------------------------------------------
+    #: the rule conserves relevance exactly (up to constants' shares); otherwise its residual is a sink
+    conservative = True
+    #: ledger kind of the residual of a non-conservative rule
+    sink_kind = "rule"
+
     def g(self, run: "Run", gs: list[Tensor | None]) -> list[Msg | None]:
         raise NotImplementedError
 
     def r(self, run: "Run", rs: list[Tensor | None]) -> list[Msg | None]:
         raise NotImplementedError
 
-    def account(self, run: "Run", outs: list[Msg | None], ins: list[Msg | None]) -> None:
-        """Book local sinks in ``run.ledger`` (only called when a ledger is requested).
+    # -- ledger (only used by explain(..., ledger=True)) -----------------------------------------------------
+    def input_totals(self, run: "Run", ins: list[Msg | None]) -> list[Any]:
+        """Relevance total sent to each input: a 0-dim tensor, ``None`` (nothing sent) or :data:`UNKNOWN`
+        (the input's forward value cannot be recovered to measure it)."""
+        out: list[Any] = []
+        for e, m in zip(self.in_edges, ins):
+            if e < 0 or m is None:
+                out.append(None)
+                continue
+            try:
+                out.append(run.total(e, m))
+            except Exception:  # noqa: BLE001 - unmeasurable, handled by book()
+                out.append(UNKNOWN)
+        return out
 
-        The default is for conservative rules: only relevance sent towards inputs that do not require grad
-        (constants) leaves the propagation, and it is measured as the node's residual.
+    def constant_share_zero(self, run: "Run", outs: list[Msg | None]) -> bool:
+        """Whether the relevance this node sends to inputs that do not require grad is provably zero."""
+        return False
+
+    def book(self, run: "Run", t_out: Any, t_ins: list[Any], outs: list[Msg | None]) -> list[Any]:
+        """Book this node's sinks given the relevance that arrived (``t_out``) and what it sent on.
+
+        Conservative rules book only the share of constant inputs; an input total that could not be measured
+        is derived from exact conservation when it is the only unknown. Non-conservative rules book their
+        residual under :attr:`sink_kind`. Returns the (possibly completed) input totals.
         """
-        if any(e < 0 for e in self.in_edges):
-            run.ledger.constants(run, self, outs, ins)
+        where = run.graph.describe(self.index)
+        unknown = [k for k, t in enumerate(t_ins) if t is UNKNOWN]
+        known = None
+        for t in t_ins:
+            if isinstance(t, torch.Tensor):
+                known = t if known is None else known + t
+        has_const = any(e < 0 for e in self.in_edges) and not self.constant_share_zero(run, outs)
+        if t_out is UNKNOWN:
+            if unknown or has_const or not self.conservative:
+                run.ledger.unmeasurable(where, "the forward value of this node's output is not in the graph")
+            return t_ins
+        if self.conservative:
+            if not unknown:
+                if has_const:
+                    run.ledger.book("constant", where, t_out if known is None else t_out - known)
+            elif len(unknown) == 1 and not has_const:
+                t_ins = list(t_ins)
+                t_ins[unknown[0]] = t_out if known is None else t_out - known
+                run.ledger.derived += 1
+            else:
+                run.ledger.unmeasurable(where, "several inputs whose forward values are not in the graph")
+            return t_ins
+        if unknown:
+            run.ledger.unmeasurable(where, "an input whose forward value is not in the graph")
+            return t_ins
+        run.ledger.book(self.sink_kind, where, t_out if known is None else t_out - known)
+        return t_ins
 
     # -- driver ---------------------------------------------------------------------------------------------
     def __call__(self, run: "Run", outs: list[Msg | None]) -> list[Msg | None]:
@@ -237,7 +297,9 @@ class OpSpec:
     replay : callable or None
         ``replay(node, input_values, nr) -> tensor``: output ``nr`` recomputed from the values of the node's
         inputs (the forward closure of a promise branch step, or the op of a promise-generating node).
-        ``replay_inputs`` lists the input positions it needs (default: every non-``None`` edge).
+        ``replay_inputs`` lists the input positions it needs (default: all of them, so an input that does not
+        require grad — a constant autograd did not keep — makes the replay impossible), or is a callable
+        ``(node, edges) -> positions`` for ops that read some operands from saved fields.
     """
 
     family: str
@@ -246,5 +308,5 @@ class OpSpec:
     inputs_saved: tuple[tuple[int, str], ...] = ()
     rebuild: Callable[[Any, int], Tensor | None] | None = None
     replay: Callable[[Any, Sequence[Tensor | None], int], Tensor] | None = None
-    replay_inputs: tuple[int, ...] | None = None
+    replay_inputs: tuple[int, ...] | Callable[[Any, tuple[int, ...]], tuple[int, ...]] | None = None
     family_of: Callable[[Site], str] | None = field(default=None, compare=False)

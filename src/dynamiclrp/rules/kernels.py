@@ -480,12 +480,15 @@ def _f_threshold(node, x):
     return F.threshold(x, float(_s(node, "threshold")), 0.0)
 
 
+def _leaky_ratio(node, x):
+    slope = torch.full((), float(_param(node, "negative_slope", 0.01)), dtype=x.dtype, device=x.device)
+    return torch.where(x > 0, torch.ones((), dtype=x.dtype, device=x.device), slope)
+
+
 UNARY: dict[str, UnaryKernel] = {
     "ReluBackward0": UnaryKernel(_f_relu, x_field=None, y_field="result",
                                  ratio=lambda n, x, y: (y > 0).to(y.dtype)),
-    "LeakyReluBackward0": UnaryKernel(
-        _f_leaky, ratio=lambda n, x, y: torch.where(x > 0, 1.0, float(_param(n, "negative_slope", 0.01))).to(x.dtype),
-        limit_ratio=1.0),
+    "LeakyReluBackward0": UnaryKernel(_f_leaky, ratio=lambda n, x, y: _leaky_ratio(n, x), limit_ratio=1.0),
     "GeluBackward0": UnaryKernel(_f_gelu, limit_ratio=0.5),
     "SiluBackward0": UnaryKernel(lambda n, x: F.silu(x), ratio=lambda n, x, y: torch.sigmoid(x), limit_ratio=0.5),
     "MishBackward0": UnaryKernel(lambda n, x: F.mish(x), limit_ratio=math.tanh(math.log(2.0))),

@@ -78,13 +78,12 @@ def _fit(t: Tensor | None, meta: tuple[torch.Size, torch.dtype] | None) -> Tenso
 class RoutingStep(Step):
     """Selection, permutation, copy and broadcast ops: relevance moves exactly like gradient, in both forms."""
 
-    __slots__ = ("meta", "conservative")
+    __slots__ = ("meta",)
     handles_r = True
 
     def __init__(self, site: Site):
         super().__init__(site)
         self.meta = _child_meta(site)
-        self.conservative = all(e >= 0 for e in site.edges)
 
     def _route(self, run: "Run", parts: list[Tensor | None]) -> list[Tensor | None]:
         node = run.graph.nodes[self.index]
@@ -105,15 +104,13 @@ class RoutingStep(Step):
     def r(self, run, rs):
         return [rmsg(t) for t in self._route(run, rs)]
 
-    def account(self, run, outs, ins):
-        if self.conservative:
-            return
+    def constant_share_zero(self, run, outs):
         t = run.graph.types[self.index]
-        if t == "CatBackward0" and self._constant_parts_empty(run, outs):
-            return
-        if t in ("WhereBackward0", "MaskedFillBackward0", "MaskedFillBackward1") and self._fill_share_zero(run, outs):
-            return
-        run.ledger.constants(run, self, outs, ins)
+        if t == "CatBackward0":
+            return self._constant_parts_empty(run, outs)
+        if t in ("WhereBackward0", "MaskedFillBackward0", "MaskedFillBackward1"):
+            return self._fill_share_zero(run, outs)
+        return False
 
     def _fill_share_zero(self, run, outs) -> bool:
         """``where(c, a, const)`` / ``masked_fill(mask, v)``: the constant positions carry no relevance."""
@@ -190,9 +187,10 @@ class LeafStep(Step):
     def r(self, run, rs):
         return []
 
-    def account(self, run, outs, ins):
+    def book(self, run, t_out, t_ins, outs):
+        # measured directly at the leaf (its value is always known), whatever arrived upstream
         if self.slot in run.planner.requested:
-            return
+            return t_ins
         total = run.total(self.slot, outs[0])
         if total is not None:
             if self.slot in run.planner.bias_slots:
@@ -200,6 +198,7 @@ class LeafStep(Step):
             else:
                 run.ledger.book("leaf", run.ledger.leaf_name(run, self.index), total,
                                 "relevance reaching a leaf that was not requested")
+        return t_ins
 
 
 class Leaf(Rule):
@@ -277,7 +276,8 @@ class LinearStep(Step):
     """A linear rule compiled for one ``z = alpha * f(a, b) + beta * bias`` node."""
 
     __slots__ = ("kernel", "which", "x_pos", "w_pos", "bias_pos", "branches", "stabiliser", "zero_bias",
-                 "homogeneous", "x_field", "w_field", "x_meta", "b_meta", "kind", "needs_z")
+                 "homogeneous", "x_field", "w_field", "x_meta", "b_meta", "kind", "needs_z", "conservative",
+                 "sink_kind", "bn")
     handles_r = True
 
     def __init__(self, site: Site, branches: Sequence[Branch], stabiliser: Stabiliser, zero_bias: bool,
@@ -298,6 +298,8 @@ class LinearStep(Step):
         self.zero_bias = zero_bias
         self.homogeneous = all(t.x in ("id", "pos", "neg") for b in branches for t in b.terms)
         self.kind = kind
+        self.conservative = False
+        self.sink_kind = "stabiliser" if kind == "epsilon" else "rule"
         metas = _child_meta(site)
         self.x_meta = metas[self.x_pos]
         self.b_meta = metas[self.bias_pos] if self.bias_pos is not None else None
@@ -311,7 +313,11 @@ class LinearStep(Step):
             planner.need_value(site.edges[self.x_pos])
         if G.saved(node, self.w_field) is None and site.edges[self.w_pos] >= 0:
             planner.need_value(site.edges[self.w_pos])
-        if self.bias_pos is not None and site.edges[self.bias_pos] >= 0:
+        # an eval-mode batch norm right after this op is merged into it (Zennit's SequentialMergeBatchNorm)
+        self.bn = _MergedBN.plan(site, self) if self.which == 0 else None
+        if self.bn is not None:
+            pass  # the merged op's values are requested by _MergedBN.plan
+        elif self.bias_pos is not None and site.edges[self.bias_pos] >= 0:
             planner.need_value(site.edges[self.bias_pos])
             planner.mark_bias(site.edges[self.bias_pos])
         elif self.bias_pos is not None and not _no_bias(node) and self.needs_z:
@@ -369,6 +375,10 @@ class LinearStep(Step):
         x, w = self._operands(run, node)
         res: list[Msg | None] = [None] * self.n_in
         has_bias_edge = self.bias_pos is not None and self.in_edges[self.bias_pos] >= 0
+        if self.bn is not None:
+            # the message at this op's output is the batch norm's output message: rule on z' = W'x + b'
+            w = self.bn.weight(run, node, w)
+            has_bias_edge = False
         if not self.needs_z and m.r is None and run.ledger is None:
             # LRP-0 in gradient form: s = R / z = G, so the rule is the transpose of the linear map
             s = m.g
@@ -377,7 +387,7 @@ class LinearStep(Step):
                 res[self.bias_pos] = Msg(g=self._to_bias(node, self.kernel.beta(node) * s))
             return res
         z = alpha * self._f(node, x, w)
-        bias = self._bias(run, node, z)
+        bias = self._bias(run, node, z) if self.bn is None else self.bn.bias(run, self, node, x, z)
         z_full = z if bias is None else z + bias
         # relevance arriving at z
         if m.g is not None:
@@ -424,12 +434,12 @@ class LinearStep(Step):
         if has_bias_edge and rb is not None:
             # the bias's own share, as explicit relevance (a sink unless the bias is requested)
             res[self.bias_pos] = Msg(r=self._to_bias(node, rb))
-        if run.ledger is not None:
-            run.ledger.linear(run, self, R, x, gx, rx, rb, bias is not None and not has_bias_edge)
+        if run.ledger is not None and rb is not None and self.bn is not None:
+            run.book_local("bias", self.index, rb.sum(), "the merged bias (b - mean)·γ/σ + β of an op and the "
+                           "batch norm after it")
+        elif run.ledger is not None and rb is not None and not has_bias_edge:
+            run.book_local("constant", self.index, rb.sum(), "a bias that does not require grad")
         return res
-
-    def account(self, run, outs, ins):
-        pass  # booked inside __call__, where z and the shares are at hand
 
 
 def _no_bias(node: Any) -> bool:
@@ -659,7 +669,8 @@ class Flat(_LinearRule):
 class BilinearStep(Step):
     """``z = f(a, b)`` with both operands activations: each gets ``share`` of the relevance (uniform rule)."""
 
-    __slots__ = ("kernel", "share", "stabiliser", "pos", "fields", "meta", "give", "bias_pos")
+    __slots__ = ("kernel", "share", "stabiliser", "pos", "fields", "meta", "give", "bias_pos", "conservative",
+                 "sink_kind")
     handles_r = True
 
     def __init__(self, site: Site, share: float = 0.5, stabiliser: Stabiliser = 0.0,
@@ -674,6 +685,9 @@ class BilinearStep(Step):
         self.meta = _child_meta(site)
         self.give = give if give is not None else (share, share)
         self.bias_pos = k.bias_pos if (k.bias_pos is not None and k.bias_pos < len(site.edges)) else None
+        eps0 = (not callable(stabiliser)) and float(stabiliser) == 0.0
+        self.conservative = eps0 and sum(self.give) == 1.0
+        self.sink_kind = "rule" if eps0 else "stabiliser"
         for p, f in zip(self.pos, self.fields):
             if G.saved(site.node, f) is None and site.edges[p] >= 0:
                 site.planner.need_value(site.edges[p])
@@ -711,8 +725,6 @@ class BilinearStep(Step):
             res[self.pos[k]] = Msg(g=_fit(gk, self.meta[self.pos[k]]))
         if self.bias_pos is not None and self.in_edges[self.bias_pos] >= 0:
             res[self.bias_pos] = Msg(g=_fit(self.kernel.beta(node) * s, self.meta[self.bias_pos]))
-        if run.ledger is not None:
-            run.ledger.measured(run, self, outs, res)
         return res
 
     def _z(self, run, node, a, b, alpha):
@@ -724,9 +736,6 @@ class BilinearStep(Step):
             else:
                 z = run.value(self.out_slots[0], run.graph.describe(self.index))
         return z
-
-    def account(self, run, outs, ins):
-        pass
 
 
 class ProductStep(Step):
@@ -794,9 +803,8 @@ class ProductStep(Step):
             res[k] = Msg(r=_fit(rk, self.meta[k]))
         return res
 
-    def account(self, run, outs, ins):
-        if sum(self.give[k] for k in (0, 1) if k < self.n_in and self.in_edges[k] >= 0) != 1.0:
-            run.ledger.measured(run, self, outs, ins, kind="constant")
+    def constant_share_zero(self, run, outs):
+        return True  # constants never receive relevance from a product (all goes to the activation)
 
 
 class ScaleStep(Step):
@@ -817,8 +825,8 @@ class ScaleStep(Step):
     def r(self, run, rs):
         return [Msg(r=_fit(rs[0], self.meta[0]))] + [None] * (self.n_in - 1)
 
-    def account(self, run, outs, ins):
-        pass  # conservative: R_x = R_z
+    def constant_share_zero(self, run, outs):
+        return True  # the constant factor receives nothing
 
 
 def _scale_factor(kernel: Any) -> Callable[[Any], Any]:
@@ -936,7 +944,7 @@ class SumStep(Step):
     In gradient form with ε = 0 this is the map's transpose applied to ``G``, with no value needed.
     """
 
-    __slots__ = ("kernel", "stabiliser", "meta", "coefs", "conservative", "eps0")
+    __slots__ = ("kernel", "stabiliser", "meta", "coefs", "conservative", "eps0", "sink_kind")
     handles_r = True
 
     def __init__(self, site: Site, stabiliser: Stabiliser):
@@ -945,8 +953,9 @@ class SumStep(Step):
         self.stabiliser = stabiliser
         self.meta = _child_meta(site)
         self.coefs = None
-        self.conservative = all(e >= 0 for e in site.edges)
         self.eps0 = (not callable(stabiliser)) and float(stabiliser) == 0.0
+        self.conservative = self.eps0
+        self.sink_kind = "stabiliser"
         if not self.eps0:
             site.planner.need_value(self.out_slots[0])
 
@@ -969,11 +978,6 @@ class SumStep(Step):
         s = safe_div(rs[0], z) if self.eps0 else rs[0] / _stab(self.stabiliser, z)
         return [gmsg(t) for t in self._transpose(run, s)]
 
-    def account(self, run, outs, ins):
-        if not self.eps0:
-            run.ledger.measured(run, self, outs, ins, kind="stabiliser")
-        elif not self.conservative:
-            run.ledger.constants(run, self, outs, ins)
 
 
 class Sum(Rule):
@@ -1036,8 +1040,7 @@ class MagnitudeStep(Step):
     def r(self, run, rs):
         return self._split(run, rs[0])
 
-    def account(self, run, outs, ins):
-        run.ledger.measured(run, self, outs, ins, kind="rule")
+    conservative = False
 
 
 class MagnitudeSplit(Rule):
@@ -1064,7 +1067,7 @@ class MagnitudeSplit(Rule):
 class IdentityStep(Step):
     """``R_x = R_y``; in gradient form ``G_x = G_y · y / x``."""
 
-    __slots__ = ("kernel", "meta", "limit", "need_x_value", "f0")
+    __slots__ = ("kernel", "meta", "limit", "need_x_value", "f0", "conservative")
     handles_r = True
 
     def __init__(self, site: Site):
@@ -1075,6 +1078,8 @@ class IdentityStep(Step):
         self.limit = lim
         f0 = self.kernel.f0
         self.f0 = f0
+        # identity is exact except where x == 0 but f(0) != 0 (that relevance cannot be passed to x)
+        self.conservative = (f0(None) if callable(f0) else f0) == 0
         k = self.kernel
         self.need_x_value = (k._ratio is None and (k.x_field is None or G.saved(site.node, k.x_field) is None)
                              and k.inverse is not None and k.y_field is not None and site.edges[0] >= 0
@@ -1120,11 +1125,6 @@ class IdentityStep(Step):
     def r(self, run, rs):
         return [Msg(r=_fit(rs[0], self.meta[0]))]
 
-    def account(self, run, outs, ins):
-        f0 = self.f0(None) if callable(self.f0) else self.f0
-        if f0 == 0 or outs[0] is None or outs[0].g is None:
-            return
-        run.ledger.measured(run, self, outs, ins, kind="rule")
 
 
 class Identity(Rule):
@@ -1154,8 +1154,7 @@ class GradientStep(Step):
         node = run.graph.nodes[self.index]
         return [gmsg(_fit(t, m)) for t, m in zip(G.call_backward(node, gs), self.meta)]
 
-    def account(self, run, outs, ins):
-        run.ledger.measured(run, self, outs, ins, kind="rule")
+    conservative = False
 
 
 class Gradient(Rule):
@@ -1197,8 +1196,8 @@ class NormStep(Step):
             res[2] = Msg(g=_fit(_per_channel(gs[0], self.kernel, node), self.meta[2]))
         return res
 
-    def account(self, run, outs, ins):
-        run.ledger.measured(run, self, outs, ins, kind="bias")
+    conservative = False
+    sink_kind = "bias"  # batch norm's running-mean shift, or a bias that does not require grad
 
 
 def _per_channel(g: Tensor, kernel: NormKernel, node: Any) -> Tensor:
@@ -1235,8 +1234,22 @@ class SoftmaxStep(Step):
         node = run.graph.nodes[self.index]
         return [gmsg(_fit(t, m)) for t, m in zip(G.call_backward(node, gs), self.meta)]
 
-    def account(self, run, outs, ins):
-        run.ledger.softmax(run, self, outs, ins)
+    conservative = False
+
+    def input_totals(self, run, ins):
+        """``Σ x·G_x`` with ``x = log s + c`` per row: the rule's ``G_x`` sums to zero per row, so ``c`` drops
+        out and the total is measured exactly from the saved output alone."""
+        m = ins[0] if ins else None
+        if m is None or self.in_edges[0] < 0:
+            return [None] * len(ins)
+        s = G.saved(run.graph.nodes[self.index], "result")
+        logs = torch.where(s > 0, torch.log(torch.where(s > 0, s, 1)), 0)
+        t = None
+        if m.g is not None:
+            t = (logs.reshape(m.g.shape).to(m.g.dtype) * m.g).sum()
+        if m.r is not None:
+            t = m.r.sum() if t is None else t + m.r.sum()
+        return [t] + [None] * (len(ins) - 1)
 
 
 class Softmax(Rule):
@@ -1266,8 +1279,7 @@ class LogSoftmaxStep(Step):
     def g(self, run, gs):
         return [gmsg(_fit(gs[0], self.meta[0]))]
 
-    def account(self, run, outs, ins):
-        run.ledger.measured(run, self, outs, ins, kind="rule")
+    conservative = False
 
 
 class AttentionStep(Step):
@@ -1279,12 +1291,14 @@ class AttentionStep(Step):
     S×S matrix materialised beyond what the kernel itself uses.
     """
 
-    __slots__ = ("factors", "meta")
+    __slots__ = ("factors", "meta", "conservative")
 
     def __init__(self, site, factors: tuple[float, ...]):
         super().__init__(site)
         self.factors = factors
         self.meta = _child_meta(site)
+        # CP-LRP (values only) is exactly conservative; AttnLRP's softmax rule is not
+        self.conservative = tuple(factors[:3]) == (0.0, 0.0, 1.0)
 
     def g(self, run, gs):
         node = run.graph.nodes[self.index]
@@ -1301,8 +1315,8 @@ class AttentionStep(Step):
         res += [None] * (self.n_in - len(res))
         return res
 
-    def account(self, run, outs, ins):
-        run.ledger.measured(run, self, outs, ins, kind="rule")
+    def constant_share_zero(self, run, outs):
+        return self.conservative  # CP-LRP sends nothing to a constant mask
 
 
 class AttnLRP(Rule):
@@ -1355,5 +1369,4 @@ class BlockStep(Step):
     def r(self, run, rs):
         return [None] * self.n_in
 
-    def account(self, run, outs, ins):
-        run.ledger.measured(run, self, outs, ins, kind="rule")
+    conservative = False

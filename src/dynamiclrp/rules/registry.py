@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from .. import graph as G
 from . import kernels as K
 from .base import OpSpec, Site
 
@@ -29,7 +30,35 @@ def _family_of_linear(site: Site) -> str:
 
 def _linear(kernel: K.LinearKernel, inputs_saved: tuple[tuple[int, str], ...]) -> OpSpec:
     return OpSpec("linear", kernel, inputs_saved=inputs_saved, rebuild=kernel.rebuild,
-                  replay=_linear_replay(kernel), family_of=_family_of_linear)
+                  replay=_linear_replay(kernel), replay_inputs=_linear_replay_inputs(kernel),
+                  family_of=_family_of_linear)
+
+
+def _linear_replay_inputs(kernel: K.LinearKernel):
+    """Both factors (read from saved fields when autograd kept them) and the bias, if the op has one."""
+    def positions(node, edges):
+        out = []
+        for p, fld in zip(kernel.operands, kernel.saved_fields):
+            if not (edges[p] < 0 and K._s(node, fld) is not None):
+                out.append(p)
+        if kernel.bias_pos is not None and kernel.bias_pos < len(edges):
+            if not (G.node_type(node) == "ConvolutionBackward0" and _conv_has_no_bias(node)):
+                out.append(kernel.bias_pos)
+        return tuple(out)
+    return positions
+
+
+def _conv_has_no_bias(node) -> bool:
+    sizes = K._s(node, "bias_sym_sizes_opt")
+    return sizes is None or all(int(v) == 0 for v in sizes)
+
+
+def _product_replay_inputs(node, edges):
+    """The tensor operands; a constant second operand is read from the saved ``other``."""
+    out = [0]
+    if len(edges) > 1 and not (edges[1] < 0 and K._s(node, "other") is not None):
+        out.append(1)
+    return tuple(out)
 
 
 def _linear_replay(kernel: K.LinearKernel):
@@ -83,7 +112,7 @@ def _product(divide: bool, scalar: bool = False) -> OpSpec:
     if not scalar:
         inputs_saved = inputs_saved + ((1, "other"),)
     return OpSpec("product", k, inputs_saved=inputs_saved, rebuild=k.rebuild, replay=k.replay,
-                  replay_inputs=(0,) if scalar else None)
+                  replay_inputs=(0,) if scalar else _product_replay_inputs)
 
 
 def _max_pool_rebuild(fn):
@@ -193,6 +222,10 @@ def _select_backward_rows() -> dict[str, OpSpec]:
     rows["MaxBackward1"] = _routing()
     rows["MinBackward0"] = _routing()
     rows["MinBackward1"] = _routing()
+    rows["MaximumBackward0"] = _routing()
+    rows["MinimumBackward0"] = _routing()
+    rows["FmaxBackward0"] = _routing()
+    rows["FminBackward0"] = _routing()
     rows["AmaxBackward0"] = _routing()
     rows["AminBackward0"] = _routing()
     rows["MaxPool2DWithIndicesBackward0"] = OpSpec(
@@ -217,7 +250,8 @@ def _build() -> Mapping[str, OpSpec]:
     t["MvBackward0"] = _linear(K.MvKernel(), ((0, "self"), (1, "vec")))
     conv = K.ConvKernel()
     t["ConvolutionBackward0"] = OpSpec("conv", conv, inputs_saved=((0, "input"), (1, "weight")),
-                                       replay=_linear_replay(conv), family_of=_family_of_linear)
+                                       replay=_linear_replay(conv), replay_inputs=_linear_replay_inputs(conv),
+                                       family_of=_family_of_linear)
     # sums
     t["AddBackward0"] = _sum(K.add_forward, _add_coefs, replay_inputs=(0, 1))
     t["AddBackward1"] = _sum(None, lambda n: (1.0,))
