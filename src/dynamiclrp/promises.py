@@ -405,6 +405,56 @@ class ValueStore:
             origin=origin, path=path, arg=arg, nested=nested, value=value))
 
 
+def recover_all(outputs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.Tensor] = (),
+                rules: Any = None) -> list[tuple[Any, int, str, torch.Tensor]]:
+    """Recover the forward value of every slot of the graph that the Promise System can recover.
+
+    A diagnostic (and the basis of the tests that check recovered values against the true forward values).
+
+    Parameters
+    ----------
+    outputs : Tensor or sequence of Tensor
+        Outputs whose graph to walk.
+    inputs : sequence of Tensor
+        Tensors the caller holds (known values), as in :func:`dynamiclrp.relevance`.
+    rules : optional
+        A rule set whose ``with_ops`` rows extend the registry.
+
+    Returns
+    -------
+    list of (node, output_nr, how, value)
+        ``how`` is the recipe kind at the top of the branch (``"saved"``, ``"rebuild"``, ``"replay"``,
+        ``"leaf"``, ``"known"``).
+    """
+    from .rules.ruleset import resolve_rules
+
+    outs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+    rule_set = resolve_rules(rules)
+    graph = G.GraphView([(o.grad_fn, o.output_nr) for o in outs])
+    held = list(outs) + list(inputs)
+    known: dict[int, int] = {}
+    for k, o in enumerate(outs):
+        known.setdefault(graph.root_slots[k], k)
+    for k, t in enumerate(inputs):
+        edge = G.gradient_edge(t)
+        slot = None if edge is None else graph.slot_of(*edge)
+        if slot is not None:
+            known.setdefault(slot, len(outs) + k)
+    specs = [rule_set.spec_for(t) for t in graph.types]
+    resolver = PromiseResolver(graph, specs, known)
+    store = ValueStore(graph, specs, resolver, held)
+    found = []
+    with torch.no_grad():
+        for slot in range(len(graph.slot_node)):
+            recipe = resolver.recipe(slot)
+            if isinstance(recipe, Unavailable):
+                continue
+            value = store.get(slot)
+            found.append((graph.nodes[graph.slot_node[slot]], graph.slot_nr[slot], type(recipe).__name__.lower(),
+                          value))
+    return found
+
+
 def _count_nested(recipes: Sequence[Recipe]) -> int:
     count = 0
     stack = list(recipes)
