@@ -55,7 +55,7 @@ def forward_op_name(node: Node) -> str:
     base = name.split("Backward")[0] if "Backward" in name else name
     out = []
     for i, ch in enumerate(base):
-        if ch.isupper() and i and not base[i - 1].isupper():
+        if ch.isupper() and i and base[i - 1].islower():
             out.append("_")
         out.append(ch.lower())
     return "".join(out)
@@ -73,7 +73,18 @@ def saved(node: Node, field: str) -> Any:
     ------
     GraphFreedError
         When the graph's saved tensors were released by an earlier backward pass.
+
+    Notes
+    -----
+    ``"saved_tensors.K"`` reads ``ctx.saved_tensors[K]`` of a custom ``torch.autograd.Function`` node (so registry
+    rows for custom Functions can name their saved inputs like built-in fields).
     """
+    if field.startswith("saved_tensors."):
+        if not is_custom_function(node):
+            return None
+        tensors = custom_saved_tensors(node)
+        k = int(field[len("saved_tensors."):])
+        return tensors[k] if k < len(tensors) else None
     try:
         return _signed(getattr(node, "_saved_" + field))
     except RuntimeError as err:

@@ -76,7 +76,7 @@ class Ledger:
     def leaf_name(self, run: Any, index: int) -> str:
         from . import graph as _G
         t = _G.leaf_tensor(run.graph.nodes[index])
-        model = getattr(run.planner.rules, "model", None)
+        model = run.planner.model if run.planner.model is not None else getattr(run.planner.rules, "model", None)
         if model is not None:
             for name, p in model.named_parameters():
                 if p is t:
