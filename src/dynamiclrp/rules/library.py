@@ -375,6 +375,7 @@ class LinearStep(Step):
         x, w = self._operands(run, node)
         res: list[Msg | None] = [None] * self.n_in
         has_bias_edge = self.bias_pos is not None and self.in_edges[self.bias_pos] >= 0
+        w_orig = w
         if self.bn is not None:
             # the message at this op's output is the batch norm's output message: rule on z' = W'x + b'
             w = self.bn.weight(run, node, w)
@@ -387,7 +388,7 @@ class LinearStep(Step):
                 res[self.bias_pos] = Msg(g=self._to_bias(node, self.kernel.beta(node) * s))
             return res
         z = alpha * self._f(node, x, w)
-        bias = self._bias(run, node, z) if self.bn is None else self.bn.bias(run, self, node, x, z)
+        bias = self._bias(run, node, z) if self.bn is None else self.bn.bias(run, self, node, x, z, w_orig)
         z_full = z if bias is None else z + bias
         # relevance arriving at z
         if m.g is not None:
@@ -404,7 +405,10 @@ class LinearStep(Step):
         for br in self.branches:
             zb = None
             for t in br.terms:
-                zt = alpha * self._f(node, _apply_x(t.x, x), w if t.w is None else t.w(w))
+                if t.x == "id" and t.w is None:
+                    zt = z  # the unmodified term is the op's own output: computed once
+                else:
+                    zt = alpha * self._f(node, _apply_x(t.x, x), w if t.w is None else t.w(w))
                 if use_bias and t.b is not None:
                     zt = zt + t.b(bias)
                 if t.coef != 1.0:
@@ -448,6 +452,132 @@ def _no_bias(node: Any) -> bool:
         return False
     sizes = G.saved(node, "bias_sym_sizes_opt")
     return sizes is None or all(int(v) == 0 for v in sizes)
+
+
+class _MergedBN:
+    """An eval-mode batch norm merged into the linear/conv op before it, for that op's rule.
+
+    ``W' = W·s`` and ``b' = (b − μ)·s + β`` per output channel with ``s = γ / sqrt(running_var + eps)``, exactly the
+    parameters Zennit's ``SequentialMergeBatchNorm`` canonizer writes into the model (Anders et al. 2021), so that
+    ``W'x + b'`` is the batch norm's output. Which batch norms merge is decided by
+    :func:`dynamiclrp.rules.structure.batchnorm_merges`; the batch norm's own step
+    (:class:`MergedBatchNormStep`) hands its output message to this op unchanged.
+    """
+
+    __slots__ = ("bn", "l_bias", "beta_edge", "fallback", "out_slot", "op_out", "bias_edge", "transposed")
+
+    @staticmethod
+    def plan(site: Site, step: "LinearStep") -> "_MergedBN | None":
+        fn = getattr(site.planner.rules, "batchnorm_merges", None)
+        if fn is None:
+            return None
+        bn = fn(site.planner).bn_of.get(site.index)
+        return None if bn is None else _MergedBN(site, step, bn)
+
+    def __init__(self, site: Site, step: "LinearStep", bn: int):
+        g = site.graph
+        planner = site.planner
+        self.bn = bn
+        bn_node = g.nodes[bn]
+        bn_edges = g.edges[bn]
+        self.out_slot = g.slot_base[bn]
+        self.op_out = step.out_slots[0]
+        self.transposed = G.node_type(site.node) == "ConvolutionBackward0" and bool(G.saved(site.node, "transposed"))
+        self.beta_edge = bn_edges[2] if len(bn_edges) > 2 and bn_edges[2] >= 0 else -1
+        self.bias_edge = step.bias_pos if (step.bias_pos is not None and site.edges[step.bias_pos] >= 0) else None
+        if step.bias_pos is None or (self.bias_edge is None and _no_bias(site.node)):
+            self.l_bias = None
+        else:
+            self.l_bias = "edge" if self.bias_edge is not None else "value"
+        # β that does not require grad is not in the graph: read the whole z' from the batch norm's output
+        self.fallback = self.beta_edge < 0 and G.saved(bn_node, "weight") is not None
+        if not step.needs_z:
+            return
+        if self.fallback:
+            planner.need_value(self.out_slot)
+            return
+        if self.beta_edge >= 0:
+            planner.need_value(self.beta_edge)
+        if self.l_bias == "edge":
+            planner.need_value(site.edges[self.bias_edge])
+        elif self.l_bias == "value":
+            planner.need_value(self.op_out)  # the batch norm saved it as its input
+
+    def _scale(self, run: "Run") -> Tensor:
+        node = run.graph.nodes[self.bn]
+        s = 1.0 / torch.sqrt(G.saved(node, "running_var") + G.saved(node, "eps"))
+        gamma = G.saved(node, "weight")
+        return s if gamma is None else gamma * s
+
+    def weight(self, run: "Run", node: Any, w: Tensor) -> Tensor:
+        """``W'``: the op's weight (in the layout the kernel's ``f`` takes) scaled per output channel."""
+        s = self._scale(run).to(w.dtype)
+        if G.node_type(node) != "ConvolutionBackward0":
+            return w * s  # dense: (in, out), the output channel is the last dimension
+        if not self.transposed:
+            return w * s.reshape((-1,) + (1,) * (w.dim() - 1))
+        groups = int(G.saved(node, "groups"))
+        cin, cout_g = w.shape[0], w.shape[1]
+        ws = w.reshape((groups, cin // groups, cout_g) + tuple(w.shape[2:]))
+        ss = s.reshape((groups, 1, cout_g) + (1,) * (w.dim() - 2))
+        return (ws * ss).reshape(w.shape)
+
+    def bias(self, run: "Run", step: "LinearStep", node: Any, x: Tensor, z: Tensor, w: Tensor) -> Tensor | None:
+        """``b'`` broadcast against ``z = alpha·f(x, W')`` (per channel, or element-wise when read from values)."""
+        where = run.graph.describe(step.index)
+        if self.fallback:
+            return run.value(self.out_slot, where) - z
+        bn_node = run.graph.nodes[self.bn]
+        s = self._scale(run).to(z.dtype)
+        mu = G.saved(bn_node, "running_mean").to(z.dtype)
+        kernel = step.kernel
+        if self.l_bias == "value":
+            # element-wise: b = z_op − alpha·f(x, W) with z_op the op's output (the batch norm's saved input)
+            b_el = run.value(self.op_out, where) - kernel.alpha(node) * step._f(node, x, w)
+            out = (b_el - kernel.bias_view(node, mu, z.shape)) * kernel.bias_view(node, s, z.shape)
+        else:
+            b = -mu
+            if self.l_bias == "edge":
+                b = kernel.beta(node) * run.value(step.in_edges[self.bias_edge], where).to(z.dtype) - mu
+            out = kernel.bias_view(node, b * s, z.shape)
+        if self.beta_edge >= 0:
+            out = out + kernel.bias_view(node, run.value(self.beta_edge, where).to(z.dtype), z.shape)
+        return out
+
+
+class MergedBatchNormStep(Step):
+    """A batch norm merged into the op before it: its output message is handed to that op unchanged.
+
+    The message keeps its meaning (``R = value_of_this_output · G``): the op's linear rule reads it as the
+    relevance of the merged map ``W'x + b'``, whose value is this batch norm's output. Nothing is sent to the
+    batch norm's parameters; the op's rule books the merged bias.
+    """
+
+    __slots__ = ()
+    handles_r = True
+    conservative = True
+
+    def g(self, run, gs):
+        return [gmsg(gs[0])] + [None] * (self.n_in - 1)
+
+    def r(self, run, rs):
+        return [rmsg(rs[0])] + [None] * (self.n_in - 1)
+
+    def input_totals(self, run, ins):
+        return [None] * len(ins)
+
+    def book(self, run, t_out, t_ins, outs):
+        return [t_out] + [None] * (len(t_ins) - 1)
+
+
+class MergedBatchNorm(Rule):
+    """Rule the rule set gives an eval-mode batch norm that is merged into the linear/conv op before it (see
+    :class:`dynamiclrp.rules.structure.BatchNormMerges`). Not meant to be chosen by hand."""
+
+    families = frozenset({"norm"})
+
+    def bind(self, site):
+        return MergedBatchNormStep(site)
 
 
 def _fit_mask(mask: Tensor, like: Tensor) -> Tensor:
@@ -1138,7 +1268,41 @@ class Identity(Rule):
         return IdentityStep(site)
 
 
-Pass = Identity
+class PassStep(Step):
+    """``R_x = R_y`` for a shape-preserving op that is not element-wise (a normalisation layer): the relevance
+    itself is handed through, in explicit form (gradient-form input is converted with the output's value)."""
+
+    __slots__ = ("meta",)
+    handles_r = True
+    conservative = True
+
+    def __init__(self, site: Site):
+        super().__init__(site)
+        self.meta = _child_meta(site)
+        site.planner.need_value(self.out_slots[0])
+
+    def g(self, run, gs):
+        y = run.value(self.out_slots[0], run.graph.describe(self.index))
+        return [Msg(r=_fit(gs[0] * y, self.meta[0]))] + [None] * (self.n_in - 1)
+
+    def r(self, run, rs):
+        return [Msg(r=_fit(rs[0], self.meta[0]))] + [None] * (self.n_in - 1)
+
+
+class Pass(Identity):
+    """Zennit's ``Pass`` rule: the output relevance is handed to the input unchanged, ``R_x = R_y``.
+
+    On element-wise non-linearities it is the :class:`Identity` rule (Achtibat et al. 2024); on normalisation
+    layers (Zennit gives ``BatchNorm`` the ``Pass`` rule when it is not merged into the layer before it) the
+    whole layer, affine part and bias included, passes relevance through. Conservative.
+    """
+
+    families = frozenset({"activation", "norm"})
+
+    def bind(self, site):
+        if isinstance(site.spec.kernel, NormKernel):
+            return PassStep(site)
+        return super().bind(site)
 
 
 class GradientStep(Step):
