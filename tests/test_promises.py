@@ -143,6 +143,9 @@ def test_residual_diamond_resolves_without_deadlock() -> None:
     ex = dynamiclrp.explain(y, x, rules=rules, trace_promises=True)
     recovered = {(id(p.node), p.output_nr): p for p in ex.promises}
     assert recovered, "the stabilised sum rule needs the adds' outputs"
+    # the branch to E passes a node that two consumers share: the paper's pre-promise site
+    assert any(p.pre_promises for p in ex.promises)
+    assert max(p.depth for p in ex.promises) >= 2
     for key, p in recovered.items():
         ref = cap.values.get(key)
         if ref is not None:

@@ -30,7 +30,7 @@ How this maps to the paper, and where we differ
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -155,6 +155,12 @@ class PromiseRecord:
         How the branch ended (``"saved"``, ``"rebuild"``, ``"leaf"``, ``"known"``) and at which node.
     nested : int
         Number of promise-generating nodes in the tree (0 for a plain branch).
+    pre_promises : list of str
+        Nodes of the tree whose output other consumers also use (the diamonds where the paper creates a
+        pre-promise: the value is forwarded up the branch at once, while the node's relevance waits for all
+        of its consumers in the regular traversal).
+    depth : int
+        Longest branch of the tree, in nodes (the paper's promise depth, Def. 4).
     value : torch.Tensor
     """
 
@@ -166,6 +172,8 @@ class PromiseRecord:
     arg: str
     nested: int
     value: torch.Tensor
+    pre_promises: list[str] = field(default_factory=list)
+    depth: int = 0
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -400,9 +408,32 @@ class ValueStore:
             arg = f"{kind} at {g.describe(where)}" if where is not None else kind
             if not isinstance(rec, Known):
                 path.append(g.describe(where) if where is not None else kind)
+        pre, depth = self._tree_facts(recipe)
         self.records.append(PromiseRecord(
             slot=recipe.slot, node=g.nodes[g.slot_node[recipe.slot]], output_nr=g.slot_nr[recipe.slot],
-            origin=origin, path=path, arg=arg, nested=nested, value=value))
+            origin=origin, path=path, arg=arg, nested=nested, value=value, pre_promises=pre, depth=depth))
+
+    def _tree_facts(self, recipe: Recipe) -> tuple[list[str], int]:
+        """Shared nodes (pre-promise sites) and the depth of a promise tree."""
+        g = self.graph
+        pre: list[str] = []
+        depth: dict[int, int] = {}
+        order: list[Recipe] = []
+        stack = [recipe]
+        seen: set[int] = set()
+        while stack:
+            r = stack.pop()
+            if r.slot in seen:
+                continue
+            seen.add(r.slot)
+            order.append(r)
+            stack.extend(r.children())
+        for r in reversed(order):
+            kids = r.children()
+            depth[r.slot] = 1 + max((depth[k.slot] for k in kids), default=0)
+            if r is not recipe and len(g.consumers[r.slot]) > 1:
+                pre.append(g.describe(g.slot_node[r.slot]))
+        return pre, depth[recipe.slot]
 
 
 def recover_all(outputs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.Tensor] = (),
