@@ -480,6 +480,14 @@ def _f_threshold(node, x):
     return F.threshold(x, float(_s(node, "threshold")), 0.0)
 
 
+def _gelu_ratio(node, x):
+    """``gelu(x) / x`` in closed form: ``Φ(x)`` (exact GELU) or ``(1 + tanh(√(2/π)(x + 0.044715x³))) / 2``."""
+    if _param(node, "approximate", "none") == "tanh":
+        inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)
+        return 0.5 * (1.0 + torch.tanh(inner))
+    return 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 def _leaky_ratio(node, x):
     slope = torch.full((), float(_param(node, "negative_slope", 0.01)), dtype=x.dtype, device=x.device)
     return torch.where(x > 0, torch.ones((), dtype=x.dtype, device=x.device), slope)
@@ -489,7 +497,7 @@ UNARY: dict[str, UnaryKernel] = {
     "ReluBackward0": UnaryKernel(_f_relu, x_field=None, y_field="result",
                                  ratio=lambda n, x, y: (y > 0).to(y.dtype)),
     "LeakyReluBackward0": UnaryKernel(_f_leaky, ratio=lambda n, x, y: _leaky_ratio(n, x), limit_ratio=1.0),
-    "GeluBackward0": UnaryKernel(_f_gelu, limit_ratio=0.5),
+    "GeluBackward0": UnaryKernel(_f_gelu, ratio=lambda n, x, y: _gelu_ratio(n, x), limit_ratio=0.5),
     "SiluBackward0": UnaryKernel(lambda n, x: F.silu(x), ratio=lambda n, x, y: torch.sigmoid(x), limit_ratio=0.5),
     "MishBackward0": UnaryKernel(lambda n, x: F.mish(x), limit_ratio=math.tanh(math.log(2.0))),
     "TanhBackward0": UnaryKernel(lambda n, x: torch.tanh(x), x_field=None, y_field="result",
@@ -707,3 +715,146 @@ class EmbeddingKernel(RoutingKernel):
     @staticmethod
     def rebuild(node, nr):
         return None
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Architecture coverage (issue 4): kernels of ops beyond the core set
+# -----------------------------------------------------------------------------------------------------------
+def replay_take_indices(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    """``topk``/``sort``/``kthvalue`` values: the input gathered at the saved indices along ``dim``."""
+    idx = _s(node, "indices")
+    dim = _s(node, "dim")
+    if idx.dim() < xs[0].dim():  # kthvalue / median with keepdim=False
+        idx = idx.unsqueeze(dim)
+        return torch.gather(xs[0], dim, idx).squeeze(dim)
+    return torch.gather(xs[0], dim, idx)
+
+
+def replay_as_strided(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    """``as_strided`` replayed on a contiguous input, only where it is a pure reshape.
+
+    ``as_strided`` is defined on storage, and autograd does not expose the input's geometry; a replay is exact
+    only when the strides are the contiguous strides of ``size`` (size-1 dimensions ignored) with no storage
+    offset and the input has as many elements, i.e. when the op is a reshape of a contiguous tensor. Otherwise
+    the value is declared unavailable rather than guessed.
+    """
+    size = tuple(_s(node, "size"))
+    stride = tuple(_s(node, "stride"))
+    offset = _s(node, "storage_offset")
+    x = xs[0]
+    if offset not in (None, 0) or x.numel() != math.prod(size) or not _contiguous_strides(size, stride):
+        from ..errors import ValueUnavailableError
+        raise ValueUnavailableError(
+            f"as_strided(size={size}, stride={stride}, storage_offset={offset}) is not a reshape of its input, "
+            "and autograd does not expose the input's memory layout, so its value cannot be replayed")
+    return x.reshape(size)
+
+
+def _contiguous_strides(size: Sequence[int], stride: Sequence[int]) -> bool:
+    expected = 1
+    for n, s in zip(reversed(size), reversed(stride)):
+        if n != 1 and s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def upsample_forward(kind: str) -> Callable[[Any, Sequence[Tensor | None], int], Tensor]:
+    """Forward of an interpolation node, with the exact scales autograd saved (``aten.upsample_*``).
+
+    ``kind`` is one of ``linear1d``, ``bilinear2d``, ``bicubic2d``, ``trilinear3d``, ``bilinear2d_aa``,
+    ``bicubic2d_aa``. These maps are linear with constant weights (non-negative except bicubic), so the sum
+    rule applies (family ``pool``).
+    """
+    def forward(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+        x = xs[0]
+        size = list(_s(node, "output_size"))
+        ac = bool(_s(node, "align_corners"))
+        if kind == "linear1d":
+            return torch.ops.aten.upsample_linear1d(x, size, ac, _s(node, "scales"))
+        if kind == "trilinear3d":
+            return torch.ops.aten.upsample_trilinear3d(x, size, ac, _s(node, "scales_d"), _s(node, "scales_h"),
+                                                       _s(node, "scales_w"))
+        op = {"bilinear2d": torch.ops.aten.upsample_bilinear2d, "bicubic2d": torch.ops.aten.upsample_bicubic2d,
+              "bilinear2d_aa": torch.ops.aten._upsample_bilinear2d_aa,
+              "bicubic2d_aa": torch.ops.aten._upsample_bicubic2d_aa}[kind]
+        return op(x, size, ac, _s(node, "scales_h"), _s(node, "scales_w"))
+    return forward
+
+
+def _grouped_spans(offs: Tensor, rows: int) -> list[tuple[int, int, int]]:
+    """``(group, start, end)`` for each non-empty group of a grouped matmul with cumulative offsets."""
+    spans, start = [], 0
+    for g, end in enumerate(offs.tolist()):
+        end = min(int(end), rows)
+        if end > start:
+            spans.append((g, start, end))
+        start = max(start, end)
+    return spans
+
+
+class GroupedMmKernel(LinearKernel):
+    """``torch._grouped_mm(x, w, offs)`` (Mixtral-style MoE experts): row block ``g`` of ``x`` (the tokens routed
+    to expert ``g``, delimited by the cumulative ``offs``) times ``w[g]``. A linear op with weights, so the linear
+    family's rule (ε...) applies per expert. ``x`` is ``(S, K)``, ``w`` ``(E, K, N)``; rows past ``offs[-1]``
+    (expert-parallel sentinels) produce and receive zeros.
+    """
+
+    operands = (0, 1)
+    saved_fields = ("self", "mat2")
+
+    def f(self, node, a, b):
+        offs = _s(node, "offs")
+        if a.dim() == 2 and b.dim() == 3:
+            out = a.new_zeros(a.shape[0], b.shape[-1])
+            for g, s, e in _grouped_spans(offs, a.shape[0]):
+                out[s:e] = a[s:e] @ b[g]
+            return out
+        return torch._grouped_mm(a, b, offs=offs)  # pragma: no cover - other layouts (3d x 2d...)
+
+    def f_t(self, node, which, a, b, s):
+        offs = _s(node, "offs")
+        if not (a.dim() == 2 and b.dim() == 3):  # pragma: no cover - other layouts
+            raise NotImplementedError("grouped_mm: only the 2d x 3d (MoE experts) layout is supported")
+        spans = _grouped_spans(offs, a.shape[0])
+        if which == 0:
+            out = s.new_zeros(s.shape[0], b.shape[-2])
+            for g, st, e in spans:
+                out[st:e] = s[st:e] @ b[g].transpose(-1, -2)
+            return out
+        out = b.new_zeros(b.shape)
+        for g, st, e in spans:
+            out[g] = a[st:e].transpose(-1, -2) @ s[st:e]
+        return out
+
+
+def _prelu_weight(node: Any, x: Tensor) -> Tensor:
+    w = _s(node, "weight")
+    if w.dim() == x.dim():
+        return w
+    shape = [1] * x.dim()
+    if x.dim() >= 2 and w.numel() > 1:
+        shape[1] = w.numel()
+    return w.reshape(shape)
+
+
+def _f_prelu(node: Any, x: Tensor) -> Tensor:
+    return torch.where(x > 0, x, _prelu_weight(node, x) * x)
+
+
+#: ``PreluKernelBackward0`` (inputs: x, weight): ``y = x`` for ``x > 0`` else ``a·x``; piecewise linear and
+#: positively homogeneous, so the identity rule is gradient × input.
+PRELU = UnaryKernel(_f_prelu, ratio=lambda n, x, y: torch.where(x > 0, torch.ones((), dtype=x.dtype),
+                                                                 _prelu_weight(n, x)).to(x.dtype),
+                    limit_ratio=1.0)
+
+
+def _tanh_gelu(node: Any, x: Tensor) -> Tensor:
+    # transformers.models.bloom.modeling_bloom.bloom_gelu_forward
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+#: BLOOM's ``GeLUFunction`` (a custom autograd Function): tanh-approximated GELU, input in ctx.saved_tensors[0].
+BLOOM_GELU = UnaryKernel(_tanh_gelu, x_field="saved_tensors.0",
+                         ratio=lambda n, x, y: 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))),
+                         limit_ratio=0.5)
