@@ -5,8 +5,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .engine import compute
+from .engine import PlanCache, compute
 from .results import Explanation
+from .rules.ruleset import resolve_rules
 
 Tensor = torch.Tensor
 
@@ -86,3 +87,58 @@ def explain(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor
     Explanation
     """
     return compute(outputs, inputs, seeds, rules=rules, ledger=ledger, model=model, trace_promises=trace_promises)
+
+
+class Explainer:
+    """A reusable explainer: fixed rules, and a cache of plans for graphs it has seen.
+
+    Explaining many inputs of the same shape with one model re-plans nothing after the first call: the plan
+    (rule per node, value recipes, traversal order) is looked up by the graph's signature. A graph that differs
+    in any node type, edge, shape or planning-relevant saved field gets a new plan.
+
+    Parameters
+    ----------
+    rules : None, str or RuleSet
+        As in :func:`relevance`.
+    model : torch.nn.Module, optional
+        Only used to name parameters in ledgers.
+    cache_size : int
+        Number of plans kept (least recently used evicted first).
+
+    Examples
+    --------
+    >>> import torch, dynamiclrp
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> explainer = dynamiclrp.Explainer("epsilon")
+    >>> for _ in range(3):
+    ...     x = torch.randn(5, 3, requires_grad=True)
+    ...     (r,) = explainer.relevance(net(x)[:, 0], x)
+    >>> explainer.cache_info()["hits"]
+    2
+    """
+
+    def __init__(self, rules: Any = None, *, model: torch.nn.Module | None = None, cache_size: int = 16):
+        self.rules = resolve_rules(rules)
+        self.model = model
+        self._cache = PlanCache(cache_size)
+
+    def relevance(self, outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor],
+                  seeds: Tensor | Sequence[Tensor | None] | None = None) -> tuple[Tensor, ...]:
+        """:func:`relevance` with this explainer's rules and plan cache."""
+        return compute(outputs, inputs, seeds, rules=self.rules, ledger=False, model=self.model,
+                       cache=self._cache).relevance
+
+    def explain(self, outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor],
+                seeds: Tensor | Sequence[Tensor | None] | None = None, *, ledger: bool = True,
+                trace_promises: bool = False) -> Explanation:
+        """:func:`explain` with this explainer's rules and plan cache."""
+        return compute(outputs, inputs, seeds, rules=self.rules, ledger=ledger, model=self.model,
+                       trace_promises=trace_promises, cache=self._cache)
+
+    def cache_info(self) -> dict[str, int]:
+        """``{"hits", "misses", "plans", "size"}`` of the plan cache."""
+        c = self._cache
+        return {"hits": c.hits, "misses": c.misses, "plans": len(c), "size": c.size}
+
+    def __repr__(self) -> str:
+        return f"Explainer({self.rules!r}, cache={self.cache_info()})"

@@ -11,6 +11,7 @@ rule set, so it is cached under a signature of those and reused for the next gra
 """
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from typing import Any, Sequence
 
@@ -54,13 +55,14 @@ class Planner:
     """
 
     def __init__(self, graph: G.GraphView, rules: RuleSet, requested: dict[int, int], sources: set[int],
-                 known: dict[int, int], everywhere: bool, model: torch.nn.Module | None = None):
+                 known: dict[int, int], everywhere: bool, model: torch.nn.Module | None = None,
+                 specs: list[OpSpec | None] | None = None):
         self.graph = graph
         self.rules = rules
         self.requested = requested
         self.model = model
         n = len(graph)
-        self.specs: list[OpSpec | None] = [rules.spec_for(t) for t in graph.types]
+        self.specs: list[OpSpec | None] = specs if specs is not None else [rules.spec_for(t) for t in graph.types]
         self._check_supported()
         self.active = self._activation_flags(sources)
         self.needed_below = self._needed_below()
@@ -143,6 +145,17 @@ class Planner:
             below[i] = b
             needed[i] = b or has_req[i]
         return below
+
+    def rebind(self, graph: G.GraphView, model: torch.nn.Module | None) -> "Planner":
+        """This plan for another graph with the same signature (the steps hold no graph objects)."""
+        clone = copy.copy(self)
+        clone.graph = graph
+        clone.model = model
+        clone.resolver = copy.copy(self.resolver)
+        clone.resolver.graph = graph
+        clone.resolver.recipes = dict(self.resolver.recipes)
+        clone.structure_cache = {}
+        return clone
 
     # -- helpers for rules ---------------------------------------------------------------------------------
     def need_value(self, slot: int) -> None:
@@ -249,6 +262,44 @@ def _finite_sum(t: Tensor) -> Tensor:
 
 
 # -----------------------------------------------------------------------------------------------------------
+# Plan cache
+# -----------------------------------------------------------------------------------------------------------
+class PlanCache:
+    """Plans keyed by graph signature, least recently used evicted first.
+
+    A plan is reused only for a graph whose signature (node types, edges, output shapes and dtypes, parameter
+    leaves, planning-relevant saved fields, requested and known slots, ledger mode) is identical, so a
+    different graph never gets a stale plan. Owned by a :class:`dynamiclrp.Explainer`; there is no global cache.
+    """
+
+    def __init__(self, size: int = 16):
+        if size < 1:
+            raise ValueError("the plan cache needs room for at least one plan")
+        self.size = size
+        self._plans: OrderedDict[tuple, Planner] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> Planner | None:
+        plan = self._plans.get(key)
+        if plan is None:
+            self.misses += 1
+            return None
+        self._plans.move_to_end(key)
+        self.hits += 1
+        return plan
+
+    def put(self, key: tuple, plan: Planner) -> None:
+        self._plans[key] = plan
+        self._plans.move_to_end(key)
+        while len(self._plans) > self.size:
+            self._plans.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+
+# -----------------------------------------------------------------------------------------------------------
 # The public entry point (used by dynamiclrp.relevance / dynamiclrp.explain)
 # -----------------------------------------------------------------------------------------------------------
 def _as_tuple(x: Tensor | Sequence[Tensor], what: str) -> tuple[Tensor, ...]:
@@ -267,8 +318,9 @@ def _as_tuple(x: Tensor | Sequence[Tensor], what: str) -> tuple[Tensor, ...]:
 
 def compute(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor],
             seeds: Tensor | Sequence[Tensor | None] | None = None, *, rules: Any = None, ledger: bool = False,
-            model: torch.nn.Module | None = None, trace_promises: bool = False) -> Explanation:
-    """Run one relevance pass. See :func:`dynamiclrp.explain` for the parameters."""
+            model: torch.nn.Module | None = None, trace_promises: bool = False,
+            cache: PlanCache | None = None) -> Explanation:
+    """Run one relevance pass. See :func:`dynamiclrp.explain` for the parameters; ``cache`` reuses plans."""
     outs = _as_tuple(outputs, "outputs")
     ins = _as_tuple(inputs, "inputs")
     for k, o in enumerate(outs):
@@ -325,7 +377,21 @@ def compute(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor
                 sources.add(slot)
 
     with torch.no_grad():
-        planner = Planner(graph, rule_set, requested, sources, known, everywhere=ledger, model=model)
+        planner = None
+        key = None
+        specs = [rule_set.spec_for(t) for t in graph.types]
+        if cache is not None and rule_set.override is None:
+            static = [spec.static_fields if spec is not None else () for spec in specs]
+            key = (graph.signature(static), tuple(sorted(requested.items())), tuple(sorted(sources)),
+                   tuple(sorted(known.items())), ledger, id(rule_set))
+            cached = cache.get(key)
+            if cached is not None:
+                planner = cached.rebind(graph, model)
+        if planner is None:
+            planner = Planner(graph, rule_set, requested, sources, known, everywhere=ledger, model=model,
+                              specs=specs)
+            if key is not None:
+                cache.put(key, planner.rebind(None, None))  # the cache must not keep this graph alive
         values = ValueStore(graph, planner.specs, planner.resolver, held, trace=trace_promises)
         book = Ledger(graph) if ledger else None
         run = Run(planner, values, book)

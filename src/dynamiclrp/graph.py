@@ -171,6 +171,14 @@ def gradient_edge(tensor: torch.Tensor) -> tuple[Node, int] | None:
     return edge.node, edge.output_nr
 
 
+def _fingerprint(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(v.shape), v.dtype)
+    if isinstance(v, (list, tuple)):
+        return tuple(_fingerprint(x) for x in v)
+    return v
+
+
 def fit_to(t: torch.Tensor, shape: torch.Size, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sum a broadcast tensor back to ``shape`` (and cast to ``dtype``), as the autograd engine does."""
     if t.shape != shape:
@@ -209,7 +217,7 @@ class GraphView:
 
     __slots__ = (
         "nodes", "types", "edges", "slot_base", "n_out", "slot_node", "slot_nr", "consumers", "order",
-        "root_slots", "_index",
+        "root_slots", "_index", "out_shapes",
     )
 
     def __init__(self, roots: Sequence[tuple[Node, int]]):
@@ -232,7 +240,9 @@ class GraphView:
                     nodes.append(child)
                     stack.append(child)
         n = len(nodes)
-        n_out = [len(nd._input_metadata) for nd in nodes]
+        metas = [nd._input_metadata for nd in nodes]
+        n_out = [len(m) for m in metas]
+        self.out_shapes = tuple(tuple((tuple(x.shape), x.dtype) for x in m) for m in metas)
         slot_base = [0] * n
         total = 0
         for i in range(n):
@@ -290,6 +300,16 @@ class GraphView:
         if len(order) != n:  # pragma: no cover - autograd graphs are acyclic
             raise RuntimeError("the autograd graph has a cycle; this should be impossible")
         return order
+
+    def signature(self, static: Sequence[tuple[str, ...]] = ()) -> tuple:
+        """A hashable description of the graph's structure: node types, edges, output shapes and dtypes, which
+        leaves are parameters, and the values of the saved fields named in ``static`` (per node; non-tensor
+        fields that rules read while planning). Two graphs with equal signatures get the same plan."""
+        leaves = tuple(isinstance(leaf_tensor(nd), torch.nn.Parameter) if t == "AccumulateGrad" else None
+                       for nd, t in zip(self.nodes, self.types))
+        fields = tuple(tuple(_fingerprint(saved(nd, f)) for f in fs) if fs else ()
+                       for nd, fs in zip(self.nodes, static)) if static else ()
+        return (tuple(self.types), tuple(self.edges), self.out_shapes, leaves, fields, tuple(self.root_slots))
 
     def index_of(self, node: Node) -> int | None:
         """Position of ``node`` in :attr:`nodes`, or ``None`` when it is not part of the graph."""

@@ -135,7 +135,10 @@ class Site:
 
 
 class Step:
-    """A rule compiled for one node. Subclasses implement :meth:`g` and, where meaningful, :meth:`r`.
+    """A rule compiled for one node. Steps are immutable after construction and hold no autograd node or
+    tensor (only indices and structural facts), so a plan is reusable for every graph with the same signature;
+    they read saved tensors through ``run.graph.nodes[self.index]`` when called. Subclasses implement :meth:`g`
+    and, where meaningful, :meth:`r`.
 
     ``__call__`` receives one :class:`Msg` (or ``None``) per forward output of the node and returns one
     :class:`Msg` (or ``None``) per forward input. The default implementation converts parts the subclass does
@@ -300,6 +303,10 @@ class OpSpec:
         ``replay_inputs`` lists the input positions it needs (default: all of them, so an input that does not
         require grad — a constant autograd did not keep — makes the replay impossible), or is a callable
         ``(node, edges) -> positions`` for ops that read some operands from saved fields.
+    static_fields : tuple of str
+        Saved non-tensor fields that rules or recipes read *while planning* (e.g. whether a batch norm is in
+        training mode). They are part of the graph signature, so a cached plan is never reused for a graph
+        that differs in them.
     """
 
     family: str
@@ -310,3 +317,4 @@ class OpSpec:
     replay: Callable[[Any, Sequence[Tensor | None], int], Tensor] | None = None
     replay_inputs: tuple[int, ...] | Callable[[Any, tuple[int, ...]], tuple[int, ...]] | None = None
     family_of: Callable[[Site], str] | None = field(default=None, compare=False)
+    static_fields: tuple[str, ...] = ()
