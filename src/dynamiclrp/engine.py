@@ -302,14 +302,18 @@ class PlanCache:
 # -----------------------------------------------------------------------------------------------------------
 # The public entry point (used by dynamiclrp.relevance / dynamiclrp.explain)
 # -----------------------------------------------------------------------------------------------------------
-def _as_tuple(x: Tensor | Sequence[Tensor], what: str) -> tuple[Tensor, ...]:
-    if isinstance(x, torch.Tensor):
+_GradientEdge = torch.autograd.graph.GradientEdge
+
+
+def _as_tuple(x: Any, what: str, edges_ok: bool = False) -> tuple[Any, ...]:
+    if isinstance(x, torch.Tensor) or (edges_ok and isinstance(x, _GradientEdge)):
         return (x,)
     if isinstance(x, (list, tuple)):
         out = tuple(x)
         for k, t in enumerate(out):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{what}[{k}] is a {type(t).__name__}, expected a torch.Tensor")
+            if not (isinstance(t, torch.Tensor) or (edges_ok and isinstance(t, _GradientEdge))):
+                kinds = "a torch.Tensor or a torch.autograd.graph.GradientEdge" if edges_ok else "a torch.Tensor"
+                raise TypeError(f"{what}[{k}] is a {type(t).__name__}, expected {kinds}")
         if not out:
             raise ValueError(f"{what} is empty: pass at least one tensor")
         return out
@@ -322,7 +326,7 @@ def compute(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor
             cache: PlanCache | None = None) -> Explanation:
     """Run one relevance pass. See :func:`dynamiclrp.explain` for the parameters; ``cache`` reuses plans."""
     outs = _as_tuple(outputs, "outputs")
-    ins = _as_tuple(inputs, "inputs")
+    ins = _as_tuple(inputs, "inputs", edges_ok=True)
     for k, o in enumerate(outs):
         if o.grad_fn is None:
             raise DynamicLRPError(
@@ -353,8 +357,8 @@ def compute(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor
     rule_set = resolve_rules(rules)
 
     graph = G.GraphView([(o.grad_fn, o.output_nr) for o in outs])
-    # tensors we hold: outputs, then inputs
-    held: list[Tensor] = [o for o in outs] + [t for t in ins]
+    # tensors we hold: outputs, then inputs (a GradientEdge input has no tensor: its value is promised)
+    held: list[Tensor | None] = [o for o in outs] + [None if isinstance(t, _GradientEdge) else t for t in ins]
     known: dict[int, int] = {}
     for k, o in enumerate(outs):
         known.setdefault(graph.root_slots[k], k)
@@ -362,6 +366,13 @@ def compute(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor
     sources: set[int] = set()
     input_slots: list[int | None] = []
     for k, t in enumerate(ins):
+        if isinstance(t, _GradientEdge):
+            slot = graph.slot_of(t.node, t.output_nr)
+            input_slots.append(slot)
+            if slot is not None:
+                requested.setdefault(slot, len(outs) + k)
+                sources.add(slot)
+            continue
         edge = G.gradient_edge(t)
         slot = None if edge is None else graph.slot_of(*edge)
         if edge is None and not t.requires_grad:
@@ -400,6 +411,12 @@ def compute(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor
     relevance = []
     for k, (t, slot) in enumerate(zip(ins, input_slots)):
         r = captured.get(slot) if slot is not None else None
+        if isinstance(t, _GradientEdge):
+            m = G.output_meta(t.node)[t.output_nr]
+            if r is None:
+                r = torch.zeros(m.shape, dtype=m.dtype, device=m.device)
+            relevance.append(r.detach().to(dtype=m.dtype))
+            continue
         if r is None:
             r = torch.zeros_like(t, memory_format=torch.contiguous_format)
         relevance.append(r.detach().to(dtype=t.dtype))
@@ -416,8 +433,8 @@ def _execute(run: Run, planner: Planner, seeds: list[Tensor], requested: dict[in
              book: Ledger | None) -> dict[int, Tensor]:
     g = planner.graph
     msgs: list[Msg | None] = [None] * len(g.slot_node)
-    for slot, s in zip(g.root_slots, seeds):
-        m = Msg(r=s)
+    for k, (slot, s) in enumerate(zip(g.root_slots, seeds)):
+        m = _seed_message(s, held[k].detach())
         if msgs[slot] is None:
             msgs[slot] = m
         else:
@@ -448,7 +465,10 @@ def _execute(run: Run, planner: Planner, seeds: list[Tensor], requested: dict[in
                 s = base + j
                 if s in requested:
                     m = outs[j]
-                    captured[s] = _relevance_of(m, held[requested[s]])
+                    value = held[requested[s]]
+                    if value is None and m is not None and m.g is not None:
+                        value = run.value(s, "requested graph edge")  # a GradientEdge input: promised
+                    captured[s] = _relevance_of(m, value)
                     if s in terminal:
                         outs[j] = None  # relevance ends at a requested tensor
         if not run_node[i]:
@@ -492,6 +512,17 @@ def _execute(run: Run, planner: Planner, seeds: list[Tensor], requested: dict[in
     return captured
 
 
+def _seed_message(seed: Tensor, out: Tensor) -> Msg:
+    """A seed in gradient form, ``G = seed / output`` (exactly 1 for the default seed), so that no rule needs
+    the output's value to read it; seed elements on an exactly-zero output stay explicit relevance."""
+    zero = out == 0
+    if not bool(zero.any()):
+        return Msg(g=seed / out)
+    g = torch.where(zero, torch.zeros((), dtype=seed.dtype, device=seed.device), seed / torch.where(zero, 1, out))
+    r = torch.where(zero, seed, torch.zeros((), dtype=seed.dtype, device=seed.device))
+    return Msg(g=g, r=r if bool(r.any()) else None)
+
+
 def _arrived_total(run: Run, arrived: dict[int, Any], base: int, k: int, outs: list[Msg | None]) -> Any:
     """Relevance that arrived at a node: the totals its consumers reported, measured from the node's output
     value where a consumer could not report one."""
@@ -512,10 +543,10 @@ def _arrived_total(run: Run, arrived: dict[int, Any], base: int, k: int, outs: l
     return total
 
 
-def _relevance_of(m: Msg | None, value: Tensor) -> Tensor:
-    v = value.detach()
+def _relevance_of(m: Msg | None, value: Tensor | None) -> Tensor | None:
     if m is None:
-        return torch.zeros_like(v)
+        return None if value is None else torch.zeros_like(value.detach())
+    v = value.detach() if value is not None else None
     r = None
     if m.g is not None:
         r = m.g * v
