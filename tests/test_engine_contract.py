@@ -253,3 +253,21 @@ def test_output_without_graph_and_input_without_grad() -> None:
     w = torch.randn(3, 3, requires_grad=True)
     with pytest.raises(dynamiclrp.DynamicLRPError, match="requires_grad"):
         dynamiclrp.relevance((x @ w).sum(1), x)
+
+
+def test_a_graph_edge_can_be_requested_without_holding_its_tensor() -> None:
+    """``torch.autograd.graph.GradientEdge`` inputs, as torch.autograd.grad accepts: relevance of an intermediate
+    output the caller never held (e.g. an embedding lookup inside a model run on token ids); its value comes
+    from the Promise System."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(20, 6).to(DT)
+    lin = nn.Linear(6, 2).to(DT)
+    ids = torch.tensor([[1, 4, 7], [2, 2, 9]])
+    h = emb(ids)
+    y = lin(torch.tanh(h)).sum(1)[:, 0]
+    (by_tensor,) = dynamiclrp.relevance(y, h)
+    edge = torch.autograd.graph.GradientEdge(h.grad_fn, 0)
+    (by_edge,) = dynamiclrp.relevance(y, edge)
+    assert by_edge.shape == h.shape and torch.allclose(by_edge, by_tensor, rtol=1e-12)
+    ex = dynamiclrp.explain(y, edge)
+    assert abs(ex.unaccounted) < 1e-10
