@@ -1,14 +1,32 @@
-"""Presets: named rule sets.
+"""Presets: named rule sets, accepted by ``rules=`` as objects or by name.
 
-``epsilon`` (the default), ``zero``, ``attnlrp``, ``cplrp`` and ``paper``, plus Zennit's composites under their
-registry names with Zennit's parameters and defaults: ``epsilon_gamma_box``, ``epsilon_plus``,
-``epsilon_plus_flat``, ``epsilon_alpha2_beta1``, ``epsilon_alpha2_beta1_flat``.
+==============================  ====================================================================================
+name                            what it is
+==============================  ====================================================================================
+``epsilon`` (**the default**)   LRP-ε (ε = 1e-6) on linear/conv layers, sum rule on additions, identity on
+                                activations, normaliser constant, uniform rule on products, AttnLRP softmax
+``zero``                        LRP-0: ``epsilon`` with ε = 0 (gradient × input on bias-free ReLU networks)
+``attnlrp``                     AttnLRP (Achtibat et al., ICML 2024), also on fused attention nodes
+``cplrp``                       CP-LRP (Ali et al., ICML 2022): attention weights (and MLP gates) constant
+``paper``                       the DynamicLRP paper's own rules (magnitude splits), to reproduce it
+``epsilon_gamma_box``           Zennit's ``EpsilonGammaBox`` (needs ``low``/``high``: call the function)
+``epsilon_plus``                Zennit's ``EpsilonPlus``
+``epsilon_plus_flat``           Zennit's ``EpsilonPlusFlat``
+``epsilon_alpha2_beta1``        Zennit's ``EpsilonAlpha2Beta1``
+``epsilon_alpha2_beta1_flat``   Zennit's ``EpsilonAlpha2Beta1Flat``
+==============================  ====================================================================================
 
-Why ε is the default: it is the standard LRP rule (Bach et al. 2015) for every layer type, conservative up to
-its bias and stabiliser sinks, close to gradient × input on the upper layers where that is faithful, and —
-with the identity rule for element-wise non-linearities, the normaliser held constant and the uniform rule for
-products of activations — it *is* AttnLRP on transformers. Rules that need image-specific bounds (z^B) or that
-trade faithfulness for sharper heatmaps (γ, α-β, flat) are opt-in presets.
+The Zennit composites carry Zennit's registry names, parameters and defaults (``epsilon=1e-6``,
+``stabilizer=1e-6``, ``gamma=0.25``, ``zero_params``) and give Zennit's numbers without a canonizer.
+
+Why ε is the default: it is the standard LRP rule (Bach et al. 2015) and it applies to every architecture
+(no input bounds, no image-specific assumptions); it is conservative up to its bias and stabiliser sinks, which
+the ledger names; on bias-free ReLU networks it is gradient × input, so it never invents structure the model does
+not have; and together with the identity rule for element-wise non-linearities, the normaliser held constant,
+the uniform rule for products of activations and the softmax rule it *is* AttnLRP on transformers, the
+best-evaluated rule set there (Achtibat et al. 2024). Rules that need input bounds (z^B) or that trade
+faithfulness for sharper, more readable heatmaps on CNNs (γ, α-β, flat — Montavon et al. 2019, Kohlbrenner et al.
+2020) are opt-in presets. See ``docs/rules.md``.
 """
 from __future__ import annotations
 
@@ -70,58 +88,138 @@ def attnlrp(epsilon: float = 1e-6) -> RuleSet:
                          product=L.AttnLRP(), attention=L.AttnLRP()), name="attnlrp")
 
 
-def cplrp(epsilon: float = 1e-6) -> RuleSet:
+def cplrp(epsilon: float = 1e-6, gate_constant: bool = True) -> RuleSet:
     """CP-LRP (Ali et al., ICML 2022): attention weights treated as constants, so all relevance through
-    attention goes to the values; otherwise as :func:`attnlrp`. Conservative by construction."""
-    return RuleSet(_base(linear=L.Epsilon(epsilon), conv=L.Epsilon(epsilon), matmul=L.CPLRP(), product=L.CPLRP(),
-                         attention=L.CPLRP(), softmax=L.CPLRP()), name="cplrp")
+    attention goes to the values; otherwise as :func:`attnlrp`. Conservative by construction.
+
+    Parameters
+    ----------
+    epsilon : float
+        ε of the linear layers.
+    gate_constant : bool
+        Treat the activated gate of gated MLPs as a constant too (LXT's CP-LRP, the default); ``False`` keeps
+        AttnLRP's uniform rule there. See :class:`~dynamiclrp.rules.CPLRP`.
+    """
+    cp = L.CPLRP(gate_constant)
+    return RuleSet(_base(linear=L.Epsilon(epsilon), conv=L.Epsilon(epsilon), matmul=cp, product=cp,
+                         attention=cp, softmax=cp), name="cplrp")
+
+
+_ZENNIT_DOC = """
+
+    Parameters
+    ----------
+    epsilon : float or callable
+        ε of the :class:`~dynamiclrp.rules.Epsilon` rule on dense layers (Zennit default 1e-6).
+    stabilizer : float or callable
+        Stabiliser of every other rule, including the ``Norm`` rule on additions, sums and average pooling
+        (Zennit default 1e-6).
+    zero_params : sequence of str, optional
+        ``("bias",)`` drops the biases of linear and convolution layers from their rules, as Zennit's
+        ``zero_params``.
+
+    Returns
+    -------
+    RuleSet
+        Additions and residual ``+`` (Zennit's ``ResNetCanonizer`` sum), sums and average pooling get
+        ``Norm(stabilizer)``; element-wise activations and unmerged normalisation layers ``Pass``; max pooling and
+        shape ops route like the gradient. Eval-mode batch norms right after a convolution or dense layer are
+        merged into it (as ``SequentialMergeBatchNorm``), so no canonizer is needed. "First layer" means the
+        first matching module in ``model.named_modules()`` order when the rule set has a model
+        (``.with_model(model)``, Zennit's meaning), else the matching op nearest the input in the graph.
+
+    Notes
+    -----
+    Measured against Zennit 0.5.1 in float64 (``tests/test_zennit_parity.py``): on an MLP, a VGG-style CNN with
+    BatchNorm, torchvision VGG-11 and ResNet-18 the relevance equals Zennit's up to rounding (≤ 1e-13 relative)
+    when Zennit's merged batch norms are made exact. Stock Zennit leaves each merged batch norm dividing by
+    ``sqrt(1 + eps)``, which moves its heatmaps by about ``eps/2`` per batch norm (≈ 1e-5 relative).
+"""
 
 
 def _zennit(name: str, conv, first=None, kind: str = "linear-type", epsilon: float = 1e-6,
-            stabilizer: float = 1e-6) -> RuleSet:
-    fam = _base(linear=L.Epsilon(epsilon), conv=conv, add=L.Norm(stabilizer), pool=L.Norm(stabilizer),
-                reduce=L.Norm(stabilizer))
+            stabilizer: float = 1e-6, zero_params=None) -> RuleSet:
+    zp = _zero_params(zero_params)
+    fam = _base(linear=L.Epsilon(epsilon, zp), conv=conv, add=L.Norm(stabilizer), pool=L.Norm(stabilizer),
+                reduce=L.Norm(stabilizer), norm=L.Pass())
     return RuleSet(fam, name=name, first_layer=first, first_layer_kind=kind)
 
 
+def _zero_params(zero_params) -> tuple[str, ...]:
+    if zero_params is None:
+        return ()
+    if isinstance(zero_params, str):
+        return (zero_params,)
+    return tuple(zero_params)
+
+
 def epsilon_gamma_box(low: float | Tensor, high: float | Tensor, epsilon: float = 1e-6, gamma: float = 0.25,
-                      stabilizer: float = 1e-6) -> RuleSet:
-    """Zennit's ``EpsilonGammaBox``: z^B(low, high) on the first convolution, γ on convolutions, ε on dense
-    layers. ``low``/``high`` bound the input (e.g. the normalised values of pixel 0 and 1, per channel)."""
-    return _zennit("epsilon_gamma_box", L.Gamma(gamma, stabilizer), L.ZBox(low, high, stabilizer), "conv",
-                   epsilon, stabilizer)
+                      stabilizer: float = 1e-6, zero_params=None) -> RuleSet:
+    """Zennit's ``EpsilonGammaBox`` composite: z^B(low, high) on the first convolution, γ on the other
+    convolutions (and transposed convolutions), ε on dense layers (Montavon et al. 2017, 2019; Anders et al. 2021).
+
+    ``low``/``high`` bound the input: scalars, per-channel ``(1, C, 1, 1)`` or per-pixel ``(1, C, H, W)`` tensors,
+    e.g. the normalised values of pixel 0 and 1. A dense layer before every convolution keeps ε (Zennit's "first
+    convolution" is only marked when a convolution matches).
+    """
+    zp = _zero_params(zero_params)
+    return _zennit("epsilon_gamma_box", L.Gamma(gamma, stabilizer, zp), L.ZBox(low, high, stabilizer, zp), "conv",
+                   epsilon, stabilizer, zp)
 
 
-def epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> RuleSet:
-    """Zennit's ``EpsilonPlus``: z⁺ on convolutions, ε on dense layers."""
-    return _zennit("epsilon_plus", L.ZPlus(stabilizer), None, "linear-type", epsilon, stabilizer)
+def epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params=None) -> RuleSet:
+    """Zennit's ``EpsilonPlus`` composite: z⁺ on convolutions, ε on dense layers."""
+    zp = _zero_params(zero_params)
+    return _zennit("epsilon_plus", L.ZPlus(stabilizer, zp), None, "linear-type", epsilon, stabilizer, zp)
 
 
-def epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> RuleSet:
-    """Zennit's ``EpsilonPlusFlat``: flat on the first linear-type layer, z⁺ on convolutions, ε on dense."""
-    return _zennit("epsilon_plus_flat", L.ZPlus(stabilizer), L.Flat(stabilizer), "linear-type", epsilon,
-                   stabilizer)
+def epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params=None) -> RuleSet:
+    """Zennit's ``EpsilonPlusFlat`` composite: flat on the first linear-type layer (convolution or dense), z⁺ on
+    convolutions, ε on dense layers."""
+    zp = _zero_params(zero_params)
+    return _zennit("epsilon_plus_flat", L.ZPlus(stabilizer, zp), L.Flat(stabilizer), "linear-type", epsilon,
+                   stabilizer, zp)
 
 
-def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> RuleSet:
-    """Zennit's ``EpsilonAlpha2Beta1``: α2β1 on convolutions, ε on dense layers."""
-    return _zennit("epsilon_alpha2_beta1", L.AlphaBeta(2.0, 1.0, stabilizer), None, "linear-type", epsilon,
-                   stabilizer)
+def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params=None) -> RuleSet:
+    """Zennit's ``EpsilonAlpha2Beta1`` composite: α2β1 on convolutions, ε on dense layers (Bach et al. 2015)."""
+    zp = _zero_params(zero_params)
+    return _zennit("epsilon_alpha2_beta1", L.AlphaBeta(2.0, 1.0, stabilizer, zp), None, "linear-type", epsilon,
+                   stabilizer, zp)
 
 
-def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> RuleSet:
-    """Zennit's ``EpsilonAlpha2Beta1Flat``: flat on the first linear-type layer, α2β1 on convolutions, ε on
-    dense layers."""
-    return _zennit("epsilon_alpha2_beta1_flat", L.AlphaBeta(2.0, 1.0, stabilizer), L.Flat(stabilizer),
-                   "linear-type", epsilon, stabilizer)
+def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params=None) -> RuleSet:
+    """Zennit's ``EpsilonAlpha2Beta1Flat`` composite: flat on the first linear-type layer, α2β1 on convolutions,
+    ε on dense layers."""
+    zp = _zero_params(zero_params)
+    return _zennit("epsilon_alpha2_beta1_flat", L.AlphaBeta(2.0, 1.0, stabilizer, zp), L.Flat(stabilizer),
+                   "linear-type", epsilon, stabilizer, zp)
+
+
+for _f in (epsilon_gamma_box, epsilon_plus, epsilon_plus_flat, epsilon_alpha2_beta1, epsilon_alpha2_beta1_flat):
+    _f.__doc__ = (_f.__doc__ or "") + _ZENNIT_DOC
+del _f
 
 
 def paper(epsilon: float = 1e-11) -> RuleSet:
-    """The DynamicLRP paper's own rules (Lee & Millan Arias 2025), for reproducing its behaviour: magnitude
-    splits ``|a| / (|a| + |b|)`` on additions, sums and means, ε on linear layers, identity elsewhere. These
-    rules ignore signs and match no other reference; they are not the default."""
+    """The DynamicLRP paper's own rules (Lee & Millan Arias 2025, arXiv 2512.07010, §2.2 and its rule table),
+    for reproducing its behaviour — not the default.
+
+    * magnitude splits ``R_a = |a| / (|a| + |b| + ε) · R`` on additions, subtractions, sums, means and products
+      of two tensors (:class:`~dynamiclrp.rules.MagnitudeSplit`); a constant operand gets nothing;
+    * ε (1e-11, the paper code's value) on linear layers and convolutions;
+    * identity on element-wise non-linearities and normalisation layers (:class:`~dynamiclrp.rules.Pass`);
+    * AttnLRP's bilinear rule on products of two activations (``A·V``, ``Q·Kᵀ``) and its softmax rule — on the
+      true logits, without the lower-triangular mask the paper's code applies to every softmax;
+    * average pooling keeps the sum rule (the code's uniform split differs only in sign handling).
+
+    These rules ignore signs (relevance never flips sign at an addition) and match no other reference; see
+    ``docs/rules.md``. They need the operands of additions, which autograd does not keep: the Promise System
+    recovers them.
+    """
     return RuleSet(_base(linear=L.Epsilon(epsilon), conv=L.Epsilon(epsilon), add=L.MagnitudeSplit(epsilon),
-                         reduce=L.MagnitudeSplit(epsilon)), name="paper")
+                         reduce=L.MagnitudeSplit(epsilon), product=L.MagnitudeSplit(epsilon), norm=L.Pass(),
+                         matmul=L.AttnLRP(), attention=L.AttnLRP()), name="paper")
 
 
 _PRESETS: dict[str, Callable[[], RuleSet]] = {

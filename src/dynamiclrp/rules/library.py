@@ -333,7 +333,7 @@ class LinearStep(Step):
             w = run.value(self.in_edges[self.w_pos], run.graph.describe(self.index))
         return x, w
 
-    def _bias(self, run: "Run", node: Any, z: Tensor) -> Tensor | None:
+    def _bias(self, run: "Run", node: Any, z: Tensor, gradient_form_only: bool = False) -> Tensor | None:
         """The additive term of ``z`` (already scaled by ``beta`` and broadcast), or ``None``."""
         if self.bias_pos is None:
             return None
@@ -347,10 +347,16 @@ class LinearStep(Step):
         try:
             return run.value(self.out_slots[0], run.graph.describe(self.index)) - z
         except ValueUnavailableError:
-            raise RuleError(
-                f"{run.graph.describe(self.index)} adds a bias that does not require grad, so autograd kept neither "
-                "the bias nor the op's output, and the rule needs z = x·W + b. Let the parameters require grad "
-                "(model.requires_grad_(True)); the 'zero' preset (LRP-0) does not need z.") from None
+            pass
+        # the rule only needs z where relevance arrives; for gradient-form messages that support is known
+        if gradient_form_only:
+            zs = run.support_value(self.out_slots[0])
+            if zs is not None and zs.shape == z.shape:
+                return zs - z
+        raise RuleError(
+            f"{run.graph.describe(self.index)} adds a bias that does not require grad, so autograd kept neither "
+            "the bias nor the op's output, and the rule needs z = x·W + b. Let the parameters require grad "
+            "(model.requires_grad_(True)); the 'zero' preset (LRP-0) does not need z when no ledger is requested.")
 
     def _to_bias(self, node, t: Tensor) -> Tensor:
         shape, dtype = self.b_meta
@@ -388,7 +394,8 @@ class LinearStep(Step):
                 res[self.bias_pos] = Msg(g=self._to_bias(node, self.kernel.beta(node) * s))
             return res
         z = alpha * self._f(node, x, w)
-        bias = self._bias(run, node, z) if self.bn is None else self.bn.bias(run, self, node, x, z, w_orig)
+        bias = (self._bias(run, node, z, gradient_form_only=m.r is None) if self.bn is None
+                else self.bn.bias(run, self, node, x, z, w_orig, gradient_form_only=m.r is None))
         z_full = z if bias is None else z + bias
         # relevance arriving at z
         if m.g is not None:
@@ -522,11 +529,18 @@ class _MergedBN:
         ss = s.reshape((groups, 1, cout_g) + (1,) * (w.dim() - 2))
         return (ws * ss).reshape(w.shape)
 
-    def bias(self, run: "Run", step: "LinearStep", node: Any, x: Tensor, z: Tensor, w: Tensor) -> Tensor | None:
+    def bias(self, run: "Run", step: "LinearStep", node: Any, x: Tensor, z: Tensor, w: Tensor,
+             gradient_form_only: bool = False) -> Tensor | None:
         """``b'`` broadcast against ``z = alpha·f(x, W')`` (per channel, or element-wise when read from values)."""
         where = run.graph.describe(step.index)
         if self.fallback:
-            return run.value(self.out_slot, where) - z
+            try:
+                return run.value(self.out_slot, where) - z
+            except ValueUnavailableError:
+                zs = run.support_value(self.out_slot) if gradient_form_only else None
+                if zs is None:
+                    raise
+                return zs - z
         bn_node = run.graph.nodes[self.bn]
         s = self._scale(run).to(z.dtype)
         mu = G.saved(bn_node, "running_mean").to(z.dtype)
@@ -730,6 +744,19 @@ class ZBox(_LinearRule):
     def __init__(self, low: float | Tensor, high: float | Tensor, stabilizer: Stabiliser = 1e-6,
                  zero_params: Sequence[str] = ()):
         super().__init__(stabilizer, zero_params)
+        for name, v in (("low", low), ("high", high)):
+            if not isinstance(v, (int, float, torch.Tensor)) or isinstance(v, bool):
+                raise RuleError(f"ZBox {name} must be a number or a tensor (scalar, per-channel (1, C, 1, 1) or "
+                                f"per-pixel (1, C, H, W)), got {type(v).__name__}")
+        try:
+            ok = bool(torch.all(torch.as_tensor(low, dtype=torch.float64) <= torch.as_tensor(high,
+                                                                                            dtype=torch.float64)))
+        except RuntimeError as err:
+            raise RuleError(f"ZBox bounds low {tuple(torch.as_tensor(low).shape)} and high "
+                            f"{tuple(torch.as_tensor(high).shape)} do not broadcast against each other") from err
+        if not ok:
+            raise RuleError("ZBox needs low <= high everywhere (the input's lowest and highest possible values, "
+                            "e.g. the normalised values of pixel 0 and 1); got low > high somewhere")
         self.low = low
         self.high = high
 
@@ -1062,6 +1089,10 @@ def _bind_product(rule: Rule, site: Site, detect: bool, softmax_constant: bool =
             sig = st.self_gating_signal(edges[0], edges[1])
             if sig is not None:
                 return ProductStep(site, (1.0, 0.0) if sig == 0 else (0.0, 1.0), "self-gating")
+        if getattr(r, "gate_constant", False) and not k.divide:
+            ag = (st.is_activation_output(edges[0]), st.is_activation_output(edges[1]))
+            if ag[0] != ag[1]:
+                return ProductStep(site, (0.0, 1.0) if ag[0] else (1.0, 0.0), "activation gate constant")
     return ProductStep(site, (0.5, 0.5), "uniform")
 
 
@@ -1173,22 +1204,82 @@ class MagnitudeStep(Step):
     conservative = False
 
 
-class MagnitudeSplit(Rule):
-    """The DynamicLRP paper's rule for Add/Sum/Mean: split relevance by operand magnitude, ``|a| / (|a| + |b|)``.
+class MagnitudeProductStep(Step):
+    """The DynamicLRP paper's rule for ``a * b`` (``a / b``) of two tensors: ``R_a = |a| / (|a| + |b| + ε) · R``
+    and ``R_b = |b| / (|a| + |b| + ε) · R`` (``|1/b|`` in place of ``|b|`` for a division), each reduced to its
+    operand's broadcast shape. Explicit relevance; signs are ignored by design."""
 
-    Provided to reproduce the paper (its preset ``paper()``); it ignores signs and so matches no other
-    reference. Needs the operands' values, which the Promise System recovers.
+    __slots__ = ("kernel", "eps", "meta")
+    handles_r = True
+    conservative = False
+
+    def __init__(self, site: Site, eps: float):
+        super().__init__(site)
+        self.kernel: ProductKernel = site.spec.kernel
+        self.eps = eps
+        self.meta = _child_meta(site)
+        for k in (0, 1):
+            if self.kernel.operand(site.node, k) is None:
+                site.planner.need_value(site.edges[k])
+
+    def _ops(self, run, node):
+        out = []
+        for k in (0, 1):
+            v = self.kernel.operand(node, k)
+            out.append(v if v is not None else run.value(self.in_edges[k], run.graph.describe(self.index)))
+        return out
+
+    def _split(self, run, node, a, b, R):
+        ma = a.abs()
+        mb = (1.0 / b).abs() if self.kernel.divide else b.abs()
+        s = R / (ma + mb + self.eps)
+        return [Msg(r=_fit(ma * s, self.meta[0])), Msg(r=_fit(mb * s, self.meta[1]))] + [None] * (self.n_in - 2)
+
+    def g(self, run, gs):
+        node = run.graph.nodes[self.index]
+        a, b = self._ops(run, node)
+        z = a / b if self.kernel.divide else a * b
+        return self._split(run, node, a, b, gs[0] * z)
+
+    def r(self, run, rs):
+        node = run.graph.nodes[self.index]
+        a, b = self._ops(run, node)
+        return self._split(run, node, a, b, rs[0])
+
+
+class MagnitudeSplit(Rule):
+    """The DynamicLRP paper's rule for Add/Sub/Sum/Mean and for products of two tensors (Lee & Millan Arias 2025,
+    §2.2 and its code): split relevance by operand magnitude, ``R_a = |a| / (|a| + |b| + ε) · R``.
+
+    Provided to reproduce the paper (its preset :func:`dynamiclrp.presets.paper`); it ignores signs and so
+    matches no other reference. Needs the operands' values, which the Promise System recovers. An operand that
+    does not require grad (a constant, a scalar) receives nothing: all relevance goes to the tensor, as in the
+    paper's code. For a division the divisor's weight is ``|1/b|``.
+
+    Parameters
+    ----------
+    epsilon : float
+        Added to the denominator (the paper's code uses 1e-11).
     """
 
-    families = frozenset({"add", "reduce"})
+    families = frozenset({"add", "reduce", "product"})
 
     def __init__(self, epsilon: float = 1e-11):
+        _check_stabiliser(epsilon)
         self.epsilon = float(epsilon)
 
     def bind(self, site):
-        if not isinstance(site.spec.kernel, SumKernel) or site.spec.kernel.forward is None:
-            raise _wrong_family(self, site, site.spec.family)
-        return MagnitudeStep(site, self.epsilon)
+        k = site.spec.kernel
+        if isinstance(k, SumKernel):
+            if k.forward is None:
+                return PassStep(site)  # x + scalar: all relevance to x
+            return MagnitudeStep(site, self.epsilon)
+        if isinstance(k, ProductKernel) and not k.scalar and len(site.edges) > 1 and all(
+                e >= 0 for e in site.edges[:2]):
+            return MagnitudeProductStep(site, self.epsilon)
+        if isinstance(k, (ProductKernel, NegKernel)):
+            return _bind_product(self, site, detect=False)
+        raise _wrong_family(self, site, site.spec.family)
 
 
 # ===========================================================================================================
@@ -1499,11 +1590,33 @@ class AttnLRP(Rule):
 
 
 class CPLRP(Rule):
-    """CP-LRP (Ali et al., ICML 2022): attention weights treated as constants, so attention relevance flows to
-    the values only. Conservative by construction. Applies to fused attention, to products with a softmax
-    output, and to softmax itself (which then receives nothing)."""
+    """CP-LRP (Ali et al., ICML 2022, "XAI for Transformers: Better Explanations through Conservative
+    Propagation"): attention weights treated as constants, so attention relevance flows to the values only.
+    Conservative by construction. Applies to fused attention, to products with a softmax output, and to softmax
+    itself (which then receives nothing).
+
+    Parameters
+    ----------
+    gate_constant : bool, optional
+        Also treat the activated gate of a gated MLP (``act(gate(x)) * up(x)``: the operand produced by an
+        element-wise non-linearity, when the other operand is not) as a constant, so that the product's relevance
+        goes to ``up`` — what LXT's CP-LRP does (``cp_gated_mlp_forward`` detaches the gate projection; Ali et al.
+        predate gated MLPs). Default ``True``. With ``False`` such products get the uniform rule (½ each), as in
+        AttnLRP. Other products follow :class:`Product` (normalisers and sigmoid gates constant, self-gating
+        products all to the signal).
+
+    Examples
+    --------
+    >>> from dynamiclrp import presets
+    >>> rules = presets.cplrp(gate_constant=False)   # CP-LRP on attention only
+    """
 
     families = frozenset({"attention", "softmax", "matmul", "product"})
+
+    def __init__(self, gate_constant: bool = True):
+        if not isinstance(gate_constant, bool):
+            raise RuleError(f"gate_constant must be True or False, got {gate_constant!r}")
+        self.gate_constant = gate_constant
 
     def bind(self, site):
         fam = site.spec.family_of(site) if site.spec.family_of else site.spec.family

@@ -130,10 +130,36 @@ class RuleSet:
             names = {n for n, _ in self.model.named_modules()}
             bad = [k for k in self.layers if k not in names]
             if bad:
-                sample = ", ".join(sorted(n for n in names if n)[:12])
-                raise RuleError(f"no module named {bad} in the model; module names look like: {sample} ...")
+                import difflib
+                ordered = [n for n, _ in self.model.named_modules() if n]
+                close = {k: difflib.get_close_matches(k, ordered, n=3) for k in bad}
+                hints = "; ".join(f"{k!r}: did you mean {v}?" for k, v in close.items() if v)
+                listing = ", ".join(ordered)
+                if len(listing) > 600:
+                    listing = listing[:600] + " ..."
+                raise RuleError(f"no module named {bad} in the model{' (' + hints + ')' if hints else ''}; the "
+                                f"model's module names are: {listing}")
+            mods = dict(self.model.named_modules())
+            empty = [k for k in self.layers if next(mods[k].parameters(), None) is None]
+            if empty:
+                with_params = ", ".join(n for n, m in mods.items() if n and next(m.parameters(recurse=False), None)
+                                        is not None)
+                if len(with_params) > 600:
+                    with_params = with_params[:600] + " ..."
+                raise RuleError(f"layers {empty} have no parameters, so none of their ops can be found in the graph "
+                                "(layers are recognised through their parameters); give parameter-free ops a rule "
+                                "by family (with_families) or per node (with_override). Modules with parameters: "
+                                f"{with_params}")
         for key, val in self.ops.items():
-            rule = val[1] if isinstance(val, tuple) else val
+            if not isinstance(key, str):
+                raise RuleError(f"ops keys are autograd node type names such as 'AddmmBackward0' or "
+                                f"'MyFunctionBackward', got {key!r}")
+            if isinstance(val, tuple):
+                if len(val) != 2 or not isinstance(val[0], OpSpec):
+                    raise RuleError(f"ops[{key!r}] must be a Rule or an (OpSpec, Rule) pair, got {val!r}")
+                rule = val[1]
+            else:
+                rule = val
             _check_rule(rule, f"ops[{key!r}]")
 
     # -- construction helpers --------------------------------------------------------------------------------
@@ -158,18 +184,33 @@ class RuleSet:
         return replace(self, first_layer=rule, first_layer_kind=kind or self.first_layer_kind,
                        first_layer_by=by or self.first_layer_by)
 
+    def with_merge_batchnorm(self, merge: bool = True) -> "RuleSet":
+        """A copy that merges (``True``, the default of every preset) or keeps separate (``False``) eval-mode
+        batch norms that directly follow a linear/conv op (see :attr:`merge_batchnorm`)."""
+        return replace(self, merge_batchnorm=bool(merge))
+
     def with_override(self, fn: Callable[[NodeInfo], Rule | None]) -> "RuleSet":
         """A copy with a per-node override ``fn(NodeInfo) -> Rule | None`` (``None`` keeps the default)."""
         return replace(self, override=fn)
 
     def with_nodes(self, nodes: Mapping[Any, Rule]) -> "RuleSet":
-        """A copy with explicit rules for particular autograd nodes (``{logits.grad_fn: Epsilon(0)}``)."""
-        table = {id(k): v for k, v in nodes.items()}
-        for v in nodes.values():
-            _check_rule(v, "nodes[...]")
+        """A copy with explicit rules for particular autograd nodes: keys are nodes (``logits.grad_fn``) or the
+        tensors they produced (``{h: Epsilon(0)}`` means the node that computed ``h``)."""
+        keep = []
+        table = {}
+        for k, v in nodes.items():
+            node = k.grad_fn if isinstance(k, torch.Tensor) else k
+            if node is None or not hasattr(node, "next_functions"):
+                raise RuleError(f"with_nodes keys must be autograd nodes (tensor.grad_fn) or tensors computed with "
+                                f"grad enabled, got {type(k).__name__}" + (" without a grad_fn (a leaf or a tensor "
+                                "computed under no_grad)" if isinstance(k, torch.Tensor) else ""))
+            _check_rule(v, f"nodes[{G.node_type(node)}]")
+            keep.append(node)  # hold the nodes so their ids stay theirs
+            table[id(node)] = v
         previous = self.override
 
         def fn(info: NodeInfo) -> Rule | None:
+            _ = keep
             got = table.get(id(info.node))
             if got is None and previous is not None:
                 return previous(info)
@@ -199,9 +240,20 @@ class RuleSet:
         return spec.family_of(site) if spec.family_of is not None else spec.family
 
     def rule_for(self, site: Site) -> Rule:
+        """The rule for the node of ``site``: an op rule, a per-node override, a per-layer rule, the first-layer
+        rule or the family rule, in that order. An eval-mode batch norm merged into the op before it (see
+        :attr:`merge_batchnorm`) gets :class:`~dynamiclrp.rules.library.MergedBatchNorm` instead of its family
+        rule."""
+        rule, source = self._chosen(site)
+        if source == "family" and site.index in self.batchnorm_merges(site.planner).op_of:
+            from .library import MergedBatchNorm
+            return MergedBatchNorm()
+        return rule
+
+    def _chosen(self, site: Site) -> tuple[Rule, str]:
         val = self.ops.get(site.type)
         if val is not None:
-            return val[1] if isinstance(val, tuple) else val
+            return (val[1] if isinstance(val, tuple) else val), "op"
         family = self.family_of(site)
         planner = site.planner
         if self.override is not None:
@@ -209,22 +261,61 @@ class RuleSet:
                                          site.index))
             if got is not None:
                 _check_rule(got, "override(...)")
-                return got
+                return got, "override"
         if self.layers:
+            _check_layers(planner, self)
             mod = _module_of(planner, self, site.index)
             if mod is not None:
                 best = None
-                for key in self.layers:
+                for key, rule in self.layers.items():
+                    if not _handles(rule, family):
+                        continue  # e.g. a conv rule given to "features" does not apply to its batch norms
                     if mod == key or mod.startswith(key + ".") or key == "":
                         if best is None or len(key) > len(best):
                             best = key
                 if best is not None:
-                    return self.layers[best]
+                    return self.layers[best], "layer"
         if self.first_layer is not None and family in FIRST_LAYER_KINDS[self.first_layer_kind]:
             if site.index in _first_layer_nodes(planner, self):
-                return self.first_layer
-        rule = self.families[family]
-        return rule
+                return self.first_layer, "first_layer"
+        rule = self.families.get(family)
+        if rule is None:  # registry rows outside FAMILIES (fused recurrent layers, weight norm) carry their rule
+            rule = getattr(site.spec.kernel, "rule", None)
+            if rule is None:
+                raise RuleError(f"rule set {self.name!r} has no rule for family {family!r} ({site.describe()})")
+        return rule, "family"
+
+    def batchnorm_merges(self, planner: "Planner"):
+        """Which batch norms of ``planner``'s graph are merged into the op before them (memoised per plan).
+
+        Returns
+        -------
+        dynamiclrp.rules.structure.BatchNormMerges
+        """
+        from .library import _LinearRule
+        from .structure import BatchNormMerges, batchnorm_merges
+
+        key = ("batchnorm_merges", id(self))
+        got = planner.structure_cache.get(key)
+        if got is not None:
+            return got
+        if not self.merge_batchnorm:
+            got = BatchNormMerges({})
+        else:
+            def chosen(i: int) -> tuple[Rule, str]:
+                spec = planner.specs[i]
+                site = Site(planner, i, spec, tuple(e >= 0 and planner.active[e] for e in planner.graph.edges[i]))
+                return self._chosen(site)
+
+            def linear_rule(i: int) -> Rule | None:
+                rule = chosen(i)[0]
+                return rule if isinstance(rule, _LinearRule) else None
+
+            def family_ruled(i: int) -> bool:  # a batch norm given its own rule explicitly is left alone
+                return chosen(i)[1] == "family"
+            got = batchnorm_merges(planner, linear_rule, family_ruled)
+        planner.structure_cache[key] = got
+        return got
 
     def __repr__(self) -> str:
         fams = ", ".join(f"{k}={v!r}" for k, v in self.families.items()
@@ -233,9 +324,21 @@ class RuleSet:
         return f"RuleSet({self.name!r}: {fams}{extra})"
 
 
+def _handles(rule: Rule, family: str) -> bool:
+    return not rule.families or family in rule.families or "any" in rule.families
+
+
+def _rule_names() -> str:
+    from . import library
+    return ", ".join(sorted(n for n in library.__all__))
+
+
 def _check_rule(rule: Any, where: str) -> None:
     if not isinstance(rule, Rule):
-        raise RuleError(f"{where} must be a dynamiclrp Rule (e.g. dynamiclrp.rules.Epsilon()), got {rule!r}")
+        hint = " (a rule class, not an instance: add parentheses)" if isinstance(rule, type) and issubclass(
+            rule, Rule) else ""
+        raise RuleError(f"{where} must be a dynamiclrp Rule instance{hint}, got {rule!r}; the rules in "
+                        f"dynamiclrp.rules are: {_rule_names()}")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -292,6 +395,32 @@ def _module_of(planner: "Planner", rules: RuleSet, index: int) -> str | None:
         if name is not None:
             return name
     return None
+
+
+def _check_layers(planner: "Planner", rules: RuleSet) -> None:
+    """Every per-layer rule must apply to some op of its layer (when the layer takes part in this graph)."""
+    key = ("layers_checked", id(rules))
+    if planner.structure_cache.get(key):
+        return
+    planner.structure_cache[key] = True
+    fams: dict[str, set[str]] = {}
+    g = planner.graph
+    for i in range(len(g)):
+        spec = planner.specs[i]
+        mod = _module_of(planner, rules, i) if spec is not None else None
+        if mod is None:
+            continue
+        site = Site(planner, i, spec, tuple(e >= 0 and planner.active[e] for e in g.edges[i]))
+        fam = spec.family_of(site) if spec.family_of is not None else spec.family
+        for k in rules.layers:
+            if mod == k or mod.startswith(k + ".") or k == "":
+                fams.setdefault(k, set()).add(fam)
+    for k, rule in rules.layers.items():
+        seen = fams.get(k)
+        if seen and not any(_handles(rule, f) for f in seen):
+            raise RuleError(f"layers[{k!r}] = {rule!r} applies to families {sorted(rule.families)}, but the ops of "
+                            f"layer {k!r} in this graph are of families {sorted(seen)}; choose a rule for one of "
+                            "those (e.g. Epsilon() for linear/conv)")
 
 
 def _first_layer_nodes(planner: "Planner", rules: RuleSet) -> frozenset[int]:

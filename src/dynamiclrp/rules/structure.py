@@ -41,6 +41,12 @@ REDUCTIONS = frozenset({
     "StdMeanBackward0",
 })
 GATES = frozenset({"SigmoidBackward0", "HardsigmoidBackward0"})
+#: element-wise non-linearities used as activation functions (the activated operand of a gated MLP)
+ACTIVATIONS = frozenset({
+    "ReluBackward0", "GeluBackward0", "SiluBackward0", "MishBackward0", "TanhBackward0", "SigmoidBackward0",
+    "SoftplusBackward0", "EluBackward0", "LeakyReluBackward0", "HardswishBackward0", "HardsigmoidBackward0",
+    "HardtanhBackward0", "ThresholdBackward0",
+})
 SOFTMAX = frozenset({"SoftmaxBackward0", "SafeSoftmaxBackward0"})
 
 _LIMIT = 48  # nodes explored per question; patterns are local
@@ -60,24 +66,32 @@ class Structure:
         return [e for e in self.g.edges[i] if e >= 0]
 
     def is_normaliser(self, slot: int) -> bool:
-        """``slot`` is computed from a reduction of activations through element-wise/scalar/view ops only."""
+        """``slot`` is computed from a reduction of activations through element-wise/scalar/view ops only: every
+        path from it to an activation passes through a reduction (so ``x * rsqrt(mean(x²))``, a *normalised*
+        tensor, is not a normaliser, while ``rsqrt(mean(x²) + ε)`` is)."""
         g = self.g
         stack = [slot]
         seen = set()
-        while stack and len(seen) < _LIMIT:
+        found = False
+        while stack:
             s = stack.pop()
             if s in seen:
                 continue
             seen.add(s)
+            if len(seen) > _LIMIT:
+                return False
+            if not self.p.active[s]:
+                continue  # parameters and constants
             i = self._producer(s)
             t = g.types[i]
             if t in REDUCTIONS:
-                if any(self.p.active[e] for e in self._tensor_edges(i)):
-                    return True
+                found = True
                 continue
             if t in TRANSPARENT or t in ELEMENTWISE_UNARY or t in ELEMENTWISE_BINARY:
                 stack.extend(self._tensor_edges(i))
-        return False
+                continue
+            return False  # an activation reached without a reduction
+        return found
 
     def is_gate(self, slot: int) -> bool:
         """``slot`` is ``sigmoid(...)`` or ``1 - sigmoid(...)`` (through views)."""
@@ -107,6 +121,28 @@ class Structure:
             if t in SOFTMAX:
                 return True
             if t in TRANSPARENT or t in ("MulBackward1", "DivBackward1"):
+                edges = self._tensor_edges(i)
+                if len(edges) != 1:
+                    return False
+                s = edges[0]
+                continue
+            return False
+        return False
+
+    def is_activation_output(self, slot: int) -> bool:
+        """``slot`` is the output of an element-wise non-linearity (SiLU, GELU, ReLU, tanh, sigmoid..., or one
+        written out as a self-gating product ``x * g(x)``), possibly viewed or cast: the gate of a gated MLP."""
+        g = self.g
+        s = slot
+        for _ in range(8):
+            i = self._producer(s)
+            t = g.types[i]
+            if t in ACTIVATIONS:
+                return True
+            if t == "MulBackward0":
+                edges = self._tensor_edges(i)
+                return len(edges) == 2 and self.self_gating_signal(edges[0], edges[1]) is not None
+            if t in TRANSPARENT:
                 edges = self._tensor_edges(i)
                 if len(edges) != 1:
                     return False
@@ -168,3 +204,164 @@ class Structure:
                 continue
             return False
         return reached
+
+
+# -----------------------------------------------------------------------------------------------------------
+# BatchNorm merging (Zennit's SequentialMergeBatchNorm, decided from the graph)
+# -----------------------------------------------------------------------------------------------------------
+#: autograd nodes of batch norm (eval mode keeps the running statistics as saved fields)
+BATCHNORM = frozenset({"NativeBatchNormBackward0"})
+#: linear ops whose output channel is the batch norm's channel dimension when its output is (N, C, ...)
+_MERGEABLE_LINEAR = frozenset({"ConvolutionBackward0", "AddmmBackward0", "MmBackward0"})
+
+
+class BatchNormMerges:
+    """Which eval-mode batch norms are merged into the linear/conv op that produces their input.
+
+    A ``NativeBatchNormBackward0`` node ``bn`` is merged into the node ``op`` that produced its input when
+
+    * the batch norm is in eval mode (``training`` saved as ``False``: running statistics, no batch statistics);
+    * ``op`` is a convolution (1-3 d, transposed, grouped) or a dense layer (``addmm``/``mm`` with a 2-d output and the
+      activation as the first operand), so that the batch norm's channel dimension (dim 1) is ``op``'s output
+      channel;
+    * the output of ``op`` has ``bn`` as its only consumer and was not requested as an input;
+    * ``op``'s rule is a linear rule (ε, γ, z⁺, α-β, z^B, w², flat), i.e. the rule that merging changes;
+    * the batch norm gets its family's rule (one given a rule per node, per layer or per op type stays separate).
+
+    The merged op computes ``z' = W'x + b'`` with ``W' = W·γ/σ`` (per output channel), ``b' = (b − μ)·γ/σ + β``
+    and ``σ = sqrt(running_var + eps)`` — exactly the batch norm's output — so the linear rule sees the
+    composite affine map, as after Zennit's ``SequentialMergeBatchNorm`` canonizer (Anders et al. 2021), without
+    modifying the model. The batch norm itself then passes relevance through unchanged.
+
+    Attributes
+    ----------
+    bn_of : dict
+        ``op index -> bn index``.
+    op_of : dict
+        ``bn index -> op index``.
+    """
+
+    def __init__(self, bn_of: dict[int, int]):
+        self.bn_of = bn_of
+        self.op_of = {b: o for o, b in bn_of.items()}
+
+
+def _is_eval_batchnorm(node) -> bool:
+    from .. import graph as G
+    training = G.saved(node, "training")
+    return training is False and G.saved(node, "running_mean") is not None \
+        and G.saved(node, "running_var") is not None
+
+
+def _beta_obtainable(planner: "Planner", bn: int) -> bool:
+    """Whether the merged bias can be computed: β is in the graph, absent, or the batch norm's output is."""
+    from .. import graph as G
+    from ..promises import Unavailable
+    g = planner.graph
+    edges = g.edges[bn]
+    if len(edges) > 2 and edges[2] >= 0:
+        return True
+    if G.saved(g.nodes[bn], "weight") is None:
+        return True  # not affine: no β
+    out = g.slot_base[bn]
+    return not isinstance(planner.resolver.recipe(out), Unavailable) or support_obtainable(planner, out)
+
+
+#: routing ops whose backward inverts them on the positions they select (see ``Run.support_value``)
+INJECTIVE = frozenset({
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "PermuteBackward0", "TransposeBackward0",
+    "TBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0",
+    "SelectBackward0", "SliceBackward0", "CloneBackward0", "ToCopyBackward0", "AliasBackward0",
+    "NarrowBackward0", "ContiguousBackward0",
+})
+
+
+def support_obtainable(planner: "Planner", slot: int) -> bool:
+    """Whether ``Run.support_value(slot)`` can succeed: the slot's only consumer chain of injective routing ops
+    reaches a ReLU or a slot whose value can be recovered."""
+    from ..promises import Unavailable
+    g = planner.graph
+    s = slot
+    for _ in range(12):
+        cons = g.consumers[s]
+        if len(cons) != 1:
+            return False
+        c = cons[0][0]
+        t = g.types[c]
+        if t == "ReluBackward0":
+            return True
+        kernel = getattr(planner.specs[c], "kernel", None)
+        if getattr(kernel, "inverse", None) is not None and getattr(kernel, "y_field", None):
+            return True
+        if t in ("AddBackward0", "SubBackward0") and all(e >= 0 for e in g.edges[c]):
+            other = g.edges[c][1 - cons[0][1]]
+            return not isinstance(planner.resolver.recipe(g.slot_base[c]), Unavailable) and not isinstance(
+                planner.resolver.recipe(other), Unavailable)
+        if t not in INJECTIVE or (g.n_out[c] or 1) != 1 or sum(e >= 0 for e in g.edges[c]) != 1:
+            return False
+        s = g.slot_base[c]
+        if not isinstance(planner.resolver.recipe(s), Unavailable):
+            return True
+    return False
+
+
+def batchnorm_merges(planner: "Planner", op_gets_linear_rule, bn_family_ruled=None) -> BatchNormMerges:
+    """Find the batch norms to merge in ``planner``'s graph (see :class:`BatchNormMerges`).
+
+    Parameters
+    ----------
+    planner : Planner
+    op_gets_linear_rule : callable
+        ``op_gets_linear_rule(index) -> Rule | None``: the linear rule node ``index`` will get, or ``None``.
+    bn_family_ruled : callable, optional
+        ``bn_family_ruled(index) -> bool``: whether the batch norm gets its family rule (one given its own rule
+        per node, per layer or per op type is not merged).
+
+    Raises
+    ------
+    RuleError
+        A non-ε linear rule needs a merge whose bias cannot be recovered (a batch norm bias that does not
+        require grad, and an output autograd did not keep).
+    """
+    g = planner.graph
+    bn_of: dict[int, int] = {}
+    for bn, t in enumerate(g.types):
+        if t not in BATCHNORM:
+            continue
+        node = g.nodes[bn]
+        if not _is_eval_batchnorm(node):
+            continue
+        if bn_family_ruled is not None and not bn_family_ruled(bn):
+            continue
+        s = g.edges[bn][0] if g.edges[bn] else -1
+        if s < 0 or s in planner.requested:
+            continue
+        op = g.slot_node[s]
+        if g.types[op] not in _MERGEABLE_LINEAR or (g.n_out[op] or 1) != 1 or len(g.consumers[s]) != 1:
+            continue
+        spec = planner.specs[op]
+        if spec is None:
+            continue
+        k = spec.kernel
+        edges = g.edges[op]
+        act = [p < len(edges) and edges[p] >= 0 and planner.active[edges[p]] for p in k.operands]
+        if act[0] == act[1] or not act[0]:
+            continue  # a product of two activations, or the weight as the first operand
+        from .. import graph as G
+        out_meta = G.output_meta(g.nodes[op])[0]
+        if g.types[op] != "ConvolutionBackward0" and len(out_meta.shape) != 2:
+            continue
+        rule = op_gets_linear_rule(op)
+        if rule is None:
+            continue
+        if not _beta_obtainable(planner, bn):
+            if getattr(rule, "kind", None) == "epsilon":
+                continue  # ε gives the same relevance merged or not (up to ε): keep the batch norm's own rule
+            from ..errors import RuleError
+            raise RuleError(
+                f"{rule!r} on {g.describe(op)} needs the batch norm after it ({g.describe(bn)}) merged in, but the "
+                "batch norm's bias does not require grad, so autograd kept neither it nor the batch norm's output. "
+                "Let the parameters require grad (model.requires_grad_(True)), or pass a rule set with "
+                "merge_batchnorm=False (e.g. preset.with_merge_batchnorm(False)) to keep the batch norm separate.")
+        bn_of[op] = bn
+    return BatchNormMerges(bn_of)
