@@ -194,14 +194,19 @@ def test_none_edges_constants_and_frozen_parameters() -> None:
     assert torch.isfinite(ex.relevance[0]).all()
     assert abs(ex.unaccounted) < 1e-10
     assert any(s.kind == "constant" for s in ex.ledger.sinks)
-    # frozen weights: autograd does not save the input of the linear layer; the Promise System rebuilds it
+    # frozen weights: autograd keeps neither the input of the linear layers nor their biases; the input is
+    # rebuilt by the Promise System and z is read from the ReLU's saved output where relevance arrives
+    (ref,) = dynamiclrp.relevance(torch.relu(lin(torch.relu(lin(x)))).sum(1), x)
     lin.requires_grad_(False)
     y2 = torch.relu(lin(torch.relu(lin(x)))).sum(1)
+    (r2,) = dynamiclrp.relevance(y2, x)
+    assert torch.allclose(r2, ref, rtol=1e-12)
+    # but a frozen bias whose output nothing saved or selects cannot be recovered: a clear error
+    y3 = lin(x).sum(1)
     with pytest.raises(dynamiclrp.DynamicLRPError, match="requires_grad|require grad"):
-        dynamiclrp.relevance(y2, x)  # frozen bias: z cannot be computed for ε
-    (r0,) = dynamiclrp.relevance(y2, x, rules="zero")  # LRP-0 needs no z
-    (g,) = torch.autograd.grad(y2.sum(), x)
-    assert torch.isfinite(r0).all()
+        dynamiclrp.relevance(y3, x)
+    (r0,) = dynamiclrp.relevance(y3, x, rules="zero")  # LRP-0 needs no z
+    assert torch.allclose(r0, x.detach() * lin.weight.sum(0), rtol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -30,9 +30,9 @@ things:
    batch norm.
 
 The harness builds models with ``requires_grad=False`` parameters. Autograd then keeps neither a frozen bias nor the
-pre-activation of a biased layer followed by ReLU, so z = Wx + b cannot be recovered from the graph; we let the
-parameters require grad (Zennit's result does not depend on it). With frozen parameters the engine raises a
-:class:`~dynamiclrp.errors.RuleError` that says so rather than computing something else.
+pre-activation of a biased layer followed by ReLU; the parity tests let the parameters require grad (Zennit's result
+does not depend on it), and ``test_frozen_parameters_give_the_same_answer`` shows the frozen model gives the same
+answer (z is read on the support of the relevance).
 """
 from __future__ import annotations
 
@@ -46,7 +46,6 @@ from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanoni
 
 import dynamiclrp
 from dynamiclrp import presets
-from dynamiclrp.errors import RuleError
 from reference import zennit_harness as zh
 
 DT = torch.float64
@@ -168,16 +167,26 @@ def test_parity_with_stock_zennit(model_name: str) -> None:
         assert 0 < err <= 1e-4, f"{model_name}: {err:.2e}"
 
 
-def test_frozen_parameters_are_an_explained_error_not_a_wrong_answer() -> None:
-    model = zh.mlp()  # parameters frozen, as the harness builds them
+def test_frozen_parameters_give_the_same_answer() -> None:
+    """The harness builds frozen models (``requires_grad=False``): autograd then keeps neither the layers' inputs
+    nor their biases. The inputs are rebuilt by the Promise System and z is read on the support of the relevance
+    (through the ReLUs), so a frozen model is explained exactly like a trainable one — and like Zennit."""
+    model = zh.mlp()
     x = zh.example_input("mlp", batch=2).requires_grad_(True)
-    with pytest.raises(RuleError, match=r"bias that does not require grad.*requires_grad_\(True\)"):
-        dynamiclrp.relevance(model(x)[:, TARGET], x, rules=presets.epsilon_plus())
+    (frozen,) = dynamiclrp.relevance(model(x)[:, TARGET], x, rules=presets.epsilon_plus())
+    trainable = copy.deepcopy(model).requires_grad_(True)
+    (ref,) = dynamiclrp.relevance(trainable(x)[:, TARGET], x, rules=presets.epsilon_plus())
+    assert rel_err(frozen, ref) <= 1e-12
+    _, z_rel = zh.zennit_forward_and_attribution(model, x, TARGET, "epsilon_plus")
+    assert rel_err(frozen, z_rel) <= 1e-9
 
 
-def test_frozen_batchnorm_bias_blocks_a_gamma_merge_with_a_clear_error() -> None:
-    model = zh.vgg_bn_cnn()  # frozen: the merged bias needs β, which autograd did not keep
+def test_frozen_batchnorm_bias_still_merges() -> None:
+    model = zh.vgg_bn_cnn()  # frozen: the merged bias needs β, recovered on the relevance's support
     x = zh.example_input("vgg_bn_cnn").requires_grad_(True)
     low, high = zh.image_bounds()
-    with pytest.raises(RuleError, match=r"merge_batchnorm=False"):
-        dynamiclrp.relevance(model(x)[:, TARGET], x, rules=presets.epsilon_gamma_box(low, high))
+    rules = presets.epsilon_gamma_box(low, high)
+    (frozen,) = dynamiclrp.relevance(model(x)[:, TARGET], x, rules=rules)
+    trainable = copy.deepcopy(model).requires_grad_(True)
+    (ref,) = dynamiclrp.relevance(trainable(x)[:, TARGET], x, rules=rules)
+    assert rel_err(frozen, ref) <= 1e-10
