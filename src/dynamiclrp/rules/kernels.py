@@ -105,7 +105,8 @@ def replay_select(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
 
 def replay_index(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
     idx = _s(node, "indices")
-    return xs[0][tuple(None if i is None else i for i in idx)] if idx is not None else xs[0]
+    # a None entry is a dimension that was not indexed (a full slice), not a new axis
+    return xs[0][tuple(slice(None) if i is None else i for i in idx)] if idx is not None else xs[0]
 
 
 def replay_gather(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
@@ -549,7 +550,8 @@ class ProductKernel:
         if v is None:
             return None
         if not isinstance(v, torch.Tensor):
-            v = torch.tensor(v)
+            # a Python float is a double: keep all of it (a 0-dim tensor does not up-cast float32 activations)
+            v = torch.tensor(v, dtype=torch.float64) if isinstance(v, float) else torch.tensor(v)
         return v
 
     def rebuild(self, node, nr):
@@ -731,23 +733,43 @@ def replay_take_indices(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tens
 
 
 def replay_as_strided(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
-    """``as_strided`` replayed on a contiguous input, only where it is a pure reshape.
+    """``as_strided`` replayed from its input's value.
 
-    ``as_strided`` is defined on storage, and autograd does not expose the input's geometry; a replay is exact
-    only when the strides are the contiguous strides of ``size`` (size-1 dimensions ignored) with no storage
-    offset and the input has as many elements, i.e. when the op is a reshape of a contiguous tensor. Otherwise
-    the value is declared unavailable rather than guessed.
+    ``as_strided`` is defined on storage and autograd does not expose the input's memory layout, so the op is not
+    re-applied blindly. Where the strides are the contiguous strides of ``size`` (size-1 dimensions ignored) with no
+    storage offset and as many elements, it is a reshape. Otherwise the element map is read from the node's own
+    backward (which knows the layout): probing it with the output positions ``1..n`` returns, at each input
+    position, the output position that reads it. When every output element reads a distinct input element the
+    replay is that gather; overlapping windows (an input element read twice) make the map ambiguous and the value
+    is declared unavailable rather than guessed.
     """
     size = tuple(_s(node, "size"))
     stride = tuple(_s(node, "stride"))
     offset = _s(node, "storage_offset")
     x = xs[0]
-    if offset not in (None, 0) or x.numel() != math.prod(size) or not _contiguous_strides(size, stride):
-        from ..errors import ValueUnavailableError
-        raise ValueUnavailableError(
-            f"as_strided(size={size}, stride={stride}, storage_offset={offset}) is not a reshape of its input, "
-            "and autograd does not expose the input's memory layout, so its value cannot be replayed")
-    return x.reshape(size)
+    n_out = math.prod(size)
+    if offset in (None, 0) and x.numel() == n_out and _contiguous_strides(size, stride):
+        return x.reshape(size)
+    meta = G.output_meta(node)[0]
+    exact = {torch.float64: 2 ** 53, torch.float32: 2 ** 24}.get(meta.dtype, 0)
+    problem = None
+    if n_out >= exact:
+        problem = "too many elements to probe its element map exactly"
+    else:
+        ids = torch.arange(1, n_out + 1, dtype=meta.dtype, device=meta.device).reshape(size)
+        (pos,) = G.call_backward(node, [ids])[:1]
+        (cnt,) = G.call_backward(node, [torch.ones_like(ids)])[:1]
+        pos, cnt = pos.reshape(-1), cnt.reshape(-1)
+        if bool((cnt > 1).any()) or int((cnt == 1).sum()) != n_out:
+            problem = "overlapping windows make its element map ambiguous"
+        else:
+            src = torch.nonzero(cnt == 1).squeeze(1)
+            out = x.new_empty(n_out)
+            out[pos[src].round().long() - 1] = x.reshape(-1)[src]
+            return out.reshape(size)
+    from ..errors import ValueUnavailableError
+    raise ValueUnavailableError(f"as_strided(size={size}, stride={stride}, storage_offset={offset}): {problem}, "
+                                "so its value cannot be replayed")
 
 
 def _contiguous_strides(size: Sequence[int], stride: Sequence[int]) -> bool:
@@ -803,8 +825,12 @@ class GroupedMmKernel(LinearKernel):
     operands = (0, 1)
     saved_fields = ("self", "mat2")
 
+    @staticmethod
+    def offs(node: Any) -> Tensor:
+        return _s(node, "offs")
+
     def f(self, node, a, b):
-        offs = _s(node, "offs")
+        offs = self.offs(node)
         if a.dim() == 2 and b.dim() == 3:
             out = a.new_zeros(a.shape[0], b.shape[-1])
             for g, s, e in _grouped_spans(offs, a.shape[0]):
@@ -813,7 +839,7 @@ class GroupedMmKernel(LinearKernel):
         return torch._grouped_mm(a, b, offs=offs)  # pragma: no cover - other layouts (3d x 2d...)
 
     def f_t(self, node, which, a, b, s):
-        offs = _s(node, "offs")
+        offs = self.offs(node)
         if not (a.dim() == 2 and b.dim() == 3):  # pragma: no cover - other layouts
             raise NotImplementedError("grouped_mm: only the 2d x 3d (MoE experts) layout is supported")
         spans = _grouped_spans(offs, a.shape[0])
@@ -826,6 +852,18 @@ class GroupedMmKernel(LinearKernel):
         for g, st, e in spans:
             out[g] = a[st:e].transpose(-1, -2) @ s[st:e]
         return out
+
+
+class GroupedMmFallbackKernel(GroupedMmKernel):
+    """transformers' ``grouped_mm_fallback`` custom op (used where ``torch._grouped_mm`` is unavailable, e.g. on
+    CPU with torch <= 2.8): the same product; ``input`` and ``weight`` in ``ctx.saved_tensors``, ``offs`` on the
+    context."""
+
+    saved_fields = ("saved_tensors.0", "saved_tensors.1")
+
+    @staticmethod
+    def offs(node: Any) -> Tensor:
+        return node.offs
 
 
 def _prelu_weight(node: Any, x: Tensor) -> Tensor:
@@ -858,3 +896,22 @@ def _tanh_gelu(node: Any, x: Tensor) -> Tensor:
 BLOOM_GELU = UnaryKernel(_tanh_gelu, x_field="saved_tensors.0",
                          ratio=lambda n, x, y: 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))),
                          limit_ratio=0.5)
+
+
+#: RecurrentGemma's ``SqrtBoundDerivative`` (a custom autograd Function): ``sqrt(x)`` whose backward clips the
+#: derivative; input in ctx.saved_tensors[0]. An element-wise non-linearity with f(0) = 0.
+RG_SQRT = UnaryKernel(lambda n, x: torch.sqrt(x), x_field="saved_tensors.0", limit_ratio=0.0)
+
+
+def vector_norm_forward(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    """``torch.linalg.vector_norm`` with the node's saved ``ord``, ``dim`` and ``keepdim``."""
+    dim = _s(node, "dim")
+    return torch.linalg.vector_norm(xs[0], _s(node, "ord"), dim=None if dim is None else tuple(dim),
+                                    keepdim=bool(_s(node, "keepdim")))
+
+
+#: ``LinalgVectorNormBackward0``: a vector norm is positively homogeneous of degree 1, so by Euler's theorem
+#: ``‖x‖ = Σ_i x_i ∂‖x‖/∂x_i``: the z-rule in gradient form (the node's backward) is exactly conservative
+#: (``R_i = x_i² / ‖x‖² · R`` for the 2-norm). Family ``reduce``: the sum rule. (``ord=0``, which counts non-zeros,
+#: is homogeneous of degree 0 and loses its relevance; no model uses it as a layer.)
+VECTOR_NORM = SumKernel(vector_norm_forward, None, lambda node, nr: _s(node, "result") if nr == 0 else None)

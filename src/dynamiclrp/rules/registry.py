@@ -148,7 +148,8 @@ def _norm(kind: str) -> OpSpec:
     if kind == "layer":
         inputs_saved = inputs_saved + ((2, "bias"),)
     return OpSpec("norm", k, inputs_saved=inputs_saved, rebuild=k.rebuild, replay=k.replay,
-                  replay_inputs=(2,) if kind != "layer" else ())
+                  replay_inputs=(2,) if kind != "layer" else (),
+                  static_fields=("training",) if kind == "batch" else ())
 
 
 def _softmax(log: bool = False) -> OpSpec:
@@ -195,7 +196,7 @@ def _select_backward_rows() -> dict[str, OpSpec]:
     rows["ConstantPadNdBackward0"] = _routing(K.replay_constant_pad)
     rows["MaskedFillBackward0"] = _routing()
     rows["MaskedFillBackward1"] = _routing()
-    rows["CopySlices"] = _routing()
+    # CopySlices: checked routing (family 'inplace'), see _coverage_rows
     rows["IndexPutBackward0"] = _routing()
     rows["ScatterBackward0"] = _routing()
     rows["ScatterBackward1"] = _routing()
@@ -239,6 +240,61 @@ def _select_backward_rows() -> dict[str, OpSpec]:
     return rows
 
 
+def _coverage_rows() -> dict[str, OpSpec]:
+    """Rows added for architecture coverage (issue 4); each has a test in ``tests/test_ops_special.py``."""
+    from . import special as S
+
+    rows: dict[str, OpSpec] = {}
+    # routing: GRU's gate split, MoE top-k/sort values, strided views
+    for name in ("UnsafeSplitBackward0", "UnsafeSplitWithSizesBackward0"):
+        rows[name] = _routing(K.replay_split)
+    for name in ("TopkBackward0", "SortBackward0", "KthvalueBackward0"):
+        rows[name] = _routing(K.replay_take_indices)
+    for name in ("AsStridedBackward0", "AsStridedBackward1"):
+        rows[name] = _routing(K.replay_as_strided)
+    # in-place writes into views: routing, after a plan-time check of the wrapped op (family "inplace")
+    rows["CopySlices"] = OpSpec("inplace", S.CopySlicesKernel())
+    # interpolation: linear maps with constant weights -> the sum rule (family "pool", like average pooling)
+    for name, kind in (("UpsampleLinear1DBackward0", "linear1d"), ("UpsampleBilinear2DBackward0", "bilinear2d"),
+                       ("UpsampleBicubic2DBackward0", "bicubic2d"), ("UpsampleTrilinear3DBackward0", "trilinear3d"),
+                       ("UpsampleBilinear2DAaBackward0", "bilinear2d_aa"),
+                       ("UpsampleBicubic2DAaBackward0", "bicubic2d_aa")):
+        rows[name] = _sum(K.upsample_forward(kind), family="pool")
+    # MoE experts (torch._grouped_mm): a linear op with weights
+    rows["GroupedMmBackward0"] = _linear(K.GroupedMmKernel(), ((0, "self"), (1, "mat2")))
+    rows["GeneratedBackwardFor_transformers_grouped_mm_fallback_defaultBackward"] = _linear(
+        K.GroupedMmFallbackKernel(), ((0, "saved_tensors.0"), (1, "saved_tensors.1")))
+    # PReLU: piecewise-linear activation with a learned slope (identity rule on x, nothing to the slope)
+    rows["PreluKernelBackward0"] = OpSpec("activation", K.PRELU, inputs_saved=((0, "self"),), rebuild=K.PRELU.rebuild,
+                                          replay=K.PRELU.replay, replay_inputs=(0,))
+    # fused oneDNN LSTM layer (nn.LSTM on CPU): re-expressed with primitive ops, explained with the rule set
+    rnn = S.RecurrentKernel()
+    rows["MkldnnRnnLayerBackward0"] = OpSpec(
+        "recurrent", rnn, results=((0, "result0"), (1, "result1"), (2, "result2")),
+        inputs_saved=((0, "input"), (1, "weight0"), (2, "weight1"), (5, "hx_"), (6, "cx_")), rebuild=rnn.rebuild,
+        static_fields=("mode", "has_biases", "batch_sizes"))
+    # weight normalisation (wav2vec2's positional convolution)
+    wn = S.WeightNormKernel()
+    rows["WeightNormInterfaceBackward0"] = OpSpec("parametrization", wn, inputs_saved=((0, "v"), (1, "g")),
+                                                  rebuild=wn.rebuild)
+    # known custom autograd Functions (matched by node class name, checked against the Function's class)
+    rows["GeLUFunctionBackward"] = OpSpec(
+        "activation", K.BLOOM_GELU, inputs_saved=((0, "saved_tensors.0"),), rebuild=K.BLOOM_GELU.rebuild,
+        replay=K.BLOOM_GELU.replay,
+        family_of=S.custom_function_family(K.BLOOM_GELU, "transformers.models.bloom.modeling_bloom", "GeLUFunction",
+                                           "activation"))
+    rows["SqrtBoundDerivativeBackward"] = OpSpec(
+        "activation", K.RG_SQRT, inputs_saved=((0, "saved_tensors.0"),), rebuild=K.RG_SQRT.rebuild,
+        replay=K.RG_SQRT.replay,
+        family_of=S.custom_function_family(K.RG_SQRT, "transformers.models.recurrent_gemma.modeling_recurrent_gemma",
+                                           "SqrtBoundDerivative", "activation"))
+    # vector norms (F.normalize, cosine attention, GRN): homogeneous of degree 1 -> the sum rule is conservative
+    rows["LinalgVectorNormBackward0"] = OpSpec("reduce", K.VECTOR_NORM, results=((0, "result"),),
+                                               inputs_saved=((0, "self"),), rebuild=K.VECTOR_NORM.rebuild,
+                                               replay=K.vector_norm_forward)
+    return rows
+
+
 def _build() -> Mapping[str, OpSpec]:
     t: dict[str, OpSpec] = {}
     t["AccumulateGrad"] = _leaf()
@@ -251,7 +307,7 @@ def _build() -> Mapping[str, OpSpec]:
     conv = K.ConvKernel()
     t["ConvolutionBackward0"] = OpSpec("conv", conv, inputs_saved=((0, "input"), (1, "weight")),
                                        replay=_linear_replay(conv), replay_inputs=_linear_replay_inputs(conv),
-                                       family_of=_family_of_linear)
+                                       family_of=_family_of_linear, static_fields=("bias_sym_sizes_opt",))
     # sums
     t["AddBackward0"] = _sum(K.add_forward, _add_coefs, replay_inputs=(0, 1))
     t["AddBackward1"] = _sum(None, lambda n: (1.0,))
@@ -295,6 +351,7 @@ def _build() -> Mapping[str, OpSpec]:
                  "ScaledDotProductFlashAttentionBackward0", "ScaledDotProductCudnnAttentionBackward0"):
         t[name] = _attention()
     t.update(_select_backward_rows())
+    t.update(_coverage_rows())
     return MappingProxyType(t)
 
 
