@@ -1,0 +1,379 @@
+"""``dynamiclrp demo``: the README demo, offline and in seconds.
+
+1. Trains a tiny CNN on scikit-learn's handwritten digits (8×8 images shipped with scikit-learn).
+2. Explains a few test digits with LRP and writes ``digits.png``: each digit above its heatmap
+   (red: evidence for the predicted class, blue: against it).
+3. Prints the relevance ledger of one explanation: where every unit of the explained logit went.
+4. Measures faithfulness with pixel flipping: ABPC (area between the LeRF and MoRF curves; larger is better)
+   for several rule sets and for a random attribution (≈ 0), written to ``pixel_flipping.png``.
+5. Trains a one-layer transformer on synthetic movie-review sentences and writes ``sentiment.html``: each
+   review's tokens coloured by their relevance for the predicted sentiment.
+
+Everything is seeded: the same ``--seed`` gives the same model, numbers and pictures.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["DigitsCNN", "SentimentTransformer", "load_digits_split", "train_digits_cnn", "make_reviews",
+           "train_sentiment", "add_arguments", "run"]
+
+
+# ==============================================================================================================
+# models
+# ==============================================================================================================
+class DigitsCNN(nn.Module):
+    """Two 3×3 convolutions with ReLU, 2×2 max pooling and a two-layer classifier, for 1×8×8 digits."""
+
+    def __init__(self, n_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, n_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+class SentimentTransformer(nn.Module):
+    """Token embedding + learned positions → one transformer encoder layer → masked mean → linear (2 classes).
+
+    ``forward`` takes ``input_ids`` or ``inputs_embeds`` (like a Hugging Face model) and an ``attention_mask``.
+    """
+
+    def __init__(self, vocab: int, d_model: int = 32, heads: int = 4, max_len: int = 16, n_classes: int = 2) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, d_model, padding_idx=0)
+        self.positions = nn.Parameter(0.02 * torch.randn(1, max_len, d_model))
+        layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=2 * d_model, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, n_classes)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embedding
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                inputs_embeds: Tensor | None = None) -> Tensor:
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            inputs_embeds = self.embedding(input_ids)
+        n, length = inputs_embeds.shape[:2]
+        mask = (torch.ones(n, length, dtype=torch.bool, device=inputs_embeds.device) if attention_mask is None
+                else attention_mask.bool())
+        h = self.encoder(inputs_embeds + self.positions[:, :length], src_key_padding_mask=~mask)
+        w = mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * w).sum(1) / w.sum(1))
+
+
+# ==============================================================================================================
+# data and training
+# ==============================================================================================================
+def _bar(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are optional
+        return iterable
+    return tqdm(iterable, leave=False, **kwargs)
+
+
+def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's digits as ``(N, 1, 8, 8)`` float tensors in ``[0, 1]``, split into train and test.
+
+    Returns
+    -------
+    x_train, y_train, x_test, y_test : torch.Tensor
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise ImportError("the demo needs scikit-learn for its digits: pip install dynamiclrp[demo]") from err
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(test_fraction * len(y)))
+    test, train = perm[:n_test], perm[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def _train(model: nn.Module, batches: Any, epochs: int, lr: float, seed: int, progress: bool, desc: str) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    for _ in _bar(range(epochs), progress, desc=desc, unit="epoch"):
+        for args, y in batches(gen):
+            opt.zero_grad()
+            loss_fn(model(*args), y).backward()
+            opt.step()
+    model.eval()
+
+
+def train_digits_cnn(x: Tensor, y: Tensor, *, epochs: int = 6, seed: int = 0, progress: bool = True) -> DigitsCNN:
+    """Train :class:`DigitsCNN` with Adam (batch 64); a few seconds on a laptop CPU. Returns it in eval mode."""
+    torch.manual_seed(seed)
+    model = DigitsCNN()
+
+    def batches(gen: torch.Generator) -> Any:
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), 64):
+            idx = perm[i:i + 64]
+            yield (x[idx],), y[idx]
+
+    _train(model, batches, epochs, 5e-3, seed, progress, "training the digits CNN")
+    return model
+
+
+POSITIVE = ("great", "good", "excellent", "wonderful", "fun", "brilliant", "superb", "enjoyable")
+NEGATIVE = ("bad", "awful", "boring", "terrible", "dull", "poor", "weak", "horrible")
+NEUTRAL = ("the", "movie", "film", "plot", "acting", "was", "is", "and", "a", "very", "story", "cast", "ending",
+           "really", "quite", "music", "it", "this", "but", "too")
+VOCAB = ("[PAD]", *POSITIVE, *NEGATIVE, *NEUTRAL)
+
+
+def make_reviews(n: int, seed: int = 0, max_len: int = 10) -> tuple[list[list[str]], Tensor]:
+    """Synthetic reviews: neutral words with one to three sentiment words; the label is the majority sentiment.
+
+    Returns
+    -------
+    sentences : list of list of str
+    labels : torch.Tensor
+        1 for positive, 0 for negative.
+    """
+    rng = np.random.default_rng(seed)
+    sentences, labels = [], []
+    while len(sentences) < n:
+        n_pos, n_neg = rng.integers(0, 3, size=2)
+        if n_pos == n_neg:
+            continue
+        length = int(rng.integers(max(4, n_pos + n_neg + 2), max_len + 1))
+        words = list(rng.choice(NEUTRAL, size=length - n_pos - n_neg))
+        for w in list(rng.choice(POSITIVE, size=n_pos)) + list(rng.choice(NEGATIVE, size=n_neg)):
+            words.insert(int(rng.integers(0, len(words) + 1)), str(w))
+        sentences.append([str(w) for w in words])
+        labels.append(int(n_pos > n_neg))
+    return sentences, torch.tensor(labels)
+
+
+def encode_words(sentences: list[list[str]], length: int | None = None) -> tuple[Tensor, Tensor]:
+    """Word ids (0 = padding) and attention mask for :data:`VOCAB`."""
+    index = {w: i for i, w in enumerate(VOCAB)}
+    length = length or max(len(s) for s in sentences)
+    ids = torch.zeros(len(sentences), length, dtype=torch.long)
+    for i, s in enumerate(sentences):
+        ids[i, :len(s)] = torch.tensor([index[w] for w in s])
+    return ids, (ids != 0).long()
+
+
+def train_sentiment(*, n_train: int = 1000, epochs: int = 8, seed: int = 0, progress: bool = True
+                    ) -> SentimentTransformer:
+    """Train :class:`SentimentTransformer` on :func:`make_reviews`; a few seconds. Returns it in eval mode."""
+    sentences, labels = make_reviews(n_train, seed=seed)
+    ids, mask = encode_words(sentences)
+    torch.manual_seed(seed)
+    model = SentimentTransformer(len(VOCAB))
+
+    def batches(gen: torch.Generator) -> Any:
+        perm = torch.randperm(len(labels), generator=gen)
+        for i in range(0, len(labels), 50):
+            idx = perm[i:i + 50]
+            yield (ids[idx], mask[idx]), labels[idx]
+
+    _train(model, batches, epochs, 5e-3, seed, progress, "training the sentiment transformer")
+    return model
+
+
+# ==============================================================================================================
+# command
+# ==============================================================================================================
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``dynamiclrp demo``."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = __doc__.split("\n\n", 1)[1] if __doc__ else None
+    parser.add_argument("--out", "-o", type=Path, default=Path("dynamiclrp-demo"),
+                        help="output directory for digits.png, pixel_flipping.png and sentiment.html "
+                             "(default: ./dynamiclrp-demo)")
+    parser.add_argument("--seed", type=int, default=0, 
+                        help="seed for data split, training and tie-breaking (default 0)")
+    parser.add_argument("--digits", type=int, default=8, metavar="N", help="number of test digits to show (default 8)")
+    parser.add_argument("--rules", default="epsilon",
+                        help="rule preset for the digit heatmaps (default: epsilon; any name of "
+                             "dynamiclrp.presets.names(), or epsilon_gamma_box for z^B on the pixel range [0, 1])")
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs of the digits CNN (default 6)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: these tiny models run fastest on one thread)")
+    parser.add_argument("--no-text", action="store_true", help="skip the sentiment (HTML) part")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _rules(name: str) -> Any:
+    from . import presets
+
+    if name == "epsilon_gamma_box":
+        return presets.epsilon_gamma_box(0.0, 1.0)
+    if name not in presets.names():
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets.names() + ['epsilon_gamma_box'])}")
+    return name
+
+
+def _explain_digits(model: nn.Module, x: Tensor, target: Tensor, rules: Any, ledger: bool = False) -> Any:
+    import dynamiclrp
+
+    x = x.clone().requires_grad_(True)
+    logits = model(x)
+    return dynamiclrp.explain(logits.gather(1, target[:, None]).squeeze(1), x, rules=rules, ledger=ledger,
+                              model=model)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo; returns the exit code."""
+    if args.threads < 1:
+        print(f"dynamiclrp demo: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+        return 2
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    progress = not args.no_progress
+    try:
+        from . import metrics, viz
+
+        rules = _rules(args.rules)
+        if args.digits < 1:
+            raise ValueError(f"--digits must be at least 1, got {args.digits}")
+        if args.epochs < 1:
+            raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+    except (ImportError, ValueError, OSError) as err:
+        print(f"dynamiclrp demo: error: {err}", file=sys.stderr)
+        return 2
+
+    torch.manual_seed(args.seed)
+    x_tr, y_tr, x_te, y_te = load_digits_split(args.seed)
+    model = train_digits_cnn(x_tr, y_tr, epochs=args.epochs, seed=args.seed, progress=progress)
+    with torch.no_grad():
+        pred = model(x_te).argmax(1)
+    acc = float((pred == y_te).float().mean())
+    print(f"digits CNN: {len(y_tr)} training images, test accuracy {acc:.1%}")
+
+    # ---- heatmaps ---------------------------------------------------------------------------------------------
+    k = min(args.digits, len(y_te))
+    xs, ps, ys = x_te[:k], pred[:k], y_te[:k]
+    ex = _explain_digits(model, xs, ps, rules, ledger=True)
+    rel = ex.relevance[0].detach()
+    heat = viz.heatmap(rel, cmap="bwr")
+    cells = [xs[i, 0] for i in range(k)] + [heat[i] for i in range(k)]
+    titles = [f"digit {int(ys[i])}" for i in range(k)] + [f"R for '{int(ps[i])}'" for i in range(k)]
+    fig = viz.grid(cells, ncols=k, titles=titles, cell_size=1.6,
+                   suptitle=f"LRP ({args.rules}) of the predicted class; red = for, blue = against")
+    digits_png = viz.save_png(fig, out / "digits.png")
+    print(f"\nrelevance ledger of the {k} explained digits (seed = their predicted logits, summed):")
+    print(ex.ledger.summary(top=3))
+
+    # ---- faithfulness -----------------------------------------------------------------------------------------
+    n_eval = min(200, len(y_te))
+    xe, te = x_te[:n_eval], pred[:n_eval]
+    candidates: dict[str, Any] = {args.rules: rules}
+    for name in ("epsilon", "epsilon_plus", "epsilon_gamma_box"):
+        candidates.setdefault(name, _rules(name))
+    results = {}
+    for name, r in candidates.items():
+        attr = _explain_digits(model, xe, te, r).relevance[0].detach()
+        results[name] = metrics.pixel_flipping(model, xe, attr, te, occluder="zero", steps=32, score="logit",
+                                               seed=args.seed, progress=False, batch_size=1024)
+    noise = torch.randn(xe.shape, generator=torch.Generator().manual_seed(args.seed))
+    results["random"] = metrics.pixel_flipping(model, xe, noise, te, occluder="zero", steps=32, score="logit",
+                                               seed=args.seed, progress=False, batch_size=1024)
+    print(f"\npixel flipping on {n_eval} test digits (pixels set to 0; target logit; ABPC = AUC(LeRF) - AUC(MoRF), "
+          "larger is more faithful):")
+    print(f"  {'attribution':<20} {'AUC MoRF':>9} {'AUC LeRF':>9} {'ABPC':>8}")
+    for name, res in results.items():
+        print(f"  {name:<20} {res.auc_morf_mean:9.3f} {res.auc_lerf_mean:9.3f} {res.abpc_mean:8.3f}")
+    fig = _curves_figure(results)
+    curves_png = viz.save_png(fig, out / "pixel_flipping.png")
+
+    written = [digits_png, curves_png]
+    # ---- text -------------------------------------------------------------------------------------------------
+    if not args.no_text:
+        written.append(_sentiment_part(out, args.seed, progress))
+
+    print("\nwrote " + ", ".join(str(p) for p in written) + f"  ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _curves_figure(results: dict[str, Any]) -> Any:
+    from .viz import _new_figure
+
+    fig = _new_figure((7.5, 3.2))
+    ax_m, ax_l = fig.subplots(1, 2, sharey=True)
+    for name, res in results.items():
+        style = {"color": "grey", "linestyle": "--"} if name == "random" else {}
+        ax_m.plot(res.fractions, res.mean_curve("morf"), label=f"{name} ({res.abpc_mean:.2f})", **style)
+        ax_l.plot(res.fractions, res.mean_curve("lerf"), **style)
+    ax_m.set_title("MoRF: most relevant removed first")
+    ax_l.set_title("LeRF: least relevant removed first")
+    for ax in (ax_m, ax_l):
+        ax.set_xlabel("fraction of pixels removed")
+        ax.grid(alpha=0.3)
+    ax_m.set_ylabel("target logit")
+    ax_m.legend(title="attribution (ABPC)", fontsize=7, title_fontsize=7)
+    return fig
+
+
+def _sentiment_part(out: Path, seed: int, progress: bool) -> Path:
+    import dynamiclrp
+    from . import viz
+
+    model = train_sentiment(seed=seed, progress=progress)
+    test, labels = make_reviews(300, seed=seed + 1)
+    ids, mask = encode_words(test)
+    with torch.no_grad():
+        acc = float((model(ids, mask).argmax(1) == labels).float().mean())
+    print(f"\nsentiment transformer: test accuracy {acc:.1%} on synthetic reviews")
+    examples = [["the", "acting", "was", "superb", "but", "the", "plot", "was", "dull", "and", "boring"],
+                ["a", "wonderful", "film", "with", "great", "music"],
+                ["this", "movie", "is", "really", "terrible"],
+                test[0], test[1]]
+    examples = [[w for w in s if w in VOCAB] for s in examples]
+    ids, mask = encode_words(examples)
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=emb, attention_mask=mask)
+    pred = logits.argmax(1)
+    (rel,) = dynamiclrp.relevance(logits.gather(1, pred[:, None]).squeeze(1), emb, rules="attnlrp")
+    scores = rel.sum(-1).masked_fill(mask == 0, 0)
+    vmax = float(scores.abs().max())  # one colour scale for all reviews, so that the single legend is right
+    parts = []
+    for i, words in enumerate(examples):
+        label = "positive" if int(pred[i]) == 1 else "negative"
+        logit = float(logits[i, pred[i]].detach())
+        body = viz.text_html(words, scores[i, :len(words)], title=f"predicted {label} (logit {logit:.2f})",
+                             subword_style="words", vmax=vmax, legend=(i == len(examples) - 1))
+        parts.append(body.split("<body>\n", 1)[1].rsplit("</body>", 1)[0])
+        print(f"  {label:>8}: " + viz.text_terminal(words, scores[i, :len(words)], subword_style="words", vmax=vmax))
+    first = viz.text_html(examples[0], scores[0, :len(examples[0])], subword_style="words")
+    head = first.split("<body>", 1)[0].replace("<title>Relevance</title>",
+                                                "<title>dynamiclrp demo: sentiment relevance</title>")
+    doc = (head + "<body>\n<p>Relevance of each word for the predicted sentiment (AttnLRP), on one colour scale. "
+           "Red words speak for the prediction, blue words against it.</p>\n" + "\n".join(parts) + "</body>\n</html>\n")
+    return viz.save_html(doc, out / "sentiment.html")
