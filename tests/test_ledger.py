@@ -86,9 +86,6 @@ def test_zoo_models_close_the_ledger(name: str) -> None:
         outputs, inputs = entry.run()
     finally:
         torch.set_default_dtype(old)
-    try:
-        ex = dynamiclrp.explain(outputs, inputs, model=entry.model)
-    except dynamiclrp.UnsupportedOperationError as err:
-        pytest.skip(f"node type not covered yet: {err}")
+    ex = dynamiclrp.explain(outputs, inputs, model=entry.model)
     assert torch.isfinite(ex.relevance[0]).all()
     closes(ex)

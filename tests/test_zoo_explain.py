@@ -21,17 +21,6 @@ pytest.importorskip("torchvision")
 #: (entry, attention implementation or None = any, preset or None = any) -> the limitation (reported, not ours to
 #: hide). "value": explain() raises ValueUnavailableError; "ledger": the ledger cannot measure some totals.
 KNOWN: dict[tuple[str, str | None, str | None], tuple[str, str]] = {
-    ("bloom", "eager", "epsilon"): (
-        "ledger", "ledger: ALiBi enters baddbmm as a constant that autograd does not keep, so the relevance "
-                  "absorbed by it (and by the additive causal mask) cannot be measured"),
-    ("bloom", "eager", "attnlrp"): ("ledger", "ledger: as bloom/eager/epsilon (ALiBi constant in baddbmm)"),
-    ("gpt-neo", "eager", "epsilon"): (
-        "ledger", "ledger: torch.where(causal_mask, scores, mask_value) with a constant mask_value: the value of "
-                  "the where is not in the graph, so the share of the additive mask cannot be measured"),
-    ("gpt-neo", "eager", "attnlrp"): ("ledger", "ledger: as gpt-neo/eager/epsilon (where with a constant)"),
-    # slow sweep only
-    ("gpt-neo", "eager", "zero"): ("ledger", "ledger: as gpt-neo/eager/epsilon (where with a constant)"),
-    ("bloom", "eager", "zero"): ("ledger", "ledger: as bloom/eager/epsilon (ALiBi constant in baddbmm)"),
     ("tv_mobilenet_v3_small", None, "paper"): (
         "unaccounted", "paper preset: ~1e-3 of the (1e-10-sized) seed unaccounted on these randomly initialised "
                        "nets whose activations vanish; the magnitude split's ε = 1e-11 is of the same size"),

@@ -179,7 +179,7 @@ class Planner:
 class Run:
     """State of one relevance pass: messages per slot, values, and the optional ledger."""
 
-    __slots__ = ("graph", "values", "ledger", "planner", "local")
+    __slots__ = ("graph", "values", "ledger", "planner", "local", "carried", "carry_out")
 
     def __init__(self, planner: Planner, values: ValueStore, ledger: Ledger | None):
         self.planner = planner
@@ -187,6 +187,8 @@ class Run:
         self.values = values
         self.ledger = ledger
         self.local: Tensor | None = None  # sinks a step booked itself during its current call
+        self.carried: list[str] = []  # ledger: constants whose shares ride in the current node's arrived total
+        self.carry_out: dict[int, list[str]] = {}  # ledger: input position -> constants carried onwards
 
     def book_local(self, kind: str, index: int, total: Tensor, note: str = "") -> None:
         """Book a sink from inside a step (e.g. a constant bias); it is excluded from the step's residual."""
@@ -513,6 +515,7 @@ def _execute(run: Run, planner: Planner, seeds: list[Tensor], requested: dict[in
             msgs[slot].add(m)
     captured: dict[int, Tensor] = {}
     arrived: dict[int, Any] = {}  # ledger: relevance total delivered into each slot so far
+    carry: dict[int, list[str]] = {}  # ledger: slot -> constants whose shares its arrived total includes
     if book is not None:
         for slot, s in zip(g.root_slots, seeds):
             arrived[slot] = s.sum() if slot not in arrived else arrived[slot] + s.sum()
@@ -555,11 +558,18 @@ def _execute(run: Run, planner: Planner, seeds: list[Tensor], requested: dict[in
             ins = step(run, outs)
         else:
             t_out = _arrived_total(run, arrived, base, k, outs)
+            run.carried = []
+            for j in range(k):
+                run.carried += carry.pop(base + j, [])
             run.local = None
             ins = step(run, outs)
             if t_out is not UNKNOWN and run.local is not None:
                 t_out = t_out - run.local
+            run.carry_out = {}
             t_ins = step.book(run, t_out, step.input_totals(run, ins), outs)
+            for pos, names in run.carry_out.items():
+                if edges[i][pos] >= 0:
+                    carry.setdefault(edges[i][pos], []).extend(names)
             for s_in, t in zip(edges[i], t_ins):
                 if s_in >= 0 and t is not None:
                     prev = arrived.get(s_in)

@@ -200,25 +200,32 @@ class Step:
             if isinstance(t, torch.Tensor):
                 known = t if known is None else known + t
         has_const = any(e < 0 for e in self.in_edges) and not self.constant_share_zero(run, outs)
+        carried = run.carried  # upstream constants whose shares are included in t_out (see below)
+        label = where if not carried else f"{where} (incl. constants of {', '.join(carried)})"
         if t_out is UNKNOWN:
-            if unknown or has_const or not self.conservative:
+            if unknown or has_const or carried or not self.conservative:
                 run.ledger.unmeasurable(where, "the forward value of this node's output is not in the graph")
             return t_ins
         if self.conservative:
             if not unknown:
-                if has_const:
-                    run.ledger.book("constant", where, t_out if known is None else t_out - known)
-            elif len(unknown) == 1 and not has_const:
+                if has_const or carried:
+                    run.ledger.book("constant", label, t_out if known is None else t_out - known)
+            elif len(unknown) == 1:
+                # the one input we cannot measure gets what exact conservation leaves; if this node also sent
+                # relevance to constants, that share travels inside the derived total and is booked, measured,
+                # at the next node whose inputs are all known (the constants are named there)
                 t_ins = list(t_ins)
                 t_ins[unknown[0]] = t_out if known is None else t_out - known
                 run.ledger.derived += 1
+                if has_const or carried:
+                    run.carry_out[unknown[0]] = list(carried) + ([where] if has_const else [])
             else:
                 run.ledger.unmeasurable(where, "several inputs whose forward values are not in the graph")
             return t_ins
         if unknown:
             run.ledger.unmeasurable(where, "an input whose forward value is not in the graph")
             return t_ins
-        run.ledger.book(self.sink_kind, where, t_out if known is None else t_out - known)
+        run.ledger.book(self.sink_kind, label, t_out if known is None else t_out - known)
         return t_ins
 
     # -- driver ---------------------------------------------------------------------------------------------
