@@ -463,20 +463,23 @@ def _first_layer_nodes(planner: "Planner", rules: RuleSet) -> frozenset[int]:
 def _nearest_input_ops(planner: "Planner", kinds: Sequence[str]) -> set[int]:
     g = planner.graph
     n = len(g)
-    # below[i]: some matching op lies strictly below node i on a path to an activation source
+    # below[i]: some matching op (or a fused layer with weights, e.g. an LSTM) lies strictly below node i on a
+    # path to an activation source
     below = [False] * n
     is_match = [False] * n
+    is_layer = [False] * n
     for i in reversed(g.order):
         spec = planner.specs[i]
         if spec is not None:
             site_active = tuple(e >= 0 and planner.active[e] for e in g.edges[i])
             fam = spec.family_of(Site(planner, i, spec, site_active)) if spec.family_of else spec.family
             is_match[i] = fam in kinds
+            is_layer[i] = is_match[i] or fam in ("linear", "conv", "recurrent")
         b = False
         for e in g.edges[i]:
             if e >= 0 and planner.active[e]:
                 c = g.slot_node[e]
-                if is_match[c] or below[c]:
+                if is_layer[c] or below[c]:
                     b = True
                     break
         below[i] = b
