@@ -264,12 +264,18 @@ def coverage(outputs: Tensor | Sequence[Tensor], rules: Any = None, *, inputs: T
         if not isinstance(o, torch.Tensor) or o.grad_fn is None:
             raise DynamicLRPError(f"outputs[{k}] has no grad_fn, so there is no autograd graph to report on; run the "
                                   "forward pass with gradients enabled")
-    ins = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    single = isinstance(inputs, (torch.Tensor, torch.autograd.graph.GradientEdge))
+    ins = (inputs,) if single else tuple(inputs)
     rule_set = resolve_rules(rules)
     graph = G.GraphView([(o.grad_fn, o.output_nr) for o in outs])
     known = {graph.root_slots[k]: k for k in range(len(outs))}
     sources: set[int] = set()
     for k, t in enumerate(ins):
+        if isinstance(t, torch.autograd.graph.GradientEdge):
+            slot = graph.slot_of(t.node, t.output_nr)  # an edge's value is promised, not known
+            if slot is not None:
+                sources.add(slot)
+            continue
         edge = G.gradient_edge(t)
         slot = None if edge is None else graph.slot_of(*edge)
         if slot is not None:
@@ -320,7 +326,7 @@ class Target:
     name: str
     model: torch.nn.Module | None
     outputs: Tensor
-    inputs: Tensor | None
+    inputs: Tensor | torch.autograd.graph.GradientEdge | None
     description: str = ""
 
 
@@ -360,26 +366,24 @@ def _from_function(spec: str) -> Target:
     model, example = got
     model.eval()
     args, kwargs, leaves = _as_float_leaves(example)
-    captured: list[Tensor] = []
-    hook = None
-    if not leaves:
+    with torch.enable_grad():
+        out = model(*args, **kwargs)
+    from .graph import find_lookups
+    from .zoo import _find_tensor_output, top_score
+
+    _, scores = _find_tensor_output(out)
+    rel: Any = leaves[0] if leaves else None
+    if rel is None:
+        # token ids: relevance at the input embedding lookup, found in the graph (the model is not hooked)
         emb = None
         try:
             emb = model.get_input_embeddings()
         except (AttributeError, NotImplementedError):
             pass
-        if isinstance(emb, torch.nn.Module):
-            hook = emb.register_forward_hook(lambda m, i, o: captured.append(o) if not captured else None)
-    try:
-        with torch.enable_grad():
-            out = model(*args, **kwargs)
-    finally:
-        if hook is not None:
-            hook.remove()
-    from .zoo import _find_tensor_output, top_score
-
-    _, scores = _find_tensor_output(out)
-    rel = leaves[0] if leaves else (captured[0] if captured else None)
+        weight = getattr(emb, "weight", None)
+        if isinstance(weight, Tensor):
+            hits = find_lookups([scores], weight)
+            rel = hits[0] if hits else None
     return Target(spec, model, top_score(scores), rel, f"{spec}() -> {type(model).__name__}")
 
 

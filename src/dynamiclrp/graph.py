@@ -330,3 +330,33 @@ class GraphView:
     def describe(self, i: int) -> str:
         """``"AddmmBackward0#12"``: the node type and its index, for messages and ledgers."""
         return f"{self.types[i]}#{i}"
+
+
+def find_lookups(outputs: Sequence[torch.Tensor], weight: torch.Tensor,
+                 indices: torch.Tensor | None = None) -> list[Any]:
+    """Where ``weight`` was read by an embedding lookup in the graph of ``outputs``.
+
+    Returns ``torch.autograd.graph.GradientEdge`` objects (the lookups' outputs), in discovery order, optionally
+    only those whose saved indices equal ``indices``. The model is not touched: this reads the graph only, so
+    relevance can be requested at an embedding output the caller never held.
+    """
+    roots = [(t.grad_fn, t.output_nr) for t in outputs if t.grad_fn is not None]
+    if not roots:
+        return []
+    view = GraphView(roots)
+    found = []
+    for i, t in enumerate(view.types):
+        if t != "EmbeddingBackward0":
+            continue
+        e = view.edges[i][0] if view.edges[i] else -1
+        if e < 0 or view.types[view.slot_node[e]] != "AccumulateGrad":
+            continue
+        if leaf_tensor(view.nodes[view.slot_node[e]]) is not weight:
+            continue
+        if indices is not None:
+            idx = saved(view.nodes[i], "indices")
+            if idx is None or idx.shape != indices.shape or not torch.equal(idx, indices.to(idx.device)):
+                continue
+        found.append(torch.autograd.graph.GradientEdge(view.nodes[i], 0))
+    return found
+

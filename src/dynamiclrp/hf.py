@@ -412,32 +412,18 @@ def _embedding_module(model: nn.Module) -> nn.Module:
 
 
 def _embedding_edges(outputs: Any, weight: Tensor, ids: Sequence[Tensor]) -> list[Any]:
-    """The graph edges where ``weight`` was looked up with each of ``ids`` (in order), or ``[]``.
+    """The graph edges where ``weight`` was looked up with each of ``ids`` (in order), or ``[]`` (reads the
+    autograd graph of ``outputs``; no hooks, nothing modified)."""
+    from .graph import find_lookups
 
-    Walks the autograd graph of ``outputs`` (no hooks, nothing modified) for ``EmbeddingBackward0`` nodes whose
-    weight is ``weight`` and whose saved indices equal one of ``ids``.
-    """
-    from . import graph as G
-
-    roots = [t for t in _tensors(outputs) if t.grad_fn is not None]
-    if not roots:
-        return []
-    view = G.GraphView([(t.grad_fn, t.output_nr) for t in roots])
-    found: list[Any] = [None] * len(ids)
-    for i, t in enumerate(view.types):
-        if t != "EmbeddingBackward0":
-            continue
-        e = view.edges[i][0] if view.edges[i] else -1
-        if e < 0 or view.types[view.slot_node[e]] != "AccumulateGrad":
-            continue
-        if G.leaf_tensor(view.nodes[view.slot_node[e]]) is not weight:
-            continue
-        idx = G.saved(view.nodes[i], "indices")
-        for k, want in enumerate(ids):
-            if found[k] is None and idx is not None and idx.shape == want.shape and torch.equal(idx, want):
-                found[k] = torch.autograd.graph.GradientEdge(view.nodes[i], 0)
-                break
-    return found if all(f is not None for f in found) else []
+    roots = _tensors(outputs)
+    found = []
+    for want in ids:
+        hits = [e for e in find_lookups(roots, weight, want) if all(e.node is not f.node for f in found)]
+        if not hits:
+            return []
+        found.append(hits[0])
+    return found
 
 
 def _tensors(obj: Any) -> list[Tensor]:
