@@ -89,3 +89,41 @@ def test_zoo_models_close_the_ledger(name: str) -> None:
     ex = dynamiclrp.explain(outputs, inputs, model=entry.model)
     assert torch.isfinite(ex.relevance[0]).all()
     closes(ex)
+
+
+@pytest.mark.parametrize("name,rules", [("cnn_bn", "epsilon"), ("cnn_bn", "epsilon_plus"), ("bert", "epsilon"),
+                                        ("llama", "attnlrp"), ("gpt2", "epsilon")])
+def test_relevance_fast_paths_equal_the_ledger_paths(name: str, rules: str) -> None:
+    """relevance() takes fast paths (ε in place on z read from saved tensors, dead messages skipped) that
+    explain(..., ledger=True) does not; both give the same relevance."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        entry = zoo.build(name)
+        entry.model.double()
+        outputs, inputs = entry.run()
+    finally:
+        torch.set_default_dtype(old)
+    (fast,) = dynamiclrp.relevance(outputs, inputs, rules=rules)
+    slow = dynamiclrp.explain(outputs, inputs, rules=rules).relevance[0]
+    assert torch.allclose(fast, slow, rtol=1e-9, atol=1e-12 * float(slow.abs().max()))
+
+
+@pytest.mark.parametrize("rules", sorted(RULES))
+def test_chunked_convolutions_give_the_same_relevance(monkeypatch, rules: str) -> None:
+    """Large convolutions are processed in batch chunks (to bound temporaries); with a tiny threshold every
+    convolution is chunked, on every path (ε, the non-negative γ/z⁺/α-β path, the general one, the ledger's),
+    and nothing changes."""
+    from dynamiclrp.rules import library
+
+    model = cnn()
+    x = torch.randn(5, 3, 8, 8, dtype=DT, requires_grad=True)
+    y = model(x)[:, 2]
+    (whole,) = dynamiclrp.relevance(y, x, rules=RULES[rules])
+    ex_whole = dynamiclrp.explain(y, x, rules=RULES[rules])
+    monkeypatch.setattr(library, "_CHUNK_BYTES", 64)
+    (chunked,) = dynamiclrp.relevance(y, x, rules=RULES[rules])
+    ex_chunked = dynamiclrp.explain(y, x, rules=RULES[rules])
+    assert torch.allclose(chunked, whole, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(ex_chunked.relevance[0], ex_whole.relevance[0], rtol=1e-12, atol=1e-15)
+    assert abs(ex_chunked.unaccounted) <= 1e-9 * abs(ex_chunked.ledger.seed_total)

@@ -277,3 +277,19 @@ def test_rule_on_wrong_family_lists_valid_families() -> None:
     rules = presets.epsilon().with_override(lambda info: R.Gamma() if info.family == "activation" else None)
     with pytest.raises(RuleError, match=r"Gamma does not apply to ReluBackward0.*it applies to: conv, linear"):
         dynamiclrp.relevance(torch.relu(x).sum(), x, rules=rules)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("rule_name", ["gamma", "gamma_no_bias", "zplus", "alpha2beta1", "alpha1beta0_no_bias"])
+def test_nonnegative_input_fast_path_matches_reference(rule_name: str, layer: str, bias: bool) -> None:
+    """With a non-negative input (after a ReLU) ``relevance()`` takes a path with fewer convolutions (the x⁻
+    terms vanish and W⁻ is W − W⁺); it must give the reference's numbers all the same."""
+    make_rule, reference = RULES[rule_name]
+    for seed in SEEDS:
+        module, x, Rout, extra = _case(layer, bias, seed)
+        x = x.abs()
+        weight, b, op = rr.from_module(module)
+        xi = x.clone().requires_grad_(True)
+        (ours,) = dynamiclrp.relevance(module(xi), xi, Rout, rules=_ruleset(make_rule(extra)))
+        _assert_close(ours, reference(weight, b, op, x, Rout, extra))

@@ -28,7 +28,6 @@ import torch
 from . import graph as G
 from .engine import Planner
 from .errors import DynamicLRPError
-from .promises import PromiseResolver
 from .rules.base import Site
 from .rules.ruleset import RuleSet, resolve_rules
 
@@ -179,20 +178,9 @@ class _CoveragePlanner(Planner):
 
     def __init__(self, graph: G.GraphView, rules: RuleSet, sources: set[int], known: dict[int, int],
                  model: torch.nn.Module | None):
-        n = len(graph)
-        self.graph = graph
-        self.rules = rules
-        self.requested = {}
-        self.model = model
-        self.specs = [rules.spec_for(t) for t in graph.types]
-        self.active = self._activation_flags(sources)
-        self.needed_below = [True] * n
-        self.terminal = set()
-        self.resolver = PromiseResolver(graph, self.specs, known)
-        self.structure_cache = {}
-        self.bias_slots = set()
-        self.steps = [None] * n
-        self.run_node = [True] * n
+        self.setup(graph, rules, {}, sources, known, everywhere=True, model=model)
+        self.needed_below = [True] * len(graph)
+        self.run_node = [True] * len(graph)
 
 
 def _first_line(err: BaseException) -> str:

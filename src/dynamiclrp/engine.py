@@ -58,13 +58,28 @@ class Planner:
     def __init__(self, graph: G.GraphView, rules: RuleSet, requested: dict[int, int], sources: set[int],
                  known: dict[int, int], everywhere: bool, model: torch.nn.Module | None = None,
                  specs: list[OpSpec | None] | None = None):
+        self.setup(graph, rules, requested, sources, known, everywhere, model, specs)
+        self._check_supported()
+        for i in graph.order:
+            if everywhere or self.needed_below[i]:
+                self.run_node[i] = True
+                site = Site(self, i, self.specs[i], tuple(
+                    e >= 0 and self.active[e] for e in graph.edges[i]))
+                self.steps[i] = rules.rule_for(site).bind(site)
+        # slots whose messages someone reads: a node that runs, or a requested tensor (others are dropped)
+        self.wanted = [self.run_node[graph.slot_node[s]] or s in requested for s in range(len(graph.slot_node))]
+
+    def setup(self, graph: G.GraphView, rules: RuleSet, requested: dict[int, int], sources: set[int],
+              known: dict[int, int], everywhere: bool, model: torch.nn.Module | None = None,
+              specs: list[OpSpec | None] | None = None) -> None:
+        """Everything a plan knows before rules bind: registry rows, activation flags, pruning, recipes."""
         self.graph = graph
         self.rules = rules
         self.requested = requested
         self.model = model
+        self.everywhere = everywhere
         n = len(graph)
         self.specs: list[OpSpec | None] = specs if specs is not None else [rules.spec_for(t) for t in graph.types]
-        self._check_supported()
         self.active = self._activation_flags(sources)
         self.needed_below = self._needed_below()
         # requested slots with nothing requested below them: relevance stops there
@@ -74,12 +89,6 @@ class Planner:
         self.bias_slots: set[int] = set()
         self.steps: list[Step | None] = [None] * n
         self.run_node = [False] * n
-        for i in graph.order:
-            if everywhere or self.needed_below[i]:
-                self.run_node[i] = True
-                site = Site(self, i, self.specs[i], tuple(
-                    e >= 0 and self.active[e] for e in graph.edges[i]))
-                self.steps[i] = rules.rule_for(site).bind(site)
 
     # -----------------------------------------------------------------------------------------------------
     def _check_supported(self) -> None:
@@ -522,6 +531,7 @@ def _execute(run: Run, planner: Planner, seeds: list[Tensor], requested: dict[in
     terminal = planner.terminal
     steps = planner.steps
     run_node = planner.run_node
+    wanted = planner.wanted
     slot_base = g.slot_base
     n_out = g.n_out
     edges = g.edges
@@ -584,13 +594,15 @@ def _execute(run: Run, planner: Planner, seeds: list[Tensor], requested: dict[in
             if m is None:
                 continue
             s = row[pos]
-            if s < 0:
+            if s < 0 or not wanted[s]:
                 continue
             cur = msgs[s]
             if cur is None:
                 msgs[s] = m
             else:
                 cur.add(m)
+        # release this node's incoming messages now, not when the next node overwrites the names
+        outs = ins = m = cur = None
     return captured
 
 

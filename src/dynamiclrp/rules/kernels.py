@@ -409,7 +409,9 @@ class UnaryKernel:
     def __init__(self, f: Callable[[Any, Tensor], Tensor], x_field: str | None = "self",
                  y_field: str | None = None, inverse: Callable[[Any, Tensor], Tensor] | None = None,
                  ratio: Callable[[Any, Tensor | None, Tensor | None], Tensor] | None = None,
-                 limit_ratio: Callable[[Any], float] | float = 0.0, f0: Callable[[Any], float] | float = 0.0):
+                 limit_ratio: Callable[[Any], float] | float = 0.0, f0: Callable[[Any], float] | float = 0.0,
+                 identity_is_gradient: bool = False):
+        self.identity_is_gradient = identity_is_gradient
         self.f = f
         self.x_field = x_field
         self.y_field = y_field
@@ -495,9 +497,11 @@ def _leaky_ratio(node, x):
 
 
 UNARY: dict[str, UnaryKernel] = {
+    # piecewise-linear and homogeneous: y / x is the derivative, so the identity rule is the node's own backward
     "ReluBackward0": UnaryKernel(_f_relu, x_field=None, y_field="result",
-                                 ratio=lambda n, x, y: (y > 0).to(y.dtype)),
-    "LeakyReluBackward0": UnaryKernel(_f_leaky, ratio=lambda n, x, y: _leaky_ratio(n, x), limit_ratio=1.0),
+                                 ratio=lambda n, x, y: (y > 0).to(y.dtype), identity_is_gradient=True),
+    "LeakyReluBackward0": UnaryKernel(_f_leaky, ratio=lambda n, x, y: _leaky_ratio(n, x), limit_ratio=1.0,
+                                      identity_is_gradient=True),
     "GeluBackward0": UnaryKernel(_f_gelu, ratio=lambda n, x, y: _gelu_ratio(n, x), limit_ratio=0.5),
     "SiluBackward0": UnaryKernel(lambda n, x: F.silu(x), ratio=lambda n, x, y: torch.sigmoid(x), limit_ratio=0.5),
     "MishBackward0": UnaryKernel(lambda n, x: F.mish(x), limit_ratio=math.tanh(math.log(2.0))),

@@ -23,8 +23,8 @@ import torch
 from .. import graph as G
 from ..errors import RuleError, ValueUnavailableError
 from .base import Msg, Rule, Site, Step, gmsg, rmsg, safe_div, stabilize
-from .kernels import (AttentionKernel, LinearKernel, NegKernel, NormKernel, ProductKernel, RoutingKernel,
-                      SoftmaxKernel, SumKernel, UnaryKernel)
+from .kernels import (AttentionKernel, ConvKernel, LinearKernel, NegKernel, NormKernel, ProductKernel,
+                      RoutingKernel, SoftmaxKernel, SumKernel, UnaryKernel)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import Run
@@ -277,12 +277,13 @@ class LinearStep(Step):
 
     __slots__ = ("kernel", "which", "x_pos", "w_pos", "bias_pos", "branches", "stabiliser", "zero_bias",
                  "homogeneous", "x_field", "w_field", "x_meta", "b_meta", "kind", "needs_z", "conservative",
-                 "sink_kind", "bn")
+                 "sink_kind", "bn", "fast_eps", "z_source", "bias_wanted", "params")
     handles_r = True
 
     def __init__(self, site: Site, branches: Sequence[Branch], stabiliser: Stabiliser, zero_bias: bool,
-                 kind: str):
+                 kind: str, params: dict | None = None):
         super().__init__(site)
+        self.params = dict(params or {})
         k: LinearKernel = site.spec.kernel
         self.kernel = k
         act = [site.active[p] if p < len(site.active) else False for p in k.operands]
@@ -315,6 +316,12 @@ class LinearStep(Step):
             planner.need_value(site.edges[self.w_pos])
         # an eval-mode batch norm right after this op is merged into it (Zennit's SequentialMergeBatchNorm)
         self.bn = _MergedBN.plan(site, self) if self.which == 0 else None
+        # the fast ε path (gradient-form messages): s = G·|z|/(|z| + ε), z read where autograd kept it
+        self.fast_eps = (kind == "epsilon" and single and not callable(stabiliser) and float(stabiliser) > 0
+                         and not zero_bias)
+        self.z_source = _cheap_output_source(site, self.out_slots[0] if self.bn is None else self.bn.out_slot)
+        self.bias_wanted = (self.bias_pos is not None and site.edges[self.bias_pos] >= 0
+                            and (planner.everywhere or site.edges[self.bias_pos] in planner.requested))
         if self.bn is not None:
             pass  # the merged op's values are requested by _MergedBN.plan
         elif self.bias_pos is not None and site.edges[self.bias_pos] >= 0:
@@ -358,6 +365,150 @@ class LinearStep(Step):
             "the bias nor the op's output, and the rule needs z = x·W + b. Let the parameters require grad "
             "(model.requires_grad_(True)); the 'zero' preset (LRP-0) does not need z when no ledger is requested.")
 
+    def _fast(self, run, node, m, x, w, w_orig, alpha, res, has_bias_edge):
+        """LRP-0 and ε on gradient-form messages, lean on memory: ``s = G`` (LRP-0) or ``s = G / (1 + ε/|z|)``
+        (ε, the same as ``G·z/(z + ε·sign z)``) in one buffer, with z read where autograd kept it. The incoming
+        message is released as soon as ``s`` exists, and a large convolution is processed in batch chunks so
+        its backward's workspace stays small (plain backward frees the graph as it goes; we cannot)."""
+        g = m.g
+        m.g = None  # the engine holds no other reference: freeing it early lowers the pass's peak
+        z_full = None
+        if self.needs_z:
+            z_full = self._z_from_source(run)
+            if z_full is None:
+                z = alpha * self._f(node, x, w)
+                bias = (self._bias(run, node, z, gradient_form_only=True) if self.bn is None
+                        else self.bn.bias(run, self, node, x, z, w_orig, gradient_form_only=True))
+                z_full = z if bias is None else z.add_(bias)
+        eps = float(self.stabiliser) if self.needs_z else 0.0
+        chunks = _batch_chunks(self.kernel, g, x)
+        if chunks is None:
+            s = _eps_quotient(g, z_full, eps)
+            del g, z_full
+            gx = alpha * self._ft(node, x, w, s) if alpha != 1 else self._ft(node, x, w, s)
+            res[self.x_pos] = Msg(g=_fit(gx, self.x_meta))
+            if has_bias_edge and self.bias_wanted:
+                res[self.bias_pos] = Msg(g=self._to_bias(node, self.kernel.beta(node) * s))
+            return res
+        gx = torch.empty(x.shape, dtype=g.dtype, device=g.device)
+        bias_acc = None
+        for sl in chunks:
+            s = _eps_quotient(g[sl], None if z_full is None else z_full[sl], eps)
+            part = self._ft(node, x[sl], w, s)
+            gx[sl] = part if alpha == 1 else alpha * part
+            if has_bias_edge and self.bias_wanted:
+                b = self._to_bias(node, s)
+                bias_acc = b if bias_acc is None else bias_acc + b
+            del s, part
+        del g, z_full
+        res[self.x_pos] = Msg(g=_fit(gx, self.x_meta))
+        if bias_acc is not None:
+            res[self.bias_pos] = Msg(g=self.kernel.beta(node) * bias_acc)
+        return res
+
+    def _fast_nonnegative(self, run, node, m, x, w, w_orig, alpha, res, has_bias_edge):
+        """γ, z⁺ and α-β when the input is non-negative (after a ReLU): the x⁻ terms vanish and, by linearity,
+        ``f(x, W⁻) = f(x, W) − f(x, W⁺)`` and ``Jᵀ_{W⁻} = Jᵀ_W − Jᵀ_{W⁺}``, so one extra forward op
+        (``f(x, W⁺)``) and two transposed ops replace Zennit's four of each. Same numbers as the general path.
+        """
+        g = m.g
+        m.g = None
+        eps = float(self.stabiliser)
+        z_full = self._z_from_source(run)
+        # the bias (broadcast against z); only a bias autograd did not keep needs z = f(x, W) to be derived
+        derive = ((self.bn is not None and self.bn.fallback) or
+                  (self.bn is None and self.bias_pos is not None and self.in_edges[self.bias_pos] < 0
+                   and not _no_bias(node)))
+        z0 = alpha * self._f(node, x, w) if (z_full is None or derive) else None
+        ref = z0 if z0 is not None else z_full
+        if self.bn is not None:
+            b = self.bn.bias(run, self, node, x, ref, w_orig, gradient_form_only=True)
+        else:
+            b = self._bias(run, node, ref, gradient_form_only=True)
+        if z_full is None:
+            z_full = z0 if b is None else z0 + b
+        del z0, ref
+        bz = None if self.zero_bias else b                # the bias as the rule sees it
+        wp = w.clamp(min=0)
+        want_bias = has_bias_edge and self.bias_wanted and bz is not None
+        chunks = _batch_chunks(self.kernel, g, x) or [slice(None)]
+        whole = len(chunks) == 1
+        gx = None if whole else torch.empty(x.shape, dtype=g.dtype, device=g.device)
+        bias_r = None
+        for sl in chunks:
+            def cut(t):
+                if t is None or whole or t.dim() == 0 or t.shape[0] != x.shape[0]:
+                    return t
+                return t[sl]
+            g_c, r_b = self._nonnegative_core(node, alpha, cut(x), w, wp, cut(b), cut(bz), cut(z_full), cut(g), eps)
+            if whole:
+                gx = g_c
+            else:
+                gx[sl] = g_c
+            if want_bias and r_b is not None:
+                part = self._to_bias(node, r_b)
+                bias_r = part if bias_r is None else bias_r + part
+            del g_c, r_b
+        del g, z_full
+        res[self.x_pos] = Msg(g=_fit(gx, self.x_meta))
+        if bias_r is not None:
+            res[self.bias_pos] = Msg(r=bias_r)
+        return res
+
+    def _nonnegative_core(self, node, alpha, x, w, wp, b, bz, z_full, g, eps):
+        """One (chunk of a) batch of :meth:`_fast_nonnegative`: the input's gradient-form relevance and the
+        bias's share (z-shaped, or ``None``)."""
+        zn = z_full if b is None else z_full - b        # f(x, W): the op without its bias
+
+        def stab(d):
+            return stabilize(d, eps)
+
+        def plus(t, extra):
+            return t if extra is None else t + extra
+
+        R = g * z_full
+        kind = self.kind
+        if kind == "zplus":
+            den = plus(alpha * self._f(node, x, wp), None if bz is None else bz.clamp(min=0))
+            s_x = R / stab(den)
+            del R, den
+            gx = alpha * self._ft(node, x, wp, s_x)
+            bias_r = None if bz is None else s_x * bz.clamp(min=0)
+        elif kind == "alphabeta":
+            a, be = self.params["alpha"], self.params["beta"]
+            P = alpha * self._f(node, x, wp)
+            den_p = plus(P, None if bz is None else bz.clamp(min=0))
+            den_n = plus(zn - P, None if bz is None else bz.clamp(max=0))
+            sp = (a * R) / stab(den_p)
+            sn = (-be * R) / stab(den_n)
+            del R, den_p, den_n, P
+            gx = alpha * (self._ft(node, x, wp, sp - sn) + self._ft(node, x, w, sn))
+            bias_r = None if bz is None else sp * bz.clamp(min=0) + sn * bz.clamp(max=0)
+        else:  # gamma: where z > 0 terms x(W + γW⁺) + b + γb⁺, where z < 0 terms x(W + γW⁻) + b + γb⁻
+            gam = self.params["gamma"]
+            P = alpha * self._f(node, x, wp)
+            den_p = plus(zn + gam * P, None if bz is None else bz + gam * bz.clamp(min=0))
+            den_n = plus((1.0 + gam) * zn - gam * P, None if bz is None else bz + gam * bz.clamp(max=0))
+            del P
+            sp = R * (z_full > 0).to(R.dtype) / stab(den_p)
+            sn = R * (z_full < 0).to(R.dtype) / stab(den_n)
+            del R, den_p, den_n
+            gx = alpha * (self._ft(node, x, w, sp + (1.0 + gam) * sn) + gam * self._ft(node, x, wp, sp - sn))
+            bias_r = (None if bz is None else
+                      sp * (bz + gam * bz.clamp(min=0)) + sn * (bz + gam * bz.clamp(max=0)))
+        del zn
+        pos_x = (x > 0).to(gx.dtype)
+        return gx * _fit_mask(pos_x, gx), bias_r
+
+    def _z_from_source(self, run: "Run") -> Tensor | None:
+        """The op's output (the merged batch norm's, when merged) where autograd kept it: a consumer's saved
+        input, or a ReLU's saved output (exact wherever a gradient-form message can be non-zero)."""
+        src = self.z_source
+        if src is None:
+            return None
+        node_i, fld = src
+        return G.saved(run.graph.nodes[node_i], fld)
+
     def _to_bias(self, node, t: Tensor) -> Tensor:
         shape, dtype = self.b_meta
         out = self.kernel.bias_reduce(node, t, shape)
@@ -386,24 +537,84 @@ class LinearStep(Step):
             # the message at this op's output is the batch norm's output message: rule on z' = W'x + b'
             w = self.bn.weight(run, node, w)
             has_bias_edge = False
-        if not self.needs_z and m.r is None and run.ledger is None:
-            # LRP-0 in gradient form: s = R / z = G, so the rule is the transpose of the linear map
-            s = m.g
-            res[self.x_pos] = Msg(g=_fit(alpha * self._ft(node, x, w, s), self.x_meta))
-            if has_bias_edge:
-                res[self.bias_pos] = Msg(g=self._to_bias(node, self.kernel.beta(node) * s))
-            return res
+        if m.r is None and run.ledger is None and (not self.needs_z or self.fast_eps):
+            return self._fast(run, node, m, x, w, w_orig, alpha, res, has_bias_edge)
+        if (m.r is None and run.ledger is None and self.kind in ("gamma", "zplus", "alphabeta")
+                and not callable(self.stabiliser) and not bool((x < 0).any())):
+            return self._fast_nonnegative(run, node, m, x, w, w_orig, alpha, res, has_bias_edge)
+        return self._general(run, node, m, x, w, w_orig, alpha, res, has_bias_edge)
+
+    def _general(self, run, node, m, x, w, w_orig, alpha, res, has_bias_edge):
+        """Every linear rule, in both message forms: Zennit's branch/term algebra (module docstring). A large
+        convolution runs in batch chunks, which keeps its temporaries (and the cost of fresh pages) small."""
+        ref_msg = m.g if m.g is not None else m.r
+        derive = ((self.bn is not None and self.bn.fallback) or
+                  (self.bn is None and self.bias_pos is not None and self.in_edges[self.bias_pos] < 0
+                   and not _no_bias(node)))
+        gform = m.r is None
+        if derive:
+            # a bias autograd did not keep is derived from z, which then has to exist in full
+            z_all = alpha * self._f(node, x, w)
+            bias = (self._bias(run, node, z_all, gradient_form_only=gform) if self.bn is None
+                    else self.bn.bias(run, self, node, x, z_all, w_orig, gradient_form_only=gform))
+            del z_all
+        else:
+            shape_ref = torch.empty((1,) * ref_msg.dim(), dtype=ref_msg.dtype, device=ref_msg.device).expand(
+                ref_msg.shape)
+            bias = (self._bias(run, node, shape_ref) if self.bn is None
+                    else self.bn.bias(run, self, node, x, shape_ref, w_orig))
+        chunks = _batch_chunks(self.kernel, ref_msg, x) or [slice(None)]
+        whole = len(chunks) == 1
+        gx = rx = None
+        rb_parts: list[Tensor] = []
+        for sl in chunks:
+            xs = x if whole else x[sl]
+            bs = bias if (bias is None or whole or bias.dim() == 0 or bias.shape[0] != x.shape[0]) else bias[sl]
+            gs = None if m.g is None else (m.g if whole else m.g[sl])
+            rs = None if m.r is None else (m.r if whole else m.r[sl])
+            g_c, r_c, rb_c = self._terms(node, alpha, xs, w, bs, gs, rs)
+            if whole:
+                gx, rx = g_c, r_c
+            else:
+                if g_c is not None:
+                    if gx is None:
+                        gx = torch.zeros(x.shape, dtype=g_c.dtype, device=g_c.device)
+                    gx[sl] = g_c
+                if r_c is not None:
+                    if rx is None:
+                        rx = torch.zeros(x.shape, dtype=r_c.dtype, device=r_c.device)
+                    rx[sl] = r_c
+            if rb_c is not None:
+                rb_parts.append(self._to_bias(node, rb_c) if has_bias_edge else rb_c.sum())
+            del g_c, r_c, rb_c
+        res[self.x_pos] = Msg(g=_fit(gx, self.x_meta), r=_fit(rx, self.x_meta))
+        rb = None
+        if rb_parts:
+            rb = rb_parts[0]
+            for part in rb_parts[1:]:
+                rb = rb + part
+        if has_bias_edge and rb is not None:
+            # the bias's own share, as explicit relevance (a sink unless the bias is requested)
+            res[self.bias_pos] = Msg(r=rb)
+        if run.ledger is not None and rb is not None and self.bn is not None:
+            run.book_local("bias", self.index, rb.sum(), "the merged bias (b - mean)·γ/σ + β of an op and the "
+                           "batch norm after it")
+        elif run.ledger is not None and rb is not None and not has_bias_edge:
+            run.book_local("constant", self.index, rb.sum(), "a bias that does not require grad")
+        return res
+
+    def _terms(self, node, alpha, x, w, bias, g, r):
+        """The branch/term algebra on one (chunk of a) batch: returns the gradient-form and explicit input
+        relevance and the bias's share (z-shaped)."""
         z = alpha * self._f(node, x, w)
-        bias = (self._bias(run, node, z, gradient_form_only=m.r is None) if self.bn is None
-                else self.bn.bias(run, self, node, x, z, w_orig, gradient_form_only=m.r is None))
         z_full = z if bias is None else z + bias
         # relevance arriving at z
-        if m.g is not None:
-            R = m.g * z_full
-            if m.r is not None:
-                R = R + m.r
+        if g is not None:
+            R = g * z_full
+            if r is not None:
+                R = R + r
         else:
-            R = m.r
+            R = r
         eps0 = (not callable(self.stabiliser)) and float(self.stabiliser) == 0.0
         use_bias = bias is not None and not self.zero_bias
         gx: Tensor | None = None
@@ -441,16 +652,47 @@ class LinearStep(Step):
                 if use_bias and t.b is not None:
                     share = t.coef * s * t.b(bias)
                     rb = share if rb is None else rb + share
-        res[self.x_pos] = Msg(g=_fit(gx, self.x_meta), r=_fit(rx, self.x_meta))
-        if has_bias_edge and rb is not None:
-            # the bias's own share, as explicit relevance (a sink unless the bias is requested)
-            res[self.bias_pos] = Msg(r=self._to_bias(node, rb))
-        if run.ledger is not None and rb is not None and self.bn is not None:
-            run.book_local("bias", self.index, rb.sum(), "the merged bias (b - mean)·γ/σ + β of an op and the "
-                           "batch norm after it")
-        elif run.ledger is not None and rb is not None and not has_bias_edge:
-            run.book_local("constant", self.index, rb.sum(), "a bias that does not require grad")
-        return res
+        return gx, rx, rb
+
+
+#: outputs above this size (bytes) are processed in batch chunks by the lean linear path
+_CHUNK_BYTES = 4 * 2 ** 20
+
+
+def _batch_chunks(kernel: Any, g: Tensor, x: Tensor) -> list[slice] | None:
+    """Batch slices for a convolution whose output is large, so that per-chunk temporaries stay small."""
+    if not isinstance(kernel, ConvKernel) or g.dim() < 3 or g.shape[0] < 2 or x.shape[0] != g.shape[0]:
+        return None
+    nbytes = g.numel() * g.element_size()
+    if nbytes <= _CHUNK_BYTES:
+        return None
+    per = max(1, int(g.shape[0] * _CHUNK_BYTES // nbytes))
+    return [slice(i, min(i + per, g.shape[0])) for i in range(0, g.shape[0], per)]
+
+
+def _eps_quotient(g: Tensor, z: Tensor | None, eps: float) -> Tensor:
+    """``g·|z|/(|z| + ε)`` in one new buffer (``g`` itself for LRP-0): ``g / (1 + ε/|z|)``, 0 where z = 0."""
+    if z is None or eps == 0:
+        return g
+    s = z.abs()
+    s.reciprocal_().mul_(eps).add_(1.0)
+    torch.div(g, s, out=s)
+    return s
+
+
+def _cheap_output_source(site: Site, slot: int) -> tuple[int, str] | None:
+    """``(node, saved field)`` holding the value of ``slot`` at no cost: a consumer that saved it as an input,
+    or its only consumer being a ReLU (whose saved output equals it wherever the ReLU sends relevance back)."""
+    from ..promises import Saved
+
+    g = site.graph
+    recipe = site.planner.resolver.recipe(slot)
+    if isinstance(recipe, Saved):
+        return recipe.node, recipe.field
+    cons = g.consumers[slot]
+    if len(cons) == 1 and g.types[cons[0][0]] == "ReluBackward0":
+        return cons[0][0], "result"
+    return None
 
 
 def _no_bias(node: Any) -> bool:
@@ -619,7 +861,8 @@ class _LinearRule(Rule):
         if fam in ("linear", "conv") or (fam == "matmul" and self.kind == "epsilon"):
             if fam == "matmul":
                 return BilinearStep(site, share=0.5, stabiliser=self.stabiliser)
-            return LinearStep(site, self.branches(), self.stabiliser, "bias" in self.zero_params, self.kind)
+            return LinearStep(site, self.branches(), self.stabiliser, "bias" in self.zero_params, self.kind,
+                              params={k: getattr(self, k) for k in ("gamma", "alpha", "beta") if hasattr(self, k)})
         if fam in ("add", "reduce", "pool") and self.kind == "epsilon":
             return SumStep(site, self.stabiliser)
         raise _wrong_family(self, site, fam)
@@ -1341,6 +1584,9 @@ class IdentityStep(Step):
 
     def g(self, run, gs):
         node = run.graph.nodes[self.index]
+        if self.kernel.identity_is_gradient:
+            (gx,) = G.call_backward(node, gs)[:1]
+            return [Msg(g=_fit(gx, self.meta[0]))]
         return [Msg(g=_fit(gs[0] * self.ratio(run, node), self.meta[0]))]
 
     def r(self, run, rs):
