@@ -640,10 +640,4 @@ def _arrived_total(run: Run, arrived: dict[int, Any], base: int, k: int, outs: l
 def _relevance_of(m: Msg | None, value: Tensor | None) -> Tensor | None:
     if m is None:
         return None if value is None else torch.zeros_like(value.detach())
-    v = value.detach() if value is not None else None
-    r = None
-    if m.g is not None:
-        r = m.g * v
-    if m.r is not None:
-        r = m.r if r is None else r + m.r
-    return r
+    return m.explicit(value.detach() if value is not None else None)

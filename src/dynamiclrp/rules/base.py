@@ -61,6 +61,15 @@ class Msg:
         if other.r is not None:
             self.r = other.r if self.r is None else self.r + other.r
 
+    def explicit(self, value: Tensor | None) -> Tensor | None:
+        """The relevance this message stands for at a slot whose forward value is ``value``: ``g·value + r``."""
+        out = None
+        if self.g is not None:
+            out = self.g * value
+        if self.r is not None:
+            out = self.r if out is None else out + self.r
+        return out
+
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         def d(t):
             return None if t is None else tuple(t.shape)

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from .. import graph as G
 from ..errors import UnsupportedOperationError
 from .base import Msg, Rule, Site, Step
-from .library import RoutingStep
+from .library import RoutingStep, _child_meta as _meta, _fit
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import Run
@@ -74,36 +74,6 @@ Tensor = torch.Tensor
 
 __all__ = ["Recurrent", "RecurrentStep", "WeightNorm", "WeightNormStep", "RecurrentKernel", "WeightNormKernel",
            "CheckedRouting", "CopySlicesKernel", "UnmatchedFunction", "lstm_layer_forward", "custom_function_family"]
-
-
-def _meta(site: Site) -> list[tuple[torch.Size, torch.dtype] | None]:
-    g = site.graph
-    out: list[tuple[torch.Size, torch.dtype] | None] = []
-    for e in site.edges:
-        if e < 0:
-            out.append(None)
-        else:
-            m = G.output_meta(g.nodes[g.slot_node[e]])[g.slot_nr[e]]
-            out.append((m.shape, m.dtype))
-    return out
-
-
-def _fit(t: Tensor | None, meta: tuple[torch.Size, torch.dtype] | None) -> Tensor | None:
-    if t is None or meta is None:
-        return None
-    return G.fit_to(t, meta[0], meta[1])
-
-
-def _total(m: Msg | None, value: Tensor | None) -> Tensor | None:
-    """Explicit relevance of a message (``g · value + r``)."""
-    if m is None:
-        return None
-    out = None
-    if m.g is not None:
-        out = m.g * value
-    if m.r is not None:
-        out = m.r if out is None else out + m.r
-    return out
 
 
 # ===========================================================================================================
@@ -230,7 +200,7 @@ class RecurrentStep(Step):
         inner_out, inner_in = self._inner(node)
         chosen, seeds = [], []
         for k, m in enumerate(outs[:3]):
-            R = _total(m, G.saved(node, f"result{k}"))
+            R = None if m is None else m.explicit(G.saved(node, f"result{k}"))
             if R is not None:
                 chosen.append(inner_out[k])
                 seeds.append(R.to(inner_out[k].dtype))
