@@ -93,41 +93,32 @@ class Structure:
             return False  # an activation reached without a reduction
         return found
 
-    def is_gate(self, slot: int) -> bool:
-        """``slot`` is ``sigmoid(...)`` or ``1 - sigmoid(...)`` (through views)."""
+    def _produced_by(self, slot: int, targets: frozenset[str], through: frozenset[str] | tuple[str, ...],
+                     steps: int) -> bool:
+        """Whether ``slot`` comes from a node of a type in ``targets`` through a chain of single-input nodes
+        whose types are transparent or in ``through``."""
         g = self.g
         s = slot
-        for _ in range(8):
+        for _ in range(steps):
             i = self._producer(s)
             t = g.types[i]
-            if t in GATES:
+            if t in targets:
                 return True
-            if t in TRANSPARENT or t in ("RsubBackward1", "NegBackward0"):
-                edges = self._tensor_edges(i)
-                if len(edges) != 1:
-                    return False
-                s = edges[0]
-                continue
-            return False
+            if t not in TRANSPARENT and t not in through:
+                return False
+            edges = self._tensor_edges(i)
+            if len(edges) != 1:
+                return False
+            s = edges[0]
         return False
+
+    def is_gate(self, slot: int) -> bool:
+        """``slot`` is ``sigmoid(...)`` or ``1 - sigmoid(...)`` (through views)."""
+        return self._produced_by(slot, GATES, ("RsubBackward1", "NegBackward0"), 8)
 
     def from_softmax(self, slot: int) -> bool:
         """``slot`` is a softmax output (attention weights), possibly viewed, cast or dropped out."""
-        g = self.g
-        s = slot
-        for _ in range(12):
-            i = self._producer(s)
-            t = g.types[i]
-            if t in SOFTMAX:
-                return True
-            if t in TRANSPARENT or t in ("MulBackward1", "DivBackward1"):
-                edges = self._tensor_edges(i)
-                if len(edges) != 1:
-                    return False
-                s = edges[0]
-                continue
-            return False
-        return False
+        return self._produced_by(slot, SOFTMAX, ("MulBackward1", "DivBackward1"), 12)
 
     def is_activation_output(self, slot: int) -> bool:
         """``slot`` is the output of an element-wise non-linearity (SiLU, GELU, ReLU, tanh, sigmoid..., or one
