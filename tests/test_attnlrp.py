@@ -36,13 +36,6 @@ DT = torch.float64
 EPS = at.Eps(linear=1e-6, norm=0.0, product=0.0, add=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # --------------------------------------------------------------------------------------------------------------
 # The reference blocks as ordinary torch modules

@@ -24,14 +24,6 @@ from reference import zennit_harness as zh
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 kernels: one intra-op thread is faster and far less noisy on shared 2-core machines."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def assert_close(actual: Tensor, expected: Tensor, rtol: float = 1e-10) -> None:
     """Element-wise relative tolerance with an absolute floor scaled to the tensor's magnitude."""

@@ -26,13 +26,6 @@ DT = torch.float64
 RefRule = Callable[..., Tensor]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def eps_ref(e: float = 1e-6) -> RefRule:
     return lambda w, b, op, x, r: rr.epsilon(w, b, op, x, r, e)

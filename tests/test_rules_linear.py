@@ -31,13 +31,6 @@ from reference import rules as rr
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 LAYERS: dict[str, tuple[Callable[[bool], nn.Module], tuple[int, ...]]] = {
     "linear": (lambda bias: nn.Linear(7, 5, bias=bias), (3, 7)),

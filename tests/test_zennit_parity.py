@@ -54,13 +54,6 @@ MODELS = ("mlp", "vgg_bn_cnn", "vgg11", "resnet18")
 WITH_BN = ("vgg_bn_cnn", "resnet18")  # the stock-Zennit checks (vgg11 is the slowest, and like vgg_bn_cnn)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class ExactMergeBatchNorm(SequentialMergeBatchNorm):
     """Zennit's merge, plus ``eps = 0`` on the batch norm it leaves behind (restored on removal), so that the
