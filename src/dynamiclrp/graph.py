@@ -320,6 +320,10 @@ class GraphView:
         i = self._index.get(id(node))
         return None if i is None else self.slot_base[i] + output_nr
 
+    def meta(self, slot: int) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of the forward value of ``slot``."""
+        return self.out_shapes[self.slot_node[slot]][self.slot_nr[slot]]
+
     def slots_of(self, i: int) -> range:
         """Slot ids owned by node ``i``."""
         return range(self.slot_base[i], self.slot_base[i] + max(self.n_out[i], 1))

@@ -56,14 +56,7 @@ def _wrong_family(rule: Rule, site: Site, family: str) -> RuleError:
 
 def _child_meta(site: Site) -> list[tuple[torch.Size, torch.dtype] | None]:
     g = site.graph
-    out: list[tuple[torch.Size, torch.dtype] | None] = []
-    for e in site.edges:
-        if e < 0:
-            out.append(None)
-        else:
-            m = G.output_meta(g.nodes[g.slot_node[e]])[g.slot_nr[e]]
-            out.append((m.shape, m.dtype))
-    return out
+    return [None if e < 0 else g.meta(e) for e in site.edges]
 
 
 def _fit(t: Tensor | None, meta: tuple[torch.Size, torch.dtype] | None) -> Tensor | None:

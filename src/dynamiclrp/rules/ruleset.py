@@ -292,13 +292,13 @@ class RuleSet:
         -------
         dynamiclrp.rules.structure.BatchNormMerges
         """
-        from .library import _LinearRule
-        from .structure import BatchNormMerges, batchnorm_merges
-
         key = ("batchnorm_merges", id(self))
         got = planner.structure_cache.get(key)
         if got is not None:
             return got
+        from .library import _LinearRule
+        from .structure import BatchNormMerges, batchnorm_merges
+
         if not self.merge_batchnorm:
             got = BatchNormMerges({})
         else:
