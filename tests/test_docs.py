@@ -3,7 +3,7 @@
 Convention: each ```python block of a page runs, in page order, in one namespace per page, in a temporary working
 directory. A block that must not run (it downloads a checkpoint, needs a GPU...) is preceded by the line
 ``<!-- docs-test: skip -->`` (invisible on the rendered site). Pages owned by other parts of the project
-(ARCHITECTURE.md, rules.md, coverage.md, dev/) are not run here.
+(ARCHITECTURE.md, rules.md, coverage.md, dev/) are not run here; the README's samples are.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=
 
 
 def _pages() -> list[Path]:
-    return sorted(p for p in DOCS.glob("*.md") if p.name not in NOT_OURS)
+    return sorted(p for p in DOCS.glob("*.md") if p.name not in NOT_OURS) + [ROOT / "README.md"]
 
 
 def _pages_with_samples() -> list[Path]:
