@@ -5,7 +5,9 @@
 >>> ex = dynamiclrp.explain(outputs, inputs)               # doctest: +SKIP
 """
 from . import presets, rules
+from .adapters import LRP
 from .api import Explainer, explain, relevance
+from .coverage import coverage
 from .errors import (DynamicLRPError, GraphFreedError, RuleError, UnsupportedOperationError,
                      ValueUnavailableError)
 from .results import Explanation, Ledger, Sink
@@ -14,12 +16,7 @@ from .rules import RuleSet
 __version__ = "0.1.0"
 
 __all__ = [
-    "DynamicLRPError", "Explainer", "Explanation", "GraphFreedError", "Ledger", "RuleError", "RuleSet", "Sink",
-    "UnsupportedOperationError", "ValueUnavailableError", "explain", "presets", "relevance", "rules",
+    "DynamicLRPError", "Explainer", "Explanation", "GraphFreedError", "LRP", "Ledger", "RuleError", "RuleSet",
+    "Sink", "UnsupportedOperationError", "ValueUnavailableError", "coverage", "explain", "presets", "relevance",
+    "rules",
 ]
-
-from .adapters import LRP  # noqa: E402  Captum-style adapter (issue 6)
-__all__.append("LRP")
-
-from .coverage import coverage  # noqa: E402  coverage report (issue 4); the CLI imports the module itself
-__all__.append("coverage")
