@@ -23,7 +23,7 @@ from .promises import PromiseResolver, ValueStore
 from .results import Explanation, Ledger
 from .rules.base import UNKNOWN, Msg, OpSpec, Site, Step, safe_div
 from .rules.registry import REGISTRY
-from .rules.structure import INJECTIVE
+from .rules.structure import support_route
 from .rules.ruleset import RuleSet, resolve_rules
 
 Tensor = torch.Tensor
@@ -222,58 +222,41 @@ class Run:
         a selection sends nothing back to unselected positions. So the result equals the true value wherever
         a gradient-form message to ``slot`` can be non-zero (the rest is 0), which is all a z-rule reads.
         """
-        g = self.graph
-        chain: list[int] = []
-        s = slot
-        anchor = None
-        for _ in range(12):
-            cons = g.consumers[s]
-            if len(cons) != 1:
-                return None
-            c = cons[0][0]
-            t = g.types[c]
-            if t == "ReluBackward0":
-                anchor = G.saved(g.nodes[c], "result")
-                break
-            spec = self.planner.specs[c]
-            kernel = getattr(spec, "kernel", None)
-            inverse = getattr(kernel, "inverse", None)
-            if inverse is not None and getattr(kernel, "y_field", None):
-                # tanh, sigmoid, exp...: the input from the saved output (saturated elements get no relevance
-                # back from the identity rule, so the inf there is replaced by 0)
-                y = G.saved(g.nodes[c], kernel.y_field)
-                if y is None:
-                    return None
-                anchor = torch.nan_to_num(inverse(g.nodes[c], y), nan=0.0, posinf=0.0, neginf=0.0)
-                break
-            if t in ("AddBackward0", "SubBackward0") and all(e >= 0 for e in g.edges[c]):
-                # an operand of a sum whose value is known: out minus the other operand (exact)
-                try:
-                    total = self.value(g.slot_base[c], "support")
-                    pos = cons[0][1]
-                    other = self.value(g.edges[c][1 - pos], "support")
-                except Exception:  # noqa: BLE001
-                    return None
-                alpha = float(G.saved(g.nodes[c], "alpha") or 1.0)
-                sign = -1.0 if t == "SubBackward0" else 1.0
-                if pos == 0:
-                    anchor = total - sign * alpha * other
-                else:
-                    anchor = (total - other) / (sign * alpha)
-                anchor = G.fit_to(anchor, G.output_meta(g.nodes[g.slot_node[s]])[g.slot_nr[s]].shape)
-                break
-            if t not in INJECTIVE or (g.n_out[c] or 1) != 1 or sum(e >= 0 for e in g.edges[c]) != 1:
-                return None
-            chain.append(c)
-            s = g.slot_base[c]
+        def fetch(s: int) -> Tensor | None:
             try:
-                anchor = self.value(s, "support")
-                break
-            except Exception:  # noqa: BLE001 - keep walking up
-                continue
-        if anchor is None:
+                return self.value(s, "support")
+            except Exception:  # noqa: BLE001 - the walk goes on, or gives up
+                return None
+
+        route = support_route(self.planner, slot, fetch)
+        if route is None:
             return None
-        v = anchor
+        chain, anchor = route
+        g = self.graph
+        kind = anchor[0]
+        if kind == "value":
+            v = anchor[1]
+        elif kind == "relu":
+            v = G.saved(g.nodes[anchor[1]], "result")
+        elif kind == "inverse":
+            c = anchor[1]
+            kernel = self.planner.specs[c].kernel
+            # tanh, sigmoid, exp...: the input from the saved output (saturated elements get no relevance back
+            # from the identity rule, so the inf there is replaced by 0)
+            y = G.saved(g.nodes[c], kernel.y_field)
+            if y is None:
+                return None
+            v = torch.nan_to_num(kernel.inverse(g.nodes[c], y), nan=0.0, posinf=0.0, neginf=0.0)
+        elif kind == "sum":
+            # an operand of a sum whose value is known: out minus the other operand (exact)
+            _, c, pos, total, other = anchor
+            alpha = float(G.saved(g.nodes[c], "alpha") or 1.0)
+            sign = -1.0 if g.types[c] == "SubBackward0" else 1.0
+            v = total - sign * alpha * other if pos == 0 else (total - other) / (sign * alpha)
+            s = g.slot_base[chain[-1]] if chain else slot
+            v = G.fit_to(v, G.output_meta(g.nodes[g.slot_node[s]])[g.slot_nr[s]].shape)
+        if v is None:
+            return None
         for c in reversed(chain):
             node = g.nodes[c]
             (back,) = [t for t in G.call_backward(node, [v]) if t is not None][:1] or [None]

@@ -10,7 +10,7 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import Planner
@@ -267,33 +267,57 @@ INJECTIVE = frozenset({
 })
 
 
-def support_obtainable(planner: "Planner", slot: int) -> bool:
-    """Whether ``Run.support_value(slot)`` can succeed: the slot's only consumer chain of injective routing ops
-    reaches a ReLU or a slot whose value can be recovered."""
-    from ..promises import Unavailable
+def support_route(planner: "Planner", slot: int, fetch: Callable[[int], Any]) -> tuple[list[int], tuple] | None:
+    """The walk behind ``Run.support_value``: follow ``slot``'s only consumer through injective routing ops
+    (:data:`INJECTIVE`) until something gives the value on the support of its gradient-form relevance.
+
+    ``fetch(slot)`` returns the slot's value (or a truthy stand-in at plan time) or ``None`` when it cannot be
+    had; it is called at most once per slot, in walking order, so a run's reference-counted values are read
+    exactly as often as they are used.
+
+    Returns
+    -------
+    ``None``, or ``(chain, anchor)``: ``chain`` the routing nodes walked through (from ``slot`` upwards) and
+    ``anchor`` one of ``("relu", c)``, ``("inverse", c)`` (an element-wise op with an inverse from its saved
+    output), ``("sum", c, pos, total, other)`` (operand ``pos`` of an ``Add``/``Sub`` whose output and other
+    operand were fetched) or ``("value", fetched)`` (the slot at the top of ``chain``).
+    """
     g = planner.graph
+    chain: list[int] = []
     s = slot
     for _ in range(12):
         cons = g.consumers[s]
         if len(cons) != 1:
-            return False
-        c = cons[0][0]
+            return None
+        c, pos = cons[0]
         t = g.types[c]
         if t == "ReluBackward0":
-            return True
+            return chain, ("relu", c)
         kernel = getattr(planner.specs[c], "kernel", None)
         if getattr(kernel, "inverse", None) is not None and getattr(kernel, "y_field", None):
-            return True
+            return chain, ("inverse", c)
         if t in ("AddBackward0", "SubBackward0") and all(e >= 0 for e in g.edges[c]):
-            other = g.edges[c][1 - cons[0][1]]
-            return not isinstance(planner.resolver.recipe(g.slot_base[c]), Unavailable) and not isinstance(
-                planner.resolver.recipe(other), Unavailable)
+            total = fetch(g.slot_base[c])
+            other = None if total is None else fetch(g.edges[c][1 - pos])
+            return None if other is None else (chain, ("sum", c, pos, total, other))
         if t not in INJECTIVE or (g.n_out[c] or 1) != 1 or sum(e >= 0 for e in g.edges[c]) != 1:
-            return False
+            return None
+        chain.append(c)
         s = g.slot_base[c]
-        if not isinstance(planner.resolver.recipe(s), Unavailable):
-            return True
-    return False
+        got = fetch(s)
+        if got is not None:
+            return chain, ("value", got)
+    return None
+
+
+def support_obtainable(planner: "Planner", slot: int) -> bool:
+    """Whether ``Run.support_value(slot)`` can succeed (:func:`support_route` with the plan's recipes)."""
+    from ..promises import Unavailable
+
+    def fetch(s: int) -> bool | None:
+        return None if isinstance(planner.resolver.recipe(s), Unavailable) else True
+
+    return support_route(planner, slot, fetch) is not None
 
 
 def batchnorm_merges(planner: "Planner", op_gets_linear_rule, bn_family_ruled=None) -> BatchNormMerges:
