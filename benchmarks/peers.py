@@ -59,7 +59,6 @@ def _channel_bounds(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------
 def our_rules(case: Case, preset: str) -> Any:
     """The ``rules=`` argument for dynamiclrp."""
-    import dynamiclrp
     from dynamiclrp import presets as P
     from dynamiclrp.rules import library as L
 

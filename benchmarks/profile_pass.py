@@ -20,7 +20,6 @@ import cProfile
 import collections
 import io
 import pstats
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -118,7 +117,6 @@ def step_memory(case: M.Case, rules, top: int) -> None:
     try:
         with _silence_fd2():
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                t_start = time.perf_counter_ns()
                 dynamiclrp.relevance(y, case.x, rules=rules)
             evs = prof.profiler.kineto_results.events()
     finally:

@@ -325,7 +325,8 @@ def measure_memory(v: Variant) -> tuple[float, float, float]:
         out = v.run(holder[0])
         return out
     out, peak_p, _ = _alloc_trace(go)
-    del out, holder
+    del out
+    holder.clear()
     gc.collect()
     return max(peak_f, level + peak_p), level, peak_p
 
@@ -464,26 +465,15 @@ def machine_header(args) -> list[str]:
 # =========================================================================================================
 def _peers_for(case: M.Case, preset: str, args, notes: dict) -> list[Variant]:
     out = []
-    if "zennit" in args.peers:
-        r = P.zennit_for(case, preset)
-        if isinstance(r, str):
-            notes[("zennit", preset)] = r
+    for kind, runner_for in (("zennit", P.zennit_for), ("autolrp", P.autolrp_for)):
+        if kind not in args.peers:
+            continue
+        r = runner_for(case, preset)
+        err = r if isinstance(r, str) else P.check_runner(r)
+        if err:
+            notes[(kind, preset)] = err
         else:
-            err = P.check_runner(r)
-            if err:
-                notes[("zennit", preset)] = err
-            else:
-                out.append(v_peer("zennit", r, preset))
-    if "autolrp" in args.peers:
-        r = P.autolrp_for(case, preset)
-        if isinstance(r, str):
-            notes[("autolrp", preset)] = r
-        else:
-            err = P.check_runner(r)
-            if err:
-                notes[("autolrp", preset)] = err
-            else:
-                out.append(v_peer("autolrp", r, preset))
+            out.append(v_peer(kind, r, preset))
     return out
 
 
@@ -646,7 +636,6 @@ def section_depth(args, log) -> Table:
         case = M.build(name, quick=args.quick, attn=args.attn, tokens=tok)
         params = graph_params(case)
         nodes = count_nodes(case.forward())
-        notes: dict = {}
         presets = [p for p in args.presets if p in ("epsilon", "attnlrp", "cplrp")] or ["epsilon"]
         variants = [v_fwd(case), v_base(case, params)]
         for p in presets:

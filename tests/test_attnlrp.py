@@ -20,7 +20,6 @@ RMSNorm to float32 even in a float64 model, so that comparison agrees to ~3e-6 r
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """dynamiclrp.hf: the task helpers on tiny random-weight transformers, with a tokenizer built offline."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch

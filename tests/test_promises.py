@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import dynamiclrp
@@ -158,7 +157,7 @@ def test_residual_diamond_resolves_without_deadlock() -> None:
 def test_aggregation_computes_a_shared_value_once() -> None:
     """Two promises on the same slot share one retrieval."""
     from dynamiclrp import graph as G
-    from dynamiclrp.promises import PromiseResolver, ValueStore, Replay
+    from dynamiclrp.promises import PromiseResolver, ValueStore
 
     torch.manual_seed(4)
     x = torch.randn(3, 4, requires_grad=True)

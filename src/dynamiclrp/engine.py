@@ -18,11 +18,10 @@ from typing import Any, Sequence
 import torch
 
 from . import graph as G
-from .errors import DynamicLRPError, RuleError, UnsupportedOperationError
+from .errors import DynamicLRPError, UnsupportedOperationError
 from .promises import PromiseResolver, ValueStore
 from .results import Explanation, Ledger
 from .rules.base import UNKNOWN, Msg, OpSpec, Site, Step, safe_div
-from .rules.registry import REGISTRY
 from .rules.structure import support_route
 from .rules.ruleset import RuleSet, resolve_rules
 
@@ -175,11 +174,6 @@ class Planner:
     def mark_bias(self, slot: int) -> None:
         """Record that ``slot`` is the additive bias of a linear/conv/norm op (for ledger names)."""
         self.bias_slots.add(slot)
-
-    def is_parameter_slot(self, slot: int) -> bool:
-        g = self.graph
-        i = g.slot_node[slot]
-        return g.types[i] == "AccumulateGrad" and isinstance(G.leaf_tensor(g.nodes[i]), torch.nn.Parameter)
 
 
 # -----------------------------------------------------------------------------------------------------------

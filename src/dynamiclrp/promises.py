@@ -31,7 +31,7 @@ How this maps to the paper, and where we differ
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -501,5 +501,3 @@ def _count_nested(recipes: Sequence[Recipe]) -> int:
         stack.extend(kids)
     return count
 
-
-ReplayFn = Callable[[Any, Sequence[torch.Tensor | None], int], torch.Tensor]

@@ -626,7 +626,6 @@ def _make_hf_runner(model: nn.Module, cfg: Any) -> tuple[Runner, str]:
     main = getattr(model, "main_input_name", "input_ids")
     vocab = _sub(cfg, "vocab_size", sub=("text_config", "decoder", "vision_config")) or _VOCAB
     is_enc_dec = bool(getattr(cfg, "is_encoder_decoder", False)) and "decoder_input_ids" in params
-    model_type = getattr(cfg, "model_type", "")
     wants_pixels = "pixel_values" in params and (main == "pixel_values" or getattr(cfg, "vision_config", None) is not None)
 
     if main == "input_ids" and wants_pixels and "inputs_embeds" not in params:

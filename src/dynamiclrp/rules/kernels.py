@@ -46,10 +46,8 @@ class RoutingKernel:
     node's own backward. ``replay`` re-applies the op forward (the forward closure of a promise branch).
     """
 
-    def __init__(self, replay: Callable[[Any, Sequence[Tensor | None], int], Tensor] | None = None,
-                 constant_inputs_ok: bool = True):
+    def __init__(self, replay: Callable[[Any, Sequence[Tensor | None], int], Tensor] | None = None):
         self.replay = replay
-        self.constant_inputs_ok = constant_inputs_ok
 
 
 def _dim(d: int, ndim: int) -> int:
@@ -301,12 +299,10 @@ class SumKernel:
     """
 
     def __init__(self, forward: Callable[[Any, Sequence[Tensor | None], int], Tensor] | None,
-                 coefficients: Callable[[Any], tuple[float, ...]] | None = None, rebuild: Callable | None = None,
-                 nonnegative: bool = True):
+                 coefficients: Callable[[Any], tuple[float, ...]] | None = None, rebuild: Callable | None = None):
         self.forward = forward
         self.coefficients = coefficients
         self._rebuild = rebuild
-        self.nonnegative = nonnegative
 
     def rebuild(self, node, nr):
         return None if self._rebuild is None else self._rebuild(node, nr)
@@ -365,13 +361,6 @@ def _avg_pool2d(node, x):
 def _avg_pool3d(node, x):
     return F.avg_pool3d(x, _s(node, "kernel_size"), _s(node, "stride") or None, _s(node, "padding"),
                         _s(node, "ceil_mode"), _s(node, "count_include_pad"), _s(node, "divisor_override"))
-
-
-def _adaptive_avg_pool(node, x):
-    out = _meta_shape(node)
-    spatial = tuple(out[x.dim() - len(out) + 2:]) if len(out) == x.dim() else tuple(out[-(x.dim() - 2):])
-    return {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(spatial)](
-        x, spatial)
 
 
 def _adaptive_avg_pool_nd(node, x):
@@ -626,7 +615,7 @@ class NormKernel:
         if self.kind == "group":
             x = _s(node, "input")
             w = _s(node, "weight")
-            n, c = x.shape[0], x.shape[1]
+            n = x.shape[0]
             groups = _s(node, "group")
             shape = (1, -1) + (1,) * (x.dim() - 2)
             gw = g * w.reshape(shape) if w is not None else g

@@ -23,8 +23,8 @@ import torch
 from .. import graph as G
 from ..errors import RuleError, ValueUnavailableError
 from .base import Msg, Rule, Site, Step, gmsg, rmsg, safe_div, stabilize
-from .kernels import (AttentionKernel, ConvKernel, LinearKernel, NegKernel, NormKernel, ProductKernel,
-                      RoutingKernel, SoftmaxKernel, SumKernel, UnaryKernel)
+from .kernels import (ConvKernel, LinearKernel, NegKernel, NormKernel, ProductKernel, SoftmaxKernel, SumKernel,
+                      UnaryKernel)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import Run
@@ -269,7 +269,7 @@ class LinearStep(Step):
     """A linear rule compiled for one ``z = alpha * f(a, b) + beta * bias`` node."""
 
     __slots__ = ("kernel", "which", "x_pos", "w_pos", "bias_pos", "branches", "stabiliser", "zero_bias",
-                 "homogeneous", "x_field", "w_field", "x_meta", "b_meta", "kind", "needs_z", "conservative",
+                 "x_field", "w_field", "x_meta", "b_meta", "kind", "needs_z", "conservative",
                  "sink_kind", "bn", "fast_eps", "z_source", "bias_wanted", "params")
     handles_r = True
 
@@ -290,7 +290,6 @@ class LinearStep(Step):
         self.branches = tuple(branches)
         self.stabiliser = stabiliser
         self.zero_bias = zero_bias
-        self.homogeneous = all(t.x in ("id", "pos", "neg") for b in branches for t in b.terms)
         self.kind = kind
         self.conservative = False
         self.sink_kind = "stabiliser" if kind == "epsilon" else "rule"
@@ -1062,7 +1061,7 @@ class Flat(_LinearRule):
 class BilinearStep(Step):
     """``z = f(a, b)`` with both operands activations: each gets ``share`` of the relevance (uniform rule)."""
 
-    __slots__ = ("kernel", "share", "stabiliser", "pos", "fields", "meta", "give", "bias_pos", "conservative",
+    __slots__ = ("kernel", "stabiliser", "pos", "fields", "meta", "give", "bias_pos", "conservative",
                  "sink_kind")
     handles_r = True
 
@@ -1071,7 +1070,6 @@ class BilinearStep(Step):
         super().__init__(site)
         k: LinearKernel = site.spec.kernel
         self.kernel = k
-        self.share = share
         self.stabiliser = stabiliser
         self.pos = k.operands
         self.fields = k.saved_fields
@@ -1341,7 +1339,7 @@ class SumStep(Step):
     In gradient form with ε = 0 this is the map's transpose applied to ``G``, with no value needed.
     """
 
-    __slots__ = ("kernel", "stabiliser", "meta", "coefs", "conservative", "eps0", "sink_kind")
+    __slots__ = ("kernel", "stabiliser", "meta", "conservative", "eps0", "sink_kind")
     handles_r = True
 
     def __init__(self, site: Site, stabiliser: Stabiliser):
@@ -1349,7 +1347,6 @@ class SumStep(Step):
         self.kernel: SumKernel = site.spec.kernel
         self.stabiliser = stabiliser
         self.meta = _child_meta(site)
-        self.coefs = None
         self.eps0 = (not callable(stabiliser)) and float(stabiliser) == 0.0
         self.conservative = self.eps0
         self.sink_kind = "stabiliser"

@@ -16,7 +16,6 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Any, Mapping
 
-import torch
 import torch.nn.functional as F
 
 from .. import graph as G
