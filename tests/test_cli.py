@@ -176,9 +176,9 @@ def test_explain_random_transformers_models(capsys, files):
     (["--model", "mymodels.py:nothing", "--image", "img.png"], "has no attribute 'nothing'"),
     (["--model", "mymodels.py:not_a_model", "--image", "img.png"], "not a torch.nn.Module"),
     (["--model", "missing.py:build", "--image", "img.png"], "no such file: missing.py"),
-    (["--model", "no_colon", "--image", "img.png"], "must look like"),
+    (["--model", "no_colon", "--image", "img.png"], "expected 'package.module:function'"),
     (["--model", "mymodels.py:build", "--image", "img.png", "--target", "7"], "out of range: the model has 5"),
-    (["--model", "mymodels.py:build", "--image", "img.png", "--out", "x.html"], "written as PNG"),
+    (["--model", "mymodels.py:build", "--image", "img.png", "--out", "x.html"], "written as .png, .pdf or .svg"),
     (["--hf", "bert", "--text", "hi", "--rules", "bogus"], "unknown preset 'bogus'"),
     (["--hf", "bert", "--text", "hi", "--contrast", "3"], "--contrast is for language models"),
 ])
