@@ -251,13 +251,19 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UsageError(f"--weights: {path} holds a {type(obj).__name__}, not a state dict (a mapping of "
                          "parameter names to tensors) or a torch.nn.Module")
-    result = model.load_state_dict(dict(obj), strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    own = model.state_dict()
+    missing = [k for k in own if k not in obj]
+    unexpected = [k for k in obj if k not in own]
+    mismatched = [f"{k} {tuple(obj[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in obj and tuple(obj[k].shape) != tuple(v.shape)]
+    if missing or unexpected or mismatched:
         def few(keys: list[str]) -> str:
             return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
-        parts = ([f"missing {few(result.missing_keys)}"] if result.missing_keys else []) + \
-            ([f"unexpected {few(result.unexpected_keys)}"] if result.unexpected_keys else [])
+        parts = ([f"missing {few(missing)}"] if missing else []) + \
+            ([f"unexpected {few(unexpected)}"] if unexpected else []) + \
+            ([f"shapes differ: {few(mismatched)}"] if mismatched else [])
         raise UsageError(f"--weights: {path} does not fit {type(model).__name__}: {'; '.join(parts)}")
+    model.load_state_dict(dict(obj), strict=True)
 
 
 def _load_hf(args: argparse.Namespace) -> _Loaded:
@@ -554,7 +560,7 @@ def _image_generic(model: nn.Module, x: torch.Tensor, target: Any, rules: Any, l
             tgt = hf._label_ids(model, target, 1, logits.shape[1], pred.detach())
         else:
             tgt = _label_ids(target, logits.shape[1], labels, pred.detach())
-        value = logits.gather(1, tgt[:, None]).squeeze(1)
+        value = logits[:, int(tgt[0])]  # one image, one class
     ex = dynamiclrp.explain(value, leaf, rules=rules, ledger=ledger, model=model)
     names = [labels[int(t)] for t in tgt] if labels else hf._label_names(model, tgt)
     return hf.ImageExplanation(
