@@ -121,3 +121,30 @@ def test_mkdocs_build_strict(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert (tmp_path / "index.html").exists() and (tmp_path / "api" / "index.html").exists()
+    assert (tmp_path / "pitfalls" / "index.html").exists()
+    raw_role = re.compile(r":(?:func|class|mod|meth|attr|data|exc|obj):`")
+    for page in tmp_path.rglob("*.html"):
+        assert not raw_role.search(page.read_text(encoding="utf-8")), f"raw Sphinx role in {page}"
+    api = (tmp_path / "api" / "index.html").read_text(encoding="utf-8")
+    assert api.count("autorefs-internal") > 100  # the roles became links
+    assert 'href="#dynamiclrp.hf.text"' in api and 'href="#dynamiclrp.viz.heatmap"' in api
+
+
+def test_sphinx_roles_become_cross_references():
+    """The griffe extension of the API reference (docs/_ext/sphinx_roles.py), without building the site."""
+    griffe = pytest.importorskip("griffe")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sphinx_roles", DOCS / "_ext" / "sphinx_roles.py")
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    pkg = griffe.load("dynamiclrp", search_paths=[str(ROOT / "src")], extensions=griffe.load_extensions(
+        ext.SphinxRoles()), docstring_parser="numpy")
+    hf_doc = pkg["hf"].docstring.value
+    assert '<autoref identifier="dynamiclrp.hf.text" optional><code>text()</code></autoref>' in hf_doc
+    overlay_doc = pkg["viz.overlay"].docstring.value
+    assert '<autoref identifier="dynamiclrp.viz.heatmap" optional>' in overlay_doc
+    ruleset = pkg["presets.cplrp"].docstring.value  # ~ keeps only the last component
+    assert '<autoref identifier="dynamiclrp.rules.CPLRP" optional><code>CPLRP</code></autoref>' in ruleset
+    raw_role = re.compile(r":(?:func|class|mod|meth|attr|data|exc|obj):`")
+    assert not any(o.docstring is not None and raw_role.search(o.docstring.value) for o in ext._walk(pkg))
