@@ -330,6 +330,24 @@ def test_every_command_accepts_epsilon_gamma_box_and_parameters(capsys, work, mo
     assert code == 2 and "epsilon_gamma_box needs the input bounds" in err  # a text has no pixel range
 
 
+def test_preset_parser_grammar():
+    from dynamiclrp.errors import RuleError
+
+    assert presets.parse("epsilon:epsilon=0.25") == presets.epsilon(0.25)
+    assert presets.parse(" cplrp : gate_constant=false ") == presets.cplrp(gate_constant=False)
+    assert presets.parse("epsilon_plus:zero_params=bias") == presets.epsilon_plus(zero_params="bias")
+    assert presets.parse("epsilon_gamma_box:low=-1,high=2") == presets.epsilon_gamma_box(-1.0, 2.0)
+    assert presets.parse("epsilon_gamma_box", low=0.0, high=1.0) == presets.epsilon_gamma_box(0.0, 1.0)
+    assert presets.parse("epsilon_gamma_box:high=3", low=0.0, high=1.0) == presets.epsilon_gamma_box(0.0, 3.0)
+    assert presets.by_name("zero:") == presets.zero()  # rules="..." in Python takes the same strings
+    for spec, message in [("epsilon:eps=1", "has no parameter 'eps'; its parameters are: epsilon"),
+                          ("epsilon:epsilon", "is not key=value"),
+                          ("epsilon_gamma_box", "epsilon_gamma_box needs the input bounds"),
+                          ("epsilon_gamma_box:low=a,high=b", "bounds must be numbers")]:
+        with pytest.raises(RuleError, match=message):
+            presets.parse(spec)
+
+
 # ==============================================================================================================
 # 4. module:function and file.py:function everywhere, the current directory on sys.path
 # ==============================================================================================================
