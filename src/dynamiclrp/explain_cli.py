@@ -22,11 +22,12 @@ dependency), 1 the explanation failed (e.g. an operation without a rule).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
 import sys
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,7 +312,8 @@ def _load_hf_dir(args: argparse.Namespace, path: Path) -> _Loaded:
         raise UsageError(f"--hf: transformers has no class {class_name!r} (from {path}/config.json)")
     kwargs = {} if args.num_labels is None else {"num_labels": args.num_labels}
     try:
-        model = cls.from_pretrained(str(path), local_files_only=True, **kwargs)
+        with _quiet_loading():
+            model = cls.from_pretrained(str(path), local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:
         raise UsageError(f"--hf: cannot load {class_name} from {path} ({_first_line(err)})") from None
     loaded = _Loaded(model, is_hf=True)
@@ -332,6 +334,22 @@ def _load_hf_dir(args: argparse.Namespace, path: Path) -> _Loaded:
         except (OSError, ValueError) as err:
             raise UsageError(f"--hf: cannot load the tokenizer in {path} ({_first_line(err)})") from None
     return loaded
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No transformers progress bars or info logs while a checkpoint loads (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _first_line(err: BaseException) -> str:

@@ -472,7 +472,7 @@ def image_figure(
     alpha: float = 0.8,
     gamma: float = 0.5,
     channel_reduce: str | Callable[..., np.ndarray] = "sum",
-    clip_percentile: float | None = None,
+    clip_percentile: float | None = 99.5,
     vmax: float | None = None,
     cell_size: float = 3.0,
     suptitle: str | None = None,
@@ -493,8 +493,11 @@ def image_figure(
     colorbar : bool, default True
         Add a colour bar for the heatmap and overlay panels, labelled with relevance values (``-scale``
         to ``+scale``, the scale being the largest ``|R|``, the ``clip_percentile`` or ``vmax``).
-    cmap, alpha, gamma, channel_reduce, clip_percentile, vmax
+    cmap, alpha, gamma, channel_reduce, vmax
         As for :func:`overlay` and :func:`heatmap` (always the symmetric scale).
+    clip_percentile : float or None, default 99.5
+        The scale is this percentile of ``|R|``, so that a few extreme pixels do not wash out the
+        rest (larger values are clipped to the extreme colours); ``None`` uses the maximum.
     cell_size : float, default 3.0
         Size of one panel in inches.
     suptitle : str, optional
