@@ -75,7 +75,8 @@ def _resolve(obj: griffe.Object, target: str, pkg: griffe.Module) -> str | None:
 
 
 def _replace(match: re.Match[str], obj: griffe.Object, pkg: griffe.Module) -> str:
-    role, target = match.group("role"), match.group("target").strip()
+    role = match.group("role")
+    target = re.sub(r"\s+", "", match.group("target"))  # a role may be wrapped across lines
     shown = target.rsplit(".", 1)[-1] if match.group("tilde") else target
     if role in _CALLABLE and not shown.endswith(")"):
         shown += "()"
