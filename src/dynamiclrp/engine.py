@@ -86,6 +86,7 @@ class Planner:
         self.resolver = PromiseResolver(graph, self.specs, known, params)
         self.structure_cache: dict[Any, Any] = {}
         self.bias_slots: set[int] = set()
+        self._labels: dict[int, str] = {}
         self.steps: list[Step | None] = [None] * n
         self.run_node = [False] * n
 
@@ -165,6 +166,7 @@ class Planner:
         clone.resolver.recipes = dict(self.resolver.recipes)
         clone.resolver.params = None if model is None else ModelParams(model)
         clone.structure_cache = {}
+        clone._labels = {}
         return clone
 
     # -- helpers for rules ---------------------------------------------------------------------------------
@@ -194,6 +196,45 @@ class Planner:
         """Whether constant input ``pos`` of ``node`` can be obtained (without requesting it)."""
         return available(self.resolver.const(node, pos))
 
+    def label(self, i: int) -> str:
+        """Node ``i`` for messages and ledgers: ``"AddmmBackward0#12"``, or ``"classifier.2 (AddmmBackward0#12)"``
+        when the model is known (the module owning the node's parameters, found by identity)."""
+        got = self._labels.get(i)
+        if got is None:
+            got = self.graph.describe(i)
+            module = self._module_of(i)
+            if module is not None:
+                got = f"{module or '(model)'} ({got})"
+            self._labels[i] = got
+        return got
+
+    def _module_of(self, i: int) -> str | None:
+        params = self.resolver.params
+        if params is None:
+            return None
+        g = self.graph
+        tensors = [G.leaf_tensor(g.nodes[g.slot_node[e]]) for e in g.edges[i]
+                   if e >= 0 and g.types[g.slot_node[e]] == "AccumulateGrad"]
+        spec = self.specs[i]
+        if spec is not None:
+            tensors += [G.saved(g.nodes[i], f) for _, f in spec.inputs_saved]
+        for t in tensors:
+            if isinstance(t, Tensor):
+                owner = params.owner(t)
+                if owner is not None:
+                    return owner[0]
+        return None
+
+    def leaf_label(self, i: int) -> str:
+        """An ``AccumulateGrad`` leaf: its parameter name when the model is known, else its kind and shape."""
+        t = G.leaf_tensor(self.graph.nodes[i])
+        params = self.resolver.params
+        owner = params.owner(t) if params is not None else None
+        if owner is not None and owner[2] is t:
+            return f"{owner[0]}.{owner[1]}" if owner[0] else owner[1]
+        kind = "parameter" if isinstance(t, torch.nn.Parameter) else "tensor"
+        return f"{kind} {tuple(t.shape)} (AccumulateGrad#{i})"
+
     def mark_bias(self, slot: int) -> None:
         """Record that ``slot`` is the additive bias of a linear/conv/norm op (for ledger names)."""
         self.bias_slots.add(slot)
@@ -216,11 +257,12 @@ class Run:
         self.carried: list[str] = []  # ledger: constants whose shares ride in the current node's arrived total
         self.carry_out: dict[int, list[str]] = {}  # ledger: input position -> constants carried onwards
 
-    def book_local(self, kind: str, index: int, total: Tensor, note: str = "") -> None:
-        """Book a sink from inside a step (e.g. a constant bias); it is excluded from the step's residual."""
+    def book_local(self, kind: str, index: int, total: Tensor, note: str = "", where: str | None = None) -> None:
+        """Book a sink from inside a step (e.g. a constant bias); it is excluded from the step's residual.
+        ``where`` names it (default: the node, with its module when the model is known)."""
         if self.ledger is None:
             return
-        self.ledger.book(kind, self.graph.describe(index), total, note)
+        self.ledger.book(kind, where or self.planner.label(index), total, note)
         self.local = total if self.local is None else self.local + total
 
     def node(self, i: int) -> Any:

@@ -73,17 +73,6 @@ class Ledger:
         """Record relevance whose amount cannot be measured (its forward value is not in the graph)."""
         self.unmeasured.append(f"{where}: {why}")
 
-    def leaf_name(self, run: Any, index: int) -> str:
-        from . import graph as _G
-        t = _G.leaf_tensor(run.graph.nodes[index])
-        model = run.planner.model if run.planner.model is not None else getattr(run.planner.rules, "model", None)
-        if model is not None:
-            for name, p in model.named_parameters():
-                if p is t:
-                    return name
-        kind = "parameter" if isinstance(t, torch.nn.Parameter) else "tensor"
-        return f"{kind} {tuple(t.shape)} (AccumulateGrad#{index})"
-
     def requested(self, name: str, total: torch.Tensor) -> None:
         self._inputs.append((name, total.detach()))
 
@@ -132,8 +121,16 @@ class Ledger:
             rows.append((s.kind, s.where, s.total))
         return rows
 
-    def summary(self, top: int = 8) -> str:
-        """A short human-readable ledger: inputs, sinks per kind (with the largest places), unaccounted."""
+    def summary(self, top: int = 8, zeros: bool = False) -> str:
+        """A short human-readable ledger: inputs, sinks per kind (with the largest places), unaccounted.
+
+        Parameters
+        ----------
+        top : int
+            Places listed per sink kind.
+        zeros : bool
+            Also list places whose total is exactly 0 (e.g. zero-valued biases); hidden by default.
+        """
         seed = self.seed_total
         lines = [f"seed relevance          {seed: .6g}"]
 
@@ -144,7 +141,8 @@ class Ledger:
             lines.append(f"  -> {name:<19} {v: .6g}  {pct(v)}")
         for kind, v in self.by_kind().items():
             lines.append(f"  -> sink: {kind:<13} {v: .6g}  {pct(v)}")
-            biggest = sorted((s for s in self.sinks if s.kind == kind), key=lambda s: -abs(s.total))[:top]
+            biggest = sorted((s for s in self.sinks if s.kind == kind and (zeros or s.total != 0)),
+                             key=lambda s: -abs(s.total))[:top]
             for s in biggest:
                 lines.append(f"       {s.where:<26} {s.total: .4g}")
         lines.append(f"unaccounted             {self.unaccounted: .3g}")

@@ -211,7 +211,7 @@ class Step:
 
     def _book(self, run: "Run", t_out: Any, t_ins: list[Any], outs: list[Msg | None],
               conservative: bool) -> list[Any]:
-        where = run.graph.describe(self.index)
+        where = run.planner.label(self.index)
         unknown = [k for k, t in enumerate(t_ins) if t is UNKNOWN]
         known = None
         for t in t_ins:

@@ -188,9 +188,9 @@ class LeafStep(Step):
         total = run.total(self.slot, outs[0])
         if total is not None:
             if self.slot in run.planner.bias_slots:
-                run.ledger.book("bias", run.ledger.leaf_name(run, self.index), total, "a bias parameter")
+                run.ledger.book("bias", run.planner.leaf_label(self.index), total, "a bias parameter")
             else:
-                run.ledger.book("leaf", run.ledger.leaf_name(run, self.index), total,
+                run.ledger.book("leaf", run.planner.leaf_label(self.index), total,
                                 "relevance reaching a leaf that was not requested")
         return t_ins
 
@@ -502,7 +502,14 @@ class LinearStep(Step):
         except ValueUnavailableError:
             b = None  # not measurable here: it travels on inside the input's derived total
         if b is not None:
-            run.book_local(kind, self.index, _finite_sum(s * b), note)
+            run.book_local(kind, self.index, _finite_sum(s * b), note, where=self._bias_label(run))
+
+    def _bias_label(self, run: "Run") -> str | None:
+        """The frozen bias's parameter name when it was read through the model (``"classifier.2.bias"``)."""
+        if self.bias_kind != "const" or self.bn is not None:
+            return None
+        recipe = run.planner.resolver.const(self.index, self.bias_pos)
+        return f"{recipe.source[1]} (frozen)" if recipe.source[0] == "param" else None
 
     def book(self, run, t_out, t_ins, outs):
         m = outs[0] if outs else None
@@ -707,7 +714,8 @@ class LinearStep(Step):
             run.book_local("bias", self.index, rb.sum(), "the merged bias (b - mean)·γ/σ + β of an op and the "
                            "batch norm after it")
         elif run.ledger is not None and rb is not None and not has_bias_edge:
-            run.book_local("constant", self.index, rb.sum(), "a bias that does not require grad")
+            run.book_local("constant", self.index, rb.sum(), "a bias that does not require grad",
+                           where=self._bias_label(run))
         return res
 
     def _terms(self, node, alpha, x, w, bias, g, r):
