@@ -19,6 +19,7 @@ Inputs are stores written by :func:`dynamiclrp.attribute_dataset` (or arrays of 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +140,8 @@ class SprayResult:
     eigenvalues : numpy.ndarray
         Smallest eigenvalues of the normalised Laplacian of the affinity graph, ascending.
     eigengap : numpy.ndarray
-        ``eigenvalues[k] - eigenvalues[k-1]`` for ``k = 1 ..``; the eigengap choice is its argmax + 1.
+        ``eigengap[k-1] = eigenvalues[k] - eigenvalues[k-1]``; without ``n_clusters`` the number of clusters is the
+        ``k`` in ``2 .. max_clusters`` with the largest gap.
     embedding : numpy.ndarray or None
         2-D embedding ``(n, 2)`` (t-SNE or UMAP), ``None`` if not asked for.
     label : int or None
@@ -374,8 +376,10 @@ def spray(store: Any, label: int | None = None, *, by: Literal["label", "target"
     if k == 1:
         labels = np.zeros(n, dtype=np.int64)
     else:
-        labels = SpectralClustering(n_clusters=k, affinity="precomputed", random_state=seed,
-                                    assign_labels="kmeans", n_init=10).fit_predict(affinity)
+        with warnings.catch_warnings():  # a disconnected graph means well separated strategies: fine here
+            warnings.filterwarnings("ignore", message="Graph is not fully connected")
+            labels = SpectralClustering(n_clusters=k, affinity="precomputed", random_state=seed,
+                                        assign_labels="kmeans", n_init=10).fit_predict(affinity)
     # number clusters by decreasing size (ties: by first member), so results read the same run after run
     sizes = np.bincount(labels, minlength=k)
     order = sorted(range(k), key=lambda c: (-sizes[c], int(np.flatnonzero(labels == c)[0]) if sizes[c] else n))
