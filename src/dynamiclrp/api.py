@@ -13,7 +13,8 @@ Tensor = torch.Tensor
 
 
 def relevance(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor],
-              seeds: Tensor | Sequence[Tensor | None] | None = None, *, rules: Any = None) -> tuple[Tensor, ...]:
+              seeds: Tensor | Sequence[Tensor | None] | None = None, *, rules: Any = None,
+              model: torch.nn.Module | None = None) -> tuple[Tensor, ...]:
     """Layer-wise Relevance Propagation relevance of ``inputs`` for ``outputs``, like ``torch.autograd.grad``.
 
     The autograd graph of an ordinary forward pass is walked operation by operation from ``outputs`` to
@@ -37,6 +38,11 @@ def relevance(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tens
         ``None`` for the default (:func:`dynamiclrp.presets.epsilon`), a preset name (``"epsilon"``,
         ``"zero"``, ``"attnlrp"``, ``"cplrp"``, ``"paper"``, ``"epsilon_plus"``...) or a
         :class:`~dynamiclrp.rules.RuleSet`.
+    model : torch.nn.Module, optional
+        The model that produced ``outputs``. Pass it when its parameters are frozen (``requires_grad_(False)``,
+        the usual way to explain): autograd does not keep a frozen bias, and some rules need it where no op of
+        the graph kept the layer's output; it is then read, never modified, from the module that owns the
+        layer's saved weight. Without ``model=`` such a case raises :class:`ValueUnavailableError` naming the op.
 
     Returns
     -------
@@ -61,7 +67,7 @@ def relevance(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tens
     >>> r.shape
     torch.Size([4, 3])
     """
-    return compute(outputs, inputs, seeds, rules=rules, ledger=False).relevance
+    return compute(outputs, inputs, seeds, rules=rules, ledger=False, model=model).relevance
 
 
 def explain(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor],
@@ -78,7 +84,7 @@ def explain(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor
         constants, stabilisers, non-conservative rules). Propagates through the whole graph, so it costs more
         than :func:`relevance`. ``ex.unaccounted`` is ≈ 0.
     model : torch.nn.Module, optional
-        Only used to name parameters in the ledger.
+        As in :func:`relevance`; also names parameters in the ledger.
     trace_promises : bool, optional
         Keep every value the Promise System recovered (``ex.promises``), for inspection and tests.
 
@@ -101,7 +107,7 @@ class Explainer:
     rules : None, str or RuleSet
         As in :func:`relevance`.
     model : torch.nn.Module, optional
-        Only used to name parameters in ledgers.
+        As in :func:`relevance` (frozen constants; names in ledgers).
     cache_size : int
         Number of plans kept (least recently used evicted first).
 

@@ -18,11 +18,10 @@ from typing import Any, Sequence
 import torch
 
 from . import graph as G
-from .errors import DynamicLRPError, UnsupportedOperationError
-from .promises import PromiseResolver, ValueStore
+from .errors import DynamicLRPError, UnsupportedOperationError, ValueUnavailableError
+from .promises import ModelParams, PromiseResolver, Recipe, ValueStore, available
 from .results import Explanation, Ledger
 from .rules.base import UNKNOWN, Msg, OpSpec, Site, Step, safe_div
-from .rules.structure import support_route
 from .rules.ruleset import RuleSet, resolve_rules
 
 Tensor = torch.Tensor
@@ -51,13 +50,14 @@ class Planner:
     everywhere : bool
         Propagate through every node, not only those that lead to a requested input (the ledger needs this).
     model : torch.nn.Module or None
-        Used only to name parameters and layers.
+        Used to name parameters and layers, and to read frozen constants autograd does not keep
+        (:class:`~dynamiclrp.promises.ModelParams`).
     """
 
     def __init__(self, graph: G.GraphView, rules: RuleSet, requested: dict[int, int], sources: set[int],
                  known: dict[int, int], everywhere: bool, model: torch.nn.Module | None = None,
-                 specs: list[OpSpec | None] | None = None):
-        self.setup(graph, rules, requested, sources, known, everywhere, model, specs)
+                 specs: list[OpSpec | None] | None = None, params: ModelParams | None = None):
+        self.setup(graph, rules, requested, sources, known, everywhere, model, specs, params)
         self._check_supported()
         for i in graph.order:
             if everywhere or self.needed_below[i]:
@@ -70,7 +70,7 @@ class Planner:
 
     def setup(self, graph: G.GraphView, rules: RuleSet, requested: dict[int, int], sources: set[int],
               known: dict[int, int], everywhere: bool, model: torch.nn.Module | None = None,
-              specs: list[OpSpec | None] | None = None) -> None:
+              specs: list[OpSpec | None] | None = None, params: ModelParams | None = None) -> None:
         """Everything a plan knows before rules bind: registry rows, activation flags, pruning, recipes."""
         self.graph = graph
         self.rules = rules
@@ -83,7 +83,7 @@ class Planner:
         self.needed_below = self._needed_below()
         # requested slots with nothing requested below them: relevance stops there
         self.terminal = {s for s in requested if not self.needed_below[graph.slot_node[s]]}
-        self.resolver = PromiseResolver(graph, self.specs, known)
+        self.resolver = PromiseResolver(graph, self.specs, known, params)
         self.structure_cache: dict[Any, Any] = {}
         self.bias_slots: set[int] = set()
         self.steps: list[Step | None] = [None] * n
@@ -163,13 +163,36 @@ class Planner:
         clone.resolver = copy.copy(self.resolver)
         clone.resolver.graph = graph
         clone.resolver.recipes = dict(self.resolver.recipes)
+        clone.resolver.params = None if model is None else ModelParams(model)
         clone.structure_cache = {}
         return clone
 
     # -- helpers for rules ---------------------------------------------------------------------------------
-    def need_value(self, slot: int) -> None:
-        """Declare that a step will read the forward value of ``slot`` (a promise, if it is not saved)."""
-        self.resolver.request(slot)
+    def need_value(self, slot: int) -> Recipe:
+        """Declare that a step will read the full forward value of ``slot`` once per run (a promise, if it is not
+        saved); returns its recipe (:class:`~dynamiclrp.promises.Unavailable` when it cannot be had)."""
+        return self.resolver.request(slot)
+
+    def need_support(self, slot: int) -> Recipe:
+        """Declare that a step will read the value of ``slot`` on the support of its gradient-form relevance once
+        per run (:meth:`Run.support`); returns its recipe."""
+        return self.resolver.request_support(slot)
+
+    def need_const(self, node: int, pos: int) -> Recipe:
+        """Declare that a step will read the constant input ``pos`` of ``node`` once per run (:meth:`Run.const`)."""
+        return self.resolver.request_const(node, pos)
+
+    def can_value(self, slot: int) -> bool:
+        """Whether the full value of ``slot`` can be obtained (without requesting it)."""
+        return available(self.resolver.recipe(slot))
+
+    def can_support(self, slot: int) -> bool:
+        """Whether the value of ``slot`` on its support can be obtained (without requesting it)."""
+        return available(self.resolver.support(slot))
+
+    def can_const(self, node: int, pos: int) -> bool:
+        """Whether constant input ``pos`` of ``node`` can be obtained (without requesting it)."""
+        return available(self.resolver.const(node, pos))
 
     def mark_bias(self, slot: int) -> None:
         """Record that ``slot`` is the additive bias of a linear/conv/norm op (for ledger names)."""
@@ -207,63 +230,38 @@ class Run:
         """Forward value of ``slot`` (read, rebuilt or replayed by the Promise System)."""
         return self.values.get(slot, origin)
 
-    def support_value(self, slot: int) -> Tensor | None:
-        """The value of ``slot`` on the support of the gradient-form relevance it receives, or ``None``.
+    def support(self, slot: int, origin: str = "") -> Tensor:
+        """The value of ``slot`` wherever gradient-form relevance can reach it (0 where it cannot be known).
 
-        Follows the slot's only consumer through injective routing ops (views, permutes, slices, selections,
-        casts) up to a value we have — a held or saved tensor — or a ReLU, and maps it back with the routing ops'
-        own backward. A ReLU sends nothing back where it output 0, and elsewhere its saved output is its input;
-        a selection sends nothing back to unselected positions. So the result equals the true value wherever
-        a gradient-form message to ``slot`` can be non-zero (the rest is 0), which is all a z-rule reads.
+        Equals the full value when the Promise System has one; otherwise it is recovered from the slot's consumers
+        (selections, a ReLU's saved output, inverses of saved outputs, sums and products with a known other
+        operand: :meth:`~dynamiclrp.promises.PromiseResolver.support`). A z-rule reads values only where the
+        gradient-form message is non-zero, so this is all it needs.
         """
-        def fetch(s: int) -> Tensor | None:
-            try:
-                return self.value(s, "support")
-            except Exception:  # noqa: BLE001 - the walk goes on, or gives up
-                return None
+        return self.values.get_support(slot, origin)[0]
 
-        route = support_route(self.planner, slot, fetch)
-        if route is None:
-            return None
-        chain, anchor = route
-        g = self.graph
-        kind = anchor[0]
-        if kind == "value":
-            v = anchor[1]
-        elif kind == "relu":
-            v = G.saved(g.nodes[anchor[1]], "result")
-        elif kind == "inverse":
-            c = anchor[1]
-            kernel = self.planner.specs[c].kernel
-            # tanh, sigmoid, exp...: the input from the saved output (saturated elements get no relevance back
-            # from the identity rule, so the inf there is replaced by 0)
-            y = G.saved(g.nodes[c], kernel.y_field)
-            if y is None:
-                return None
-            v = torch.nan_to_num(kernel.inverse(g.nodes[c], y), nan=0.0, posinf=0.0, neginf=0.0)
-        elif kind == "sum":
-            # an operand of a sum whose value is known: out minus the other operand (exact)
-            _, c, pos, total, other = anchor
-            alpha = float(G.saved(g.nodes[c], "alpha") or 1.0)
-            sign = -1.0 if g.types[c] == "SubBackward0" else 1.0
-            v = total - sign * alpha * other if pos == 0 else (total - other) / (sign * alpha)
-            s = g.slot_base[chain[-1]] if chain else slot
-            v = G.fit_to(v, G.output_meta(g.nodes[g.slot_node[s]])[g.slot_nr[s]].shape)
-        if v is None:
-            return None
-        for c in reversed(chain):
-            node = g.nodes[c]
-            (back,) = [t for t in G.call_backward(node, [v]) if t is not None][:1] or [None]
-            if back is None:
-                return None
-            e = next(e for e in g.edges[c] if e >= 0)
-            meta = G.output_meta(g.nodes[g.slot_node[e]])[g.slot_nr[e]]
-            v = G.fit_to(back, meta.shape, meta.dtype)
-        return v
+    def support_masked(self, slot: int, origin: str = "") -> tuple[Tensor, Tensor | None]:
+        """:meth:`support` and the mask where it is exact (``None``: everywhere)."""
+        return self.values.get_support(slot, origin)
+
+    def const(self, node: int, pos: int, origin: str = "") -> Tensor | None:
+        """Constant input ``pos`` of ``node`` (saved by the node, or a frozen parameter read through ``model=``);
+        ``None`` when the op had no such operand."""
+        return self.values.get_const(node, pos, origin)
 
     def r_to_g(self, slot: int, r: Tensor) -> Tensor:
-        """Turn explicit relevance at ``slot`` into gradient form by dividing by the slot's value."""
-        v = self.value(slot, "conversion to gradient form")
+        """Turn explicit relevance at ``slot`` into gradient form by dividing by the slot's value (its value on
+        the support will do when the relevance lies inside it)."""
+        if self.planner.can_value(slot):
+            v = self.value(slot, "conversion to gradient form")
+        else:
+            v, mask = self.support_masked(slot, "conversion to gradient form")
+            if mask is not None and bool((r != 0).logical_and_(~mask.expand_as(r)).any()):
+                raise ValueUnavailableError(
+                    f"explicit relevance reaches output {self.graph.slot_nr[slot]} of "
+                    f"{self.graph.describe(self.graph.slot_node[slot])} where its forward value cannot be recovered "
+                    "from the graph; pass model= so frozen constants can be read from the model, or choose rules "
+                    "that keep relevance in gradient form there")
         if v.shape != r.shape:
             v = v.expand_as(r)
         g = safe_div(r, v)
@@ -279,7 +277,7 @@ class Run:
             return None
         t = None
         if msg.g is not None:
-            v = self.value(slot, "ledger")
+            v = self.support(slot, "ledger")  # g is zero wherever the value is not known
             prod = msg.g * v
             t = _finite_sum(prod)
         if msg.r is not None:
@@ -415,6 +413,9 @@ def compute(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor
             s = s.detach().to(dtype=o.dtype, device=o.device)
         seed_tensors.append(s)
     rule_set = resolve_rules(rules)
+    if model is None:
+        model = rule_set.model
+    params = ModelParams(model) if model is not None else None
 
     graph = G.GraphView([(o.grad_fn, o.output_nr) for o in outs])
     # tensors we hold: outputs, then inputs (a GradientEdge input has no tensor: its value is promised)
@@ -454,16 +455,17 @@ def compute(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor
         if cache is not None and rule_set.override is None:
             static = [spec.static_fields if spec is not None else () for spec in specs]
             key = (graph.signature(static), tuple(sorted(requested.items())), tuple(sorted(sources)),
-                   tuple(sorted(known.items())), ledger, id(rule_set))
+                   tuple(sorted(known.items())), ledger, id(rule_set), model is not None)
             cached = cache.get(key)
             if cached is not None:
                 planner = cached.rebind(graph, model)
         if planner is None:
             planner = Planner(graph, rule_set, requested, sources, known, everywhere=ledger, model=model,
-                              specs=specs)
+                              specs=specs, params=params)
             if key is not None:
                 cache.put(key, planner.rebind(None, None))  # the cache must not keep this graph alive
-        values = ValueStore(graph, planner.specs, planner.resolver, held, trace=trace_promises)
+        values = ValueStore(graph, planner.specs, planner.resolver, held, params=planner.resolver.params,
+                            trace=trace_promises)
         book = Ledger(graph) if ledger else None
         run = Run(planner, values, book)
         captured = _execute(run, planner, seed_tensors, requested, held, book)

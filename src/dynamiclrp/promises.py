@@ -1,17 +1,39 @@
 """The Promise System: recovering forward values that autograd did not save.
 
 Autograd keeps only what gradients need. ``AddBackward0`` keeps neither operand, ``SumBackward0`` keeps no input,
-``SoftmaxBackward0`` keeps its output but not its input, and with frozen weights ``AddmmBackward0`` does not keep
-its input activation. A rule that needs such a value makes a **promise** (Lee & Millan Arias, Def. 2): one
-**branch** per missing value walks *down* the graph (towards the inputs) through pass-through ops, recording
-each op's forward step, until it reaches an **Arg Node** — a node whose output can be read or rebuilt from its
-own saved tensors (Mm/Bmm/Conv recompute, Mul, norms, activations that save their result, embeddings, leaves,
+``SoftmaxBackward0`` keeps its output but not its input, and with frozen weights ``AddmmBackward0`` keeps neither
+its input activation nor its bias. A rule that needs such a value makes a **promise** (Lee & Millan Arias, Def. 2):
+one **branch** per missing value walks *down* the graph (towards the inputs) through pass-through ops, recording
+each op's forward step, until it reaches an **Arg Node** — a node whose output can be read or rebuilt from its own
+saved tensors (Mm/Bmm/Conv recompute, Mul, norms, activations that save their result, embeddings, leaves,
 requested tensors). The value is then **replayed forward** through the recorded steps to the origin, and the
 promise is fulfilled.
 
 A branch that meets a node which itself lacks the values to run forward (an ``Add``, a ``Cat``...) spawns a
 nested promise on every input of that node: a **promise tree**. Branches that reach the same node share one
 retrieval (**aggregation**): values are memoised per slot, so a diamond is computed once.
+
+Three ways to obtain a value, cheapest and most exact first
+-----------------------------------------------------------
+**Full values** (:meth:`PromiseResolver.recipe`): the tensor everywhere. ``Known`` (a tensor the caller passed:
+an explained output or a requested input), ``Leaf``, ``Saved`` (the node's saved output, or a *consumer's*
+saved input — ``Mm`` saves its input activation, ``LayerNorm`` its input: a zero-cost Arg Node the paper does
+not use), ``Rebuild`` (an Arg Node), ``Replay`` (a branch step or a promise-generating node).
+
+**Constant operands** (:meth:`PromiseResolver.const`): an input that does not require grad has no node in the
+graph. Its value is a field the node saved (a frozen weight, a product's constant factor) or, for a frozen bias
+that autograd never keeps, the parameter of the module that owns the op's saved weight — only when the caller
+passed ``model=`` (:class:`ModelParams`; PyTorch's naming convention ``weight`` → ``bias`` on that module, rows
+sliced like the weight).
+
+**Values on the support** (:meth:`PromiseResolver.support`): a z-rule reads a value only where gradient-form
+relevance arrives (``R = value · G``), and relevance arrives only where the consumers of the slot send it. So a
+value can be recovered *upwards*, from what its consumers kept: through a selection (view, index, gather,
+max, pooling with indices...) the selected positions of the input equal the known output; a ReLU's saved output
+is its input wherever it passes relevance; ``tanh``/``sigmoid``/``exp`` invert their saved output; an addend is
+the sum minus the other operand; a factor is the product divided by the known other factor; and a one-hot
+weighted sum ``(z * w).sum(d)`` hands its total back to the single weighted position of each group. Each part
+comes with the mask of positions where it is exact, and every position where relevance can arrive is covered.
 
 How this maps to the paper, and where we differ
 -----------------------------------------------
@@ -22,16 +44,14 @@ How this maps to the paper, and where we differ
   a branch, it moves through the ordinary topological traversal, which visits each pass-through node exactly
   once (the paper's Prop. 2); so the "backward replay down each branch" of the paper is the regular rule of
   each branch node, and a diamond node waits for all of its consumers as a promoted pre-promise would.
-* In addition to walking down, a branch first checks whether a *consumer* of the slot saved it as an input
-  (``Mm`` saves its input activation, ``LayerNorm`` saves its input...). That is a zero-cost Arg Node the paper
-  does not use.
+* Consumer-saved inputs, constant operands and support values are ours (the paper only walks down).
 * Recipes are keyed by node index, not by node object, so a plan and all its promise structures are reused for
   every graph with the same signature (the paper's cached promise paths, §4.4.1).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
 import torch
 
@@ -41,18 +61,24 @@ from .errors import ValueUnavailableError
 if TYPE_CHECKING:  # pragma: no cover
     from .rules.base import OpSpec
 
+Tensor = torch.Tensor
+Mask = Tensor | None  # positions where a support value is exact; None: everywhere
+
+#: longest chain of consumers a support walk follows (support values come from nearby ops)
+_SUPPORT_DEPTH = 48
+
 
 # -----------------------------------------------------------------------------------------------------------
-# Recipes: how to obtain the forward value of one slot
+# Recipes: how to obtain one value
 # -----------------------------------------------------------------------------------------------------------
 class Recipe:
-    """How the forward value of one slot is obtained (a node of a promise tree)."""
+    """How a value is obtained (a node of a promise tree). ``key`` identifies the value for memoisation."""
 
-    __slots__ = ("slot",)
-    is_arg = False  # Arg Nodes terminate a branch
+    __slots__ = ("key",)
+    support = False  # evaluates to (value, mask) instead of a tensor
 
-    def __init__(self, slot: int):
-        self.slot = slot
+    def __init__(self, key: Hashable):
+        self.key = key
 
     def children(self) -> tuple["Recipe", ...]:
         return ()
@@ -61,19 +87,17 @@ class Recipe:
 class Known(Recipe):
     """A tensor we hold: a requested input or an explained output."""
 
-    __slots__ = ("key",)
-    is_arg = True
+    __slots__ = ("index",)
 
-    def __init__(self, slot: int, key: int):
+    def __init__(self, slot: int, index: int):
         super().__init__(slot)
-        self.key = key
+        self.index = index
 
 
 class Leaf(Recipe):
     """An ``AccumulateGrad`` leaf: the parameter or input tensor itself (an Arg Node)."""
 
     __slots__ = ("node",)
-    is_arg = True
 
     def __init__(self, slot: int, node: int):
         super().__init__(slot)
@@ -84,7 +108,6 @@ class Saved(Recipe):
     """A value autograd saved: a node's own output, or a consumer's saved input (an Arg Node)."""
 
     __slots__ = ("node", "field")
-    is_arg = True
 
     def __init__(self, slot: int, node: int, field: str):
         super().__init__(slot)
@@ -96,7 +119,6 @@ class Rebuild(Recipe):
     """An Arg Node: the producer recomputes its output from its own saved tensors (``x @ W``, ``conv``...)."""
 
     __slots__ = ("node", "nr")
-    is_arg = True
 
     def __init__(self, slot: int, node: int, nr: int):
         super().__init__(slot)
@@ -109,7 +131,7 @@ class Replay(Recipe):
 
     With one input recipe this is a pass-through step of a branch (view, permute, slice, scale by a saved
     constant...). With several it is a promise-generating node (``Add``, ``Cat``, ``Stack``...): each input is a
-    nested branch, i.e. a promise tree.
+    nested branch, i.e. a promise tree. Inputs that do not require grad are :class:`Const` recipes.
     """
 
     __slots__ = ("node", "nr", "inputs")
@@ -123,9 +145,97 @@ class Replay(Recipe):
     def children(self) -> tuple[Recipe, ...]:
         return tuple(r for r in self.inputs if r is not None)
 
-    @property
-    def generates_promise(self) -> bool:
-        return len(self.children()) > 1
+
+class Const(Recipe):
+    """Input ``pos`` of node ``node``, an operand that does not require grad (no node of its own).
+
+    ``source`` is ``("saved", field)`` (the node saved it), ``("param", name, start, length)`` (a parameter of
+    the caller's model, rows ``start:start + length`` when the op used a slice of it) or ``("absent",)`` (the op
+    had no such operand, e.g. a convolution without bias: the value is ``None``).
+    """
+
+    __slots__ = ("node", "pos", "source")
+
+    def __init__(self, node: int, pos: int, source: tuple):
+        super().__init__(("const", node, pos))
+        self.node = node
+        self.pos = pos
+        self.source = source
+
+
+class Support(Recipe):
+    """The value of ``slot`` on the support of the gradient-form relevance it can receive: one part per
+    consumer that can send relevance; the parts' masks together cover every such position."""
+
+    __slots__ = ("slot", "parts")
+    support = True
+
+    def __init__(self, slot: int, parts: tuple["Part", ...]):
+        super().__init__(("support", slot))
+        self.slot = slot
+        self.parts = parts
+
+    def children(self) -> tuple[Recipe, ...]:
+        return self.parts
+
+
+class Part(Recipe):
+    """The value of ``slot`` where consumer ``node`` (at input ``pos``) can send relevance back to it."""
+
+    __slots__ = ("slot", "node", "pos", "ups")
+    support = True
+    kind = "part"
+
+    def __init__(self, slot: int, node: int, pos: int, ups: tuple["Recipe | None", ...] = ()):
+        super().__init__(("part", slot, node, pos))
+        self.slot = slot
+        self.node = node
+        self.pos = pos
+        self.ups = ups
+
+    def children(self) -> tuple[Recipe, ...]:
+        return tuple(r for r in self.ups if r is not None)
+
+
+class SelectPart(Part):
+    """A selection (every output element a copy of one input element, or a constant): the input equals the
+    output wherever the node's backward routes something; ``ups`` holds one recipe per output (``None`` for an
+    output no one consumes)."""
+
+    kind = "selection"
+
+
+class InversePart(Part):
+    """An element-wise op that saved its output and is invertible where it passes relevance (ReLU: ``x = y``
+    where ``y > 0``; ``tanh``, ``sigmoid``, ``exp``...: the inverse map)."""
+
+    kind = "inverse"
+
+
+class SumPart(Part):
+    """An addend of ``out = c0·a + c1·b``: ``(out − c_other·other) / c_self``; ``ups = (out, other)``."""
+
+    kind = "sum"
+
+
+class ScalePart(Part):
+    """A factor of ``out = a·b`` (or ``a / b``) whose other factor is known: ``ups = (out, other)``; exact where
+    the other factor is non-zero (elsewhere the product sends no gradient-form relevance back)."""
+
+    kind = "scale"
+
+
+class WeightedSumPart(Part):
+    """``(z · w).sum(dims)`` with ``w`` known: where one position of a group has ``w ≠ 0`` (a one-hot choice),
+    that position's ``z`` is the group's total over ``w``. ``node`` is the product, ``ups = (total, w)`` and
+    ``reducer`` the sum node."""
+
+    __slots__ = ("reducer",)
+    kind = "weighted sum"
+
+    def __init__(self, slot: int, node: int, pos: int, ups: tuple["Recipe | None", ...], reducer: int):
+        super().__init__(slot, node, pos, ups)
+        self.reducer = reducer
 
 
 class Unavailable(Recipe):
@@ -133,9 +243,14 @@ class Unavailable(Recipe):
 
     __slots__ = ("reason",)
 
-    def __init__(self, slot: int, reason: str):
-        super().__init__(slot)
+    def __init__(self, key: Hashable, reason: str):
+        super().__init__(key)
         self.reason = reason
+
+
+def available(recipe: Recipe | None) -> bool:
+    """Whether ``recipe`` can be evaluated (it is not :class:`Unavailable`)."""
+    return recipe is not None and not isinstance(recipe, Unavailable)
 
 
 @dataclass
@@ -152,16 +267,18 @@ class PromiseRecord:
     path : list of str
         The branch, from the origin's operand down to the Arg Node (``"ViewBackward0#3 -> MmBackward0#4"``).
     arg : str
-        How the branch ended (``"saved"``, ``"rebuild"``, ``"leaf"``, ``"known"``) and at which node.
+        How the branch ended (``"saved"``, ``"rebuild"``, ``"leaf"``, ``"known"``, ``"support"``) and where.
     nested : int
         Number of promise-generating nodes in the tree (0 for a plain branch).
+    value : torch.Tensor
     pre_promises : list of str
         Nodes of the tree whose output other consumers also use (the diamonds where the paper creates a
         pre-promise: the value is forwarded up the branch at once, while the node's relevance waits for all
         of its consumers in the regular traversal).
     depth : int
         Longest branch of the tree, in nodes (the paper's promise depth, Def. 4).
-    value : torch.Tensor
+    mask : torch.Tensor or None
+        For a value on the support: where it is exact (``None``: everywhere).
     """
 
     slot: int
@@ -174,13 +291,104 @@ class PromiseRecord:
     value: torch.Tensor
     pre_promises: list[str] = field(default_factory=list)
     depth: int = 0
+    mask: torch.Tensor | None = None
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Parameters of the caller's model (frozen constants autograd does not keep)
+# -----------------------------------------------------------------------------------------------------------
+class ModelParams:
+    """Looks up the parameters and buffers of a model by tensor identity, read-only.
+
+    Used to resolve constants that autograd never keeps — the bias of a frozen linear or convolution layer, the
+    shift of a frozen batch norm — through the module that owns a tensor the node *did* save (its weight, its
+    running mean). Nothing is hooked, patched, re-run or modified.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self._owner: dict[int, tuple[str, str]] | None = None  # built on first use (plans are cached)
+        self._storage: dict[int, list[tuple[torch.Tensor, str, str]]] = {}
+
+    def _index(self) -> dict[int, tuple[str, str]]:
+        if self._owner is None:
+            self._owner = {}
+            for mname, mod in self.model.named_modules():
+                for attr, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+                    if t is None or id(t) in self._owner:
+                        continue
+                    self._owner[id(t)] = (mname, attr)
+                    if t.device.type != "meta":
+                        self._storage.setdefault(_storage_ptr(t), []).append((t, mname, attr))
+        return self._owner
+
+    def owner(self, t: torch.Tensor) -> tuple[str, str, torch.Tensor] | None:
+        """``(module name, attribute, tensor)`` of the parameter or buffer ``t`` is, or is a view of."""
+        index = self._index()
+        seen = t
+        while seen is not None:
+            got = index.get(id(seen))
+            if got is not None:
+                return got[0], got[1], seen
+            seen = seen._base
+        if t.device.type == "meta":
+            return None
+        for p, mname, attr in self._storage.get(_storage_ptr(t), ()):
+            if p.dtype == t.dtype:
+                return mname, attr, p
+        return None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The parameter or buffer called ``name`` (``"features.0.bias"``)."""
+        mname, _, attr = name.rpartition(".")
+        mod = self.model.get_submodule(mname) if mname else self.model
+        return getattr(mod, attr)
+
+    def companion(self, weight: torch.Tensor, out_features: int, old: str, new: str) -> tuple | None:
+        """The ``("param", name, start, length)`` source of the tensor that goes with ``weight`` by PyTorch's
+        naming convention (``weight`` → ``bias``, ``in_proj_weight`` → ``in_proj_bias``, ``running_mean`` →
+        ``bias``...), sliced like ``weight`` when the op used some of its rows. ``None`` when ``weight`` is not
+        one of the model's tensors or no such companion with matching size exists."""
+        got = self.owner(weight)
+        if got is None:
+            return None
+        mname, attr, full = got
+        name = attr.replace(old, new) if old in attr else None
+        if name is None or name == attr:
+            return None
+        mod = self.model.get_submodule(mname) if mname else self.model
+        comp = getattr(mod, name, None)
+        if not isinstance(comp, torch.Tensor):
+            return None
+        qual = f"{mname}.{name}" if mname else name
+        if comp.dim() != 1:
+            return None
+        n = comp.shape[0]
+        if n == out_features and (full is weight or weight.storage_offset() == full.storage_offset()):
+            return ("param", qual, 0, n)
+        # a slice of the full weight (q/k/v rows of a packed projection): find the rows it starts at
+        for d in range(full.dim()):
+            if full.shape[d] != n:
+                continue
+            offset = weight.storage_offset() - full.storage_offset()
+            start = (offset // full.stride(d)) % full.shape[d] if full.stride(d) else 0
+            if start + out_features <= n:
+                return ("param", qual, int(start), int(out_features))
+        return None
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # pragma: no cover - tensors without storage
+        return -1
 
 
 # -----------------------------------------------------------------------------------------------------------
 # Plan time: resolving recipes
 # -----------------------------------------------------------------------------------------------------------
 class PromiseResolver:
-    """Resolves, at plan time, a recipe for every slot whose value some rule needs.
+    """Resolves, at plan time, a recipe for every value some rule needs.
 
     Parameters
     ----------
@@ -188,23 +396,42 @@ class PromiseResolver:
     specs : list
         The registry row of every node (``None`` for unknown node types).
     known : dict
-        ``slot -> key`` of tensors the caller holds (requested inputs and explained outputs).
+        ``slot -> index`` of tensors the caller holds (requested inputs and explained outputs).
+    params : ModelParams or None
+        The caller's model, to resolve frozen constants autograd does not keep.
     """
 
-    def __init__(self, graph: G.GraphView, specs: Sequence["OpSpec | None"], known: dict[int, int]):
+    def __init__(self, graph: G.GraphView, specs: Sequence["OpSpec | None"], known: dict[int, int],
+                 params: ModelParams | None = None):
         self.graph = graph
         self.specs = specs
         self.known = known
-        self.recipes: dict[int, Recipe] = {}
-        self.requests: dict[int, int] = {}  # slot -> number of rule requests (for freeing)
+        self.params = params
+        self.recipes: dict[Hashable, Recipe] = {}
+        self.requests: dict[Hashable, int] = {}  # recipe key -> number of rule requests (for freeing)
 
+    # -- what rules call ----------------------------------------------------------------------------------
     def request(self, slot: int) -> Recipe:
-        """Register that a rule will need the value of ``slot`` and return its recipe."""
-        self.requests[slot] = self.requests.get(slot, 0) + 1
-        return self.recipe(slot)
+        """Register that a rule will read the full value of ``slot`` once per run; returns its recipe."""
+        return self._count(self.recipe(slot))
 
+    def request_support(self, slot: int) -> Recipe:
+        """Register that a rule will read the value of ``slot`` on its support once per run."""
+        return self._count(self.support(slot))
+
+    def request_const(self, node: int, pos: int) -> Recipe:
+        """Register that a rule will read constant input ``pos`` of ``node`` once per run."""
+        return self._count(self.const(node, pos))
+
+    def _count(self, recipe: Recipe) -> Recipe:
+        if available(recipe):
+            self.requests[recipe.key] = self.requests.get(recipe.key, 0) + 1
+        return recipe
+
+    # -- full values --------------------------------------------------------------------------------------
     def recipe(self, slot: int) -> Recipe:
-        """The memoised recipe of ``slot`` (resolved iteratively: no recursion limit on long branches)."""
+        """The memoised recipe of the full value of ``slot`` (resolved iteratively: no recursion limit on long
+        branches)."""
         got = self.recipes.get(slot)
         if got is not None:
             return got
@@ -221,8 +448,8 @@ class PromiseResolver:
                 stack.pop()
         return self.recipes[slot]
 
-    # direct strategies, cheapest first; returns slots still to resolve (for replay) or [] when done
     def _resolve(self, s: int) -> list[int]:
+        """Direct strategies, cheapest first; returns slots still to resolve (for a replay) or [] when done."""
         g = self.graph
         if s in self.known:
             self.recipes[s] = Known(s, self.known[s])
@@ -253,33 +480,178 @@ class PromiseResolver:
         if spec.rebuild is not None and _can_rebuild(spec, node, nr):
             self.recipes[s] = Rebuild(s, node_i, nr)
             return []
-        if spec.replay is not None:
-            edges = g.edges[node_i]
-            wanted = spec.replay_inputs
-            if wanted is None:
-                wanted = tuple(range(len(edges)))  # every input: a constant we do not know blocks the replay
-            elif callable(wanted):
-                wanted = tuple(wanted(node, edges))
-            missing_const = [k for k in wanted if k >= len(edges) or edges[k] < 0]
-            if missing_const:
-                self.recipes[s] = Unavailable(
-                    s, f"{g.describe(node_i)} needs input {missing_const[0]}, a constant autograd did not keep")
-                return []
-            todo = [edges[k] for k in wanted if edges[k] not in self.recipes]
-            if todo:
-                return todo
-            inputs: list[Recipe | None] = [None] * len(edges)
-            for k in wanted:
-                child = self.recipes[edges[k]]
-                if isinstance(child, Unavailable):
-                    self.recipes[s] = Unavailable(s, f"{g.describe(node_i)} <- {child.reason}")
-                    return []
-                inputs[k] = child
-            self.recipes[s] = Replay(s, node_i, nr, tuple(inputs))
+        if spec.replay is None:
+            self.recipes[s] = Unavailable(
+                s, f"{g.describe(node_i)} saved neither its output nor enough to recompute it")
             return []
-        self.recipes[s] = Unavailable(
-            s, f"{g.describe(node_i)} saved neither its output nor enough to recompute it")
+        edges = g.edges[node_i]
+        wanted = spec.replay_inputs
+        if wanted is None:
+            wanted = tuple(range(len(edges)))
+        elif callable(wanted):
+            wanted = tuple(wanted(node, edges))
+        todo = [edges[k] for k in wanted if k < len(edges) and edges[k] >= 0 and edges[k] not in self.recipes]
+        if todo:
+            return todo
+        inputs: list[Recipe | None] = [None] * len(edges)
+        for k in wanted:
+            child = self.recipes[edges[k]] if k < len(edges) and edges[k] >= 0 else self.const(node_i, k)
+            if isinstance(child, Unavailable):
+                self.recipes[s] = Unavailable(s, f"{g.describe(node_i)} <- {child.reason}")
+                return []
+            inputs[k] = child
+        self.recipes[s] = Replay(s, node_i, nr, tuple(inputs))
         return []
+
+    # -- constant operands ----------------------------------------------------------------------------------
+    def const(self, node_i: int, pos: int) -> Recipe:
+        """The recipe of input ``pos`` of node ``node_i``, an operand that does not require grad."""
+        key = ("const", node_i, pos)
+        got = self.recipes.get(key)
+        if got is None:
+            got = self._const(node_i, pos)
+            self.recipes[key] = got
+        return got
+
+    def _const(self, node_i: int, pos: int) -> Recipe:
+        g = self.graph
+        node = g.nodes[node_i]
+        spec = self.specs[node_i]
+        where = g.describe(node_i)
+        if spec is None:
+            return Unavailable(("const", node_i, pos), f"{where} has no registry entry")
+        for in_pos, fld in spec.inputs_saved:
+            if in_pos == pos and G.saved(node, fld) is not None:
+                return Const(node_i, pos, ("saved", fld))
+        kernel = spec.kernel
+        absent = getattr(kernel, "absent", None)
+        if absent is not None and absent(node, pos):
+            return Const(node_i, pos, ("absent",))
+        companion = getattr(kernel, "companion", None)
+        hint = companion(node, pos) if companion is not None else None
+        if hint is None:
+            return Unavailable(("const", node_i, pos), f"{where}'s input {pos} does not require grad, so autograd "
+                               "kept neither it nor what produced it")
+        if self.params is not None:
+            source = self.params.companion(*hint)
+            if source is not None:
+                return Const(node_i, pos, source)
+            return Unavailable(("const", node_i, pos), f"{where}'s input {pos} (a {hint[3]} that does not require "
+                               "grad) is not in the graph, and no parameter named like its companion "
+                               f"'{hint[2]}' was found next to the module tensor the node saved")
+        return Unavailable(("const", node_i, pos), f"{where}'s {hint[3]} does not require grad, so autograd "
+                           "does not keep it; pass model= to read it from the module that owns the layer's "
+                           f"{hint[2]}")
+
+    # -- values on the support ------------------------------------------------------------------------------
+    def support(self, slot: int) -> Recipe:
+        """A recipe of the value of ``slot`` valid wherever gradient-form relevance can reach it: the full value
+        when there is one, else a :class:`Support` walk over the slot's consumers."""
+        full = self.recipe(slot)
+        if available(full):
+            return full
+        return self._support(slot, 0)
+
+    def _support(self, slot: int, depth: int) -> Recipe:
+        key = ("support", slot)
+        got = self.recipes.get(key)
+        if got is not None:
+            return got
+        g = self.graph
+        if depth > _SUPPORT_DEPTH:
+            return Unavailable(key, "too long a chain of consumers")
+        cons = g.consumers[slot]
+        if not cons:
+            got = Unavailable(key, f"output {g.slot_nr[slot]} of {g.describe(g.slot_node[slot])} has no consumer "
+                              "that kept it")
+        else:
+            parts: list[Part] = []
+            got = None
+            for c, pos in cons:
+                part = self._part(slot, c, pos, depth)
+                if isinstance(part, Unavailable):
+                    got = Unavailable(key, part.reason)
+                    break
+                parts.append(part)
+            if got is None:
+                got = Support(slot, tuple(parts))
+        self.recipes[key] = got
+        return got
+
+    def _up(self, slot: int, depth: int) -> Recipe:
+        """A consumer's output value for a support part: full, or itself on the support."""
+        full = self.recipe(slot)
+        return full if available(full) else self._support(slot, depth + 1)
+
+    def _part(self, slot: int, c: int, pos: int, depth: int) -> Recipe:
+        g = self.graph
+        spec = self.specs[c]
+        where = g.describe(c)
+        key = ("part", slot, c, pos)
+        if spec is None:
+            return Unavailable(key, f"{where} has no registry entry")
+        kernel = spec.kernel
+        if spec.selection:
+            ups: list[Recipe | None] = []
+            for s in g.slots_of(c):
+                if not g.consumers[s] and s not in self.known:
+                    ups.append(None)  # an output nobody reads carries no relevance
+                    continue
+                up = self._up(s, depth)
+                if isinstance(up, Unavailable):
+                    return Unavailable(key, f"{where} <- {up.reason}")
+                ups.append(up)
+            return SelectPart(slot, c, pos, tuple(ups))
+        if getattr(kernel, "from_output", None) is not None and G.saved(g.nodes[c], kernel.y_field) is not None:
+            return InversePart(slot, c, pos)
+        edges = g.edges[c]
+        role = getattr(kernel, "support_role", None)
+        if role == "sum" and len(edges) == 2:
+            other = self._operand(c, 1 - pos)
+            total = self._up(g.slot_base[c], depth)
+            for r in (total, other):
+                if isinstance(r, Unavailable):
+                    return Unavailable(key, f"{where} <- {r.reason}")
+            return SumPart(slot, c, pos, (total, other))
+        if role == "scale":
+            other = self._operand(c, 1 - pos) if not kernel.scalar else None
+            if isinstance(other, Unavailable):
+                return Unavailable(key, f"{where} <- {other.reason}")
+            out = g.slot_base[c]
+            total = self._up(out, depth)
+            if isinstance(total, Unavailable):
+                weighted = self._weighted_sum(slot, c, pos, other, depth)
+                if weighted is not None:
+                    return weighted
+                return Unavailable(key, f"{where} <- {total.reason}")
+            return ScalePart(slot, c, pos, (total, other))
+        return Unavailable(key, f"its consumer {where} keeps neither it nor a value to recover it from")
+
+    def _operand(self, c: int, pos: int) -> Recipe:
+        """The full value of input ``pos`` of node ``c``: saved by the node, a constant, or the input's value."""
+        g = self.graph
+        edges = g.edges[c]
+        if pos >= len(edges):
+            return Unavailable(("const", c, pos), f"{g.describe(c)} has no input {pos}")
+        spec = self.specs[c]
+        for in_pos, fld in spec.inputs_saved:
+            if in_pos == pos and G.saved(g.nodes[c], fld) is not None:
+                return Const(c, pos, ("saved", fld))
+        return self.recipe(edges[pos]) if edges[pos] >= 0 else self.const(c, pos)
+
+    def _weighted_sum(self, slot: int, c: int, pos: int, other: Recipe | None, depth: int) -> Recipe | None:
+        g = self.graph
+        out = g.slot_base[c]
+        cons = g.consumers[out]
+        if other is None or len(cons) != 1 or self.specs[c].kernel.divide:
+            return None
+        s = cons[0][0]
+        if g.types[s] not in ("SumBackward0", "SumBackward1"):
+            return None
+        total = self._up(g.slot_base[s], depth)
+        if isinstance(total, Unavailable):
+            return None
+        return WeightedSumPart(slot, c, pos, (total, other), s)
 
 
 def _can_rebuild(spec: "OpSpec", node: Any, nr: int) -> bool:
@@ -299,76 +671,113 @@ class ValueStore:
     specs : list of OpSpec or None
     resolver : PromiseResolver
     tensors : list of torch.Tensor
-        Tensors the caller holds, indexed by the keys used in ``Known`` recipes.
+        Tensors the caller holds, indexed by the indices of ``Known`` recipes.
+    params : ModelParams or None
+        The caller's model (for constants resolved through it).
     trace : bool
         Keep a :class:`PromiseRecord` for every value obtained through a branch (tests, debugging).
     """
 
-    def __init__(self, graph: G.GraphView, specs, resolver: PromiseResolver, tensors: Sequence[torch.Tensor],
-                 trace: bool = False):
+    def __init__(self, graph: G.GraphView, specs, resolver: PromiseResolver, tensors: Sequence[torch.Tensor | None],
+                 params: ModelParams | None = None, trace: bool = False):
         self.graph = graph
         self.specs = specs
         self.resolver = resolver
         self.tensors = tensors
-        self.memo: dict[int, torch.Tensor] = {}
+        self.params = params
+        self.memo: dict[Hashable, Any] = {}
         self.remaining = dict(resolver.requests)
         self.trace = trace
         self.records: list[PromiseRecord] = []
 
     def get(self, slot: int, origin: str = "") -> torch.Tensor:
-        """The forward value of ``slot``.
+        """The full forward value of ``slot``.
 
         Raises
         ------
         ValueUnavailableError
-            When the graph holds no way to obtain it (e.g. a bias that does not require grad).
+            When the graph holds no way to obtain it (e.g. an activation only a frozen layer consumed).
         """
-        val = self.memo.get(slot)
+        return self._get(self.resolver.recipe(slot), origin)
+
+    def get_support(self, slot: int, origin: str = "") -> tuple[torch.Tensor, Mask]:
+        """The value of ``slot`` on its support and the mask where it is exact (``None``: everywhere); zero
+        outside the mask."""
+        recipe = self.resolver.support(slot)
+        out = self._get(recipe, origin)
+        return out if recipe.support else (out, None)
+
+    def get_const(self, node: int, pos: int, origin: str = "") -> torch.Tensor | None:
+        """Constant input ``pos`` of ``node`` (``None`` when the op had no such operand)."""
+        return self._get(self.resolver.const(node, pos), origin)
+
+    def _get(self, recipe: Recipe, origin: str) -> Any:
+        key = recipe.key
+        val = self.memo.get(key)
         if val is None:
-            recipe = self.resolver.recipe(slot)
+            if isinstance(recipe, Unavailable):
+                raise ValueUnavailableError(self._explain(recipe, origin))
             val = self._evaluate(recipe)
-            if self.trace:
+            if self.trace and not isinstance(recipe, Const):
                 self._record(recipe, val, origin)
-        left = self.remaining.get(slot)
+        left = self.remaining.get(key)
         if left is not None:
             if left <= 1:
-                self.remaining.pop(slot)
-                self.memo.pop(slot, None)
+                self.remaining.pop(key)
+                self.memo.pop(key, None)
             else:
-                self.remaining[slot] = left - 1
-                self.memo[slot] = val
+                self.remaining[key] = left - 1
+                self.memo[key] = val
         return val
 
-    def _evaluate(self, root: Recipe) -> torch.Tensor:
+    def _explain(self, recipe: Unavailable, origin: str) -> str:
+        g = self.graph
+        key = recipe.key
+        if isinstance(key, int):
+            what = f"The forward value of output {g.slot_nr[key]} of {g.describe(g.slot_node[key])}"
+        elif key[0] == "const":
+            what = f"Input {key[2]} of {g.describe(key[1])}"
+        else:
+            what = f"The value of output {g.slot_nr[key[1]]} of {g.describe(g.slot_node[key[1]])}"
+        by = f" by {origin}" if origin else ""
+        fix = ("pass model= (relevance(..., model=model) or explain(..., model=model)) so that frozen constants "
+               "can be read from the module that owns the layer's weight" if self.params is None and (
+                   "pass model=" in recipe.reason) else "choose a rule that does not need this value")
+        return (f"{what} is needed{by} but cannot be recovered from the graph ({recipe.reason}). Autograd keeps "
+                f"only what gradients need; {fix}.")
+
+    def _evaluate(self, root: Recipe) -> Any:
         # iterative post-order evaluation; children are memoised so shared sub-trees run once
-        local: dict[int, torch.Tensor] = {}
+        local: dict[Hashable, Any] = {}
         stack: list[Recipe] = [root]
         while stack:
             rec = stack[-1]
-            if rec.slot in local:
+            if rec.key in local:
                 stack.pop()
                 continue
-            hit = self.memo.get(rec.slot)
+            hit = self.memo.get(rec.key)
             if hit is not None:
-                local[rec.slot] = hit
+                local[rec.key] = hit
                 stack.pop()
                 continue
-            kids = [c for c in rec.children() if c.slot not in local]
+            kids = [c for c in rec.children() if c.key not in local]
             if kids:
                 stack.extend(kids)
                 continue
-            local[rec.slot] = self._compute(rec, local)
+            local[rec.key] = self._compute(rec, local)
             stack.pop()
-        return local[root.slot]
+        return local[root.key]
 
-    def _compute(self, rec: Recipe, local: dict[int, torch.Tensor]) -> torch.Tensor:
+    def _compute(self, rec: Recipe, local: dict[Hashable, Any]) -> Any:
         g = self.graph
         if isinstance(rec, Known):
-            return self.tensors[rec.key].detach()
+            return self.tensors[rec.index].detach()
         if isinstance(rec, Leaf):
             return G.leaf_tensor(g.nodes[rec.node]).detach()
         if isinstance(rec, Saved):
             return G.saved(g.nodes[rec.node], rec.field).detach()
+        if isinstance(rec, Const):
+            return self._const(rec)
         if isinstance(rec, Rebuild):
             spec = self.specs[rec.node]
             with torch.no_grad():
@@ -378,19 +787,99 @@ class ValueStore:
             return out
         if isinstance(rec, Replay):
             spec = self.specs[rec.node]
-            args = [None if r is None else local[r.slot] for r in rec.inputs]
+            args = [None if r is None else local[r.key] for r in rec.inputs]
             with torch.no_grad():
                 return spec.replay(g.nodes[rec.node], args, rec.nr)
+        if isinstance(rec, Support):
+            return _combine([local[p.key] for p in rec.parts], g.meta(rec.slot))
+        if isinstance(rec, Part):
+            with torch.no_grad():
+                return self._part(rec, [None if r is None else _vm(local[r.key]) for r in rec.ups])
         assert isinstance(rec, Unavailable)
-        node_i = g.slot_node[rec.slot]
-        raise ValueUnavailableError(
-            f"The forward value of output {g.slot_nr[rec.slot]} of {g.describe(node_i)} is needed by a rule but "
-            f"cannot be recovered from the graph ({rec.reason}). This happens when an operand does not require "
-            "grad, so autograd keeps neither it nor what produced it (e.g. a frozen bias). Let the parameters "
-            "require grad (model.requires_grad_(True)) or choose a rule that does not need this value.")
+        raise ValueUnavailableError(self._explain(rec, ""))
 
-    def _record(self, recipe: Recipe, value: torch.Tensor, origin: str) -> None:
+    def _const(self, rec: Const) -> torch.Tensor | None:
+        kind = rec.source[0]
+        if kind == "absent":
+            return None
+        node = self.graph.nodes[rec.node]
+        if kind == "saved":
+            v = G.saved(node, rec.source[1])
+            if v is not None and not isinstance(v, torch.Tensor):
+                v = torch.tensor(v, dtype=torch.float64) if isinstance(v, float) else torch.tensor(v)
+            return v.detach() if isinstance(v, torch.Tensor) else v
+        _, name, start, length = rec.source
+        if self.params is None:  # a plan made with a model, run without one
+            raise ValueUnavailableError(f"{self.graph.describe(rec.node)} needs {name} of the model: pass model=")
+        t = self.params.tensor(name).detach()
+        return t if (start == 0 and length == t.shape[0]) else t.narrow(0, start, length)
+
+    # -- support parts ---------------------------------------------------------------------------------------
+    def _part(self, rec: Part, ups: list[tuple[Tensor, Mask] | None]) -> tuple[Tensor, Mask]:
         g = self.graph
+        node = g.nodes[rec.node]
+        meta = g.meta(rec.slot)
+        shape, dtype = torch.Size(meta[0]), meta[1]
+        if isinstance(rec, SelectPart):
+            metas = G.output_meta(node)
+            vals, masks = [], []
+            for up, m in zip(ups, metas):
+                if up is None:
+                    z = torch.zeros(m.shape, dtype=m.dtype, device=m.device)
+                    vals.append(z)
+                    masks.append(z)
+                    continue
+                v, mk = up
+                vals.append(v.to(m.dtype))
+                masks.append(torch.ones(m.shape, dtype=m.dtype, device=m.device) if mk is None else mk.to(m.dtype))
+            num = G.call_backward(node, [v * mk if mk is not None else v for v, mk in zip(vals, masks)])[rec.pos]
+            cnt = G.call_backward(node, masks)[rec.pos]
+            return _masked_mean(num, cnt, shape, dtype)
+        if isinstance(rec, InversePart):
+            kernel = self.specs[rec.node].kernel
+            x, mask = kernel.from_output(node, G.saved(node, kernel.y_field))
+            return torch.where(mask, x, 0).to(dtype), mask
+        (total, tmask), other = ups[0], ups[1]
+        if isinstance(rec, SumPart):
+            c = self.specs[rec.node].kernel.coefficients(node)
+            ov = other[0] if other is not None else None
+            v = (total - c[1 - rec.pos] * ov) / c[rec.pos]
+            return _masked_mean(_masked(v, tmask), _ones_or(tmask, v), shape, dtype)
+        kernel = self.specs[rec.node].kernel
+        ov = other[0] if other is not None else kernel.operand(node, 1)
+        if isinstance(rec, WeightedSumPart):
+            red = g.nodes[rec.reducer]
+            w = torch.broadcast_to(ov, G.output_meta(node)[0].shape).to(total.dtype)
+            chosen = (w != 0).to(total.dtype)
+            (back,) = G.call_backward(red, [self.specs[rec.reducer].kernel.forward(red, [chosen], 0)])[:1]
+            (tb,) = G.call_backward(red, [_masked(total, tmask)])[:1]
+            ok = (chosen != 0) & (back == 1)
+            if tmask is not None:
+                (mb,) = G.call_backward(red, [tmask.to(total.dtype)])[:1]
+                ok = ok & (mb != 0)
+            v = torch.where(ok, tb / torch.where(ok, w, 1), 0)
+            return _masked_mean(v, ok.to(v.dtype), shape, dtype)
+        # ScalePart
+        okv = torch.ones((), dtype=torch.bool, device=total.device) if tmask is None else tmask
+        if not kernel.divide:
+            ok = okv & (ov != 0)
+            v = torch.where(ok, total / torch.where(ok, ov, 1), 0)
+        elif rec.pos == 0:
+            ok = okv & torch.isfinite(ov) & (ov != 0)
+            v = torch.where(ok, total * ov, 0)
+        else:
+            ok = okv & (total != 0)
+            v = torch.where(ok, ov / torch.where(ok, total, 1), 0)
+        ok = torch.broadcast_to(ok, v.shape)
+        return _masked_mean(v, ok.to(v.dtype), shape, dtype)
+
+    # -- tracing -------------------------------------------------------------------------------------------
+    def _record(self, recipe: Recipe, value: Any, origin: str) -> None:
+        g = self.graph
+        slot = recipe.key if isinstance(recipe.key, int) else recipe.key[1]
+        mask = None
+        if recipe.support:
+            value, mask = value
         path: list[str] = []
         nested = 0
         rec: Recipe | None = recipe
@@ -402,7 +891,9 @@ class ValueStore:
                 break
             rec = kids[0] if kids else None
         arg = "promise tree" if nested else "unresolved"
-        if rec is not None and not isinstance(rec, Replay):
+        if isinstance(rec, Support):
+            arg = "support of " + ", ".join(f"{p.kind} at {g.describe(p.node)}" for p in rec.parts)
+        elif rec is not None and not isinstance(rec, Replay):
             kind = type(rec).__name__.lower()
             where = getattr(rec, "node", None)
             arg = f"{kind} at {g.describe(where)}" if where is not None else kind
@@ -410,34 +901,71 @@ class ValueStore:
                 path.append(g.describe(where) if where is not None else kind)
         pre, depth = self._tree_facts(recipe)
         self.records.append(PromiseRecord(
-            slot=recipe.slot, node=g.nodes[g.slot_node[recipe.slot]], output_nr=g.slot_nr[recipe.slot],
-            origin=origin, path=path, arg=arg, nested=nested, value=value, pre_promises=pre, depth=depth))
+            slot=slot, node=g.nodes[g.slot_node[slot]], output_nr=g.slot_nr[slot], origin=origin, path=path,
+            arg=arg, nested=nested, value=value, pre_promises=pre, depth=depth, mask=mask))
 
     def _tree_facts(self, recipe: Recipe) -> tuple[list[str], int]:
         """Shared nodes (pre-promise sites) and the depth of a promise tree."""
         g = self.graph
         pre: list[str] = []
-        depth: dict[int, int] = {}
+        depth: dict[Hashable, int] = {}
         order: list[Recipe] = []
         stack = [recipe]
-        seen: set[int] = set()
+        seen: set[Hashable] = set()
         while stack:
             r = stack.pop()
-            if r.slot in seen:
+            if r.key in seen:
                 continue
-            seen.add(r.slot)
+            seen.add(r.key)
             order.append(r)
             stack.extend(r.children())
         for r in reversed(order):
             kids = r.children()
-            depth[r.slot] = 1 + max((depth[k.slot] for k in kids), default=0)
-            if r is not recipe and len(g.consumers[r.slot]) > 1:
-                pre.append(g.describe(g.slot_node[r.slot]))
-        return pre, depth[recipe.slot]
+            depth[r.key] = 1 + max((depth[k.key] for k in kids), default=0)
+            if r is not recipe and isinstance(r.key, int) and len(g.consumers[r.key]) > 1:
+                pre.append(g.describe(g.slot_node[r.key]))
+        return pre, depth[recipe.key]
+
+
+def _vm(value: Any) -> tuple[Tensor, Mask]:
+    return value if isinstance(value, tuple) else (value, None)
+
+
+def _masked(v: Tensor, mask: Mask) -> Tensor:
+    return v if mask is None else torch.where(mask, v, 0)
+
+
+def _ones_or(mask: Mask, like: Tensor) -> Tensor:
+    return torch.ones_like(like) if mask is None else mask.to(like.dtype)
+
+
+def _masked_mean(num: Tensor, cnt: Tensor, shape: torch.Size, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Values summed over copies (``num``) divided by their number (``cnt``), reduced to ``shape`` the way a
+    broadcast is: ``(value, mask)`` with the value 0 where nothing was known."""
+    num = G.fit_to(num, shape)
+    cnt = G.fit_to(cnt.expand_as(num) if cnt.shape != num.shape else cnt, shape)
+    ok = cnt > 0
+    v = torch.where(ok, num / torch.where(ok, cnt, 1), 0)
+    return v.to(dtype), ok
+
+
+def _combine(parts: list[tuple[Tensor, Mask]], meta: tuple) -> tuple[Tensor, Mask]:
+    """The parts of a support value merged: each exact on its mask (they agree where masks overlap)."""
+    v, m = parts[0]
+    for pv, pm in parts[1:]:
+        if m is None:
+            break
+        if pm is None:
+            v, m = pv, None
+            break
+        v = torch.where(m, v, pv)
+        m = m | pm
+    return v, m
 
 
 def recover_all(outputs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.Tensor] = (),
-                rules: Any = None) -> list[tuple[Any, int, str, torch.Tensor]]:
+                rules: Any = None, model: torch.nn.Module | None = None,
+                support: bool = False) -> list[tuple[Any, int, str, torch.Tensor]]:
     """Recover the forward value of every slot of the graph that the Promise System can recover.
 
     A diagnostic (and the basis of the tests that check recovered values against the true forward values).
@@ -450,12 +978,16 @@ def recover_all(outputs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence
         Tensors the caller holds (known values), as in :func:`dynamiclrp.relevance`.
     rules : optional
         A rule set whose ``with_ops`` rows extend the registry.
+    model : torch.nn.Module, optional
+        Resolve frozen constants through it.
+    support : bool
+        Also return values known only on their support, as ``(value, mask)`` pairs with ``how == "support"``.
 
     Returns
     -------
     list of (node, output_nr, how, value)
         ``how`` is the recipe kind at the top of the branch (``"saved"``, ``"rebuild"``, ``"replay"``,
-        ``"leaf"``, ``"known"``).
+        ``"leaf"``, ``"known"``, ``"support"``).
     """
     from .rules.ruleset import resolve_rules
 
@@ -472,32 +1004,33 @@ def recover_all(outputs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence
         if slot is not None:
             known.setdefault(slot, len(outs) + k)
     specs = [rule_set.spec_for(t) for t in graph.types]
-    resolver = PromiseResolver(graph, specs, known)
-    store = ValueStore(graph, specs, resolver, held)
+    params = ModelParams(model) if model is not None else None
+    resolver = PromiseResolver(graph, specs, known, params)
+    store = ValueStore(graph, specs, resolver, held, params)
     found = []
     with torch.no_grad():
         for slot in range(len(graph.slot_node)):
-            recipe = resolver.recipe(slot)
+            recipe = resolver.support(slot) if support else resolver.recipe(slot)
             if isinstance(recipe, Unavailable):
                 continue
-            value = store.get(slot)
-            found.append((graph.nodes[graph.slot_node[slot]], graph.slot_nr[slot], type(recipe).__name__.lower(),
-                          value))
+            node, nr = graph.nodes[graph.slot_node[slot]], graph.slot_nr[slot]
+            if recipe.support:
+                found.append((node, nr, "support", store.get_support(slot)))
+            else:
+                found.append((node, nr, type(recipe).__name__.lower(), store.get(slot)))
     return found
 
 
 def _count_nested(recipes: Sequence[Recipe]) -> int:
     count = 0
     stack = list(recipes)
-    seen: set[int] = set()
+    seen: set[Hashable] = set()
     while stack:
         r = stack.pop()
-        if r.slot in seen:
+        if r.key in seen:
             continue
-        seen.add(r.slot)
-        kids = r.children()
-        if len(kids) > 1:
+        seen.add(r.key)
+        if len(r.children()) > 1:
             count += 1
-        stack.extend(kids)
+        stack.extend(r.children())
     return count
-

@@ -687,12 +687,16 @@ def _make_hf_runner(model: nn.Module, cfg: Any) -> tuple[Runner, str]:
             if emb_module is None or rel is not None:
                 kwargs["input_ids"] = ids  # dual encoders: attribute to the pixels, feed the text as ids
             elif "inputs_embeds" in params:
-                rel = emb_module(ids)
+                rel = _as_input(emb_module(ids))
                 kwargs["inputs_embeds"] = rel
             else:
-                hook = emb_module.register_forward_hook(
-                    lambda _mod, _inp, out: captured.append(out) if not captured else None
-                )
+                def capture(_mod: nn.Module, _inp: Any, out: Tensor) -> Tensor | None:
+                    if captured:
+                        return None
+                    captured.append(_as_input(out))
+                    return captured[0]  # a frozen embedding's output becomes the input that requires grad
+
+                hook = emb_module.register_forward_hook(capture)
                 kwargs["input_ids"] = ids
         if is_enc_dec:
             start = getattr(cfg, "decoder_start_token_id", None)
@@ -958,9 +962,15 @@ def _leaf_runner(*shape: int) -> Runner:
     return runner
 
 
+def _as_input(emb: Tensor) -> Tensor:
+    """Input embeddings to attribute to: the lookup's output when the embedding is trainable, else (a frozen
+    model, as users run it) the embeddings detached as a leaf that requires grad."""
+    return emb if emb.requires_grad else emb.detach().requires_grad_(True)
+
+
 def _embedding_runner(vocab: int) -> Runner:
     def runner(m: nn.Module, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        emb = m.get_input_embeddings()(_token_ids(gen, vocab))
+        emb = _as_input(m.get_input_embeddings()(_token_ids(gen, vocab)))
         return top_score(m(inputs_embeds=emb)), emb
 
     return runner

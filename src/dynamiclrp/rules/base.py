@@ -323,6 +323,10 @@ class OpSpec:
         Saved non-tensor fields that rules or recipes read *while planning* (e.g. whether a batch norm is in
         training mode). They are part of the graph signature, so a cached plan is never reused for a graph
         that differs in them.
+    selection : bool
+        Every output element is a copy of one input element or a constant (views, indexing, gather, cat, max
+        with indices, max pooling...): where the node's backward routes something to an input, the input's
+        value equals the output's. The Promise System recovers values on the support through such nodes.
     """
 
     family: str
@@ -334,3 +338,4 @@ class OpSpec:
     replay_inputs: tuple[int, ...] | Callable[[Any, tuple[int, ...]], tuple[int, ...]] | None = None
     family_of: Callable[[Site], str] | None = field(default=None, compare=False)
     static_fields: tuple[str, ...] = ()
+    selection: bool = False

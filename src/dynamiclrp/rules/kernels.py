@@ -155,6 +155,25 @@ def replay_constant_pad(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tens
     return F.pad(xs[0], _s(node, "pad"))
 
 
+def replay_take_flat_indices(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    """Adaptive max pooling: the input gathered at the saved per-plane arg-max indices (``result1``)."""
+    idx = _s(node, "result1")
+    return xs[0].flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+
+
+def binary_rebuild(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Any, int], Tensor | None]:
+    """``fn(self, other)`` from the two saved operands (element-wise maximum, minimum...)."""
+    def rebuild(node: Any, nr: int) -> Tensor | None:
+        a, b = _s(node, "self"), _s(node, "other")
+        return None if a is None or b is None else fn(a, b)
+    return rebuild
+
+
+def rebuild_take_flat_indices(node: Any, nr: int) -> Tensor | None:
+    x = _s(node, "self")
+    return None if x is None or nr != 0 else replay_take_flat_indices(node, [x], 0)
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Linear ops: z = f(x, w) + b
 # -----------------------------------------------------------------------------------------------------------
@@ -206,6 +225,17 @@ class LinearKernel:
             return None
         return self.alpha(node) * self.f(node, a, b)
 
+    def absent(self, node: Any, pos: int) -> bool:
+        """Whether the op had no tensor at input ``pos`` (a convolution without bias), as opposed to one that
+        does not require grad."""
+        return False
+
+    def companion(self, node: Any, pos: int) -> tuple | None:
+        """For the bias input: ``(weight tensor the node saved, output features, "weight", "bias")`` — the
+        bias of a frozen layer is found next to its weight in the caller's model (:class:`~dynamiclrp.promises.
+        ModelParams`). ``None`` for other inputs or when the weight was not saved."""
+        return None
+
     def can_rebuild(self, node: Any, nr: int) -> bool:
         if self.bias_pos is not None:
             return False
@@ -232,6 +262,10 @@ class AddmmKernel(MmKernel):
     saved_fields = ("mat1", "mat2")
     bias_pos = 0
 
+    def companion(self, node, pos):
+        w = _s(node, "mat2") if pos == 0 else None
+        return None if w is None else (w, _meta_shape(node)[-1], "weight", "bias")
+
     def alpha(self, node):
         return _s(node, "alpha")
 
@@ -241,6 +275,9 @@ class AddmmKernel(MmKernel):
 
 class BaddbmmKernel(AddmmKernel):
     saved_fields = ("batch1", "batch2")
+
+    def companion(self, node, pos):
+        return None  # the added term of a batched product is an activation (e.g. ALiBi), not a layer's bias
 
 
 class MvKernel(LinearKernel):
@@ -284,6 +321,16 @@ class ConvKernel(LinearKernel):
     def bias_reduce(self, node, t, bias_shape):
         return t.sum(dim=(0,) + tuple(range(2, t.dim()))).reshape(bias_shape)
 
+    def absent(self, node, pos):
+        if pos != 2:
+            return False
+        sizes = _s(node, "bias_sym_sizes_opt")
+        return sizes is None or all(int(v) == 0 for v in sizes)
+
+    def companion(self, node, pos):
+        w = _s(node, "weight") if pos == 2 else None
+        return None if w is None else (w, _meta_shape(node)[1], "weight", "bias")
+
     def family(self, active):
         return "matmul" if (active[0] and len(active) > 1 and active[1]) else "conv"
 
@@ -303,6 +350,8 @@ class SumKernel:
         self.forward = forward
         self.coefficients = coefficients
         self._rebuild = rebuild
+        # an addend of a two-tensor sum is the total minus the other addend (values on the support)
+        self.support_role = "sum" if coefficients is not None and forward is not None else None
 
     def rebuild(self, node, nr):
         return None if self._rebuild is None else self._rebuild(node, nr)
@@ -399,7 +448,8 @@ class UnaryKernel:
                  y_field: str | None = None, inverse: Callable[[Any, Tensor], Tensor] | None = None,
                  ratio: Callable[[Any, Tensor | None, Tensor | None], Tensor] | None = None,
                  limit_ratio: Callable[[Any], float] | float = 0.0, f0: Callable[[Any], float] | float = 0.0,
-                 identity_is_gradient: bool = False):
+                 identity_is_gradient: bool = False,
+                 from_output: Callable[[Any, Tensor], tuple[Tensor, Tensor]] | None = None):
         self.identity_is_gradient = identity_is_gradient
         self.f = f
         self.x_field = x_field
@@ -408,6 +458,10 @@ class UnaryKernel:
         self._ratio = ratio
         self.limit_ratio = limit_ratio
         self.f0 = f0
+        if from_output is None and inverse is not None and y_field is not None:
+            from_output = _inverse_on_finite(inverse)
+        #: ``(node, y) -> (x, mask)``: the input from the saved output where that is exact and relevance can pass
+        self.from_output = from_output
 
     def rebuild(self, node, nr):
         if self.y_field is not None:
@@ -426,6 +480,13 @@ class UnaryKernel:
 
     def replay(self, node, xs, nr):
         return self.f(node, xs[0])
+
+
+def _inverse_on_finite(inverse: Callable[[Any, Tensor], Tensor]) -> Callable[[Any, Tensor], tuple[Tensor, Tensor]]:
+    def from_output(node: Any, y: Tensor) -> tuple[Tensor, Tensor]:
+        x = inverse(node, y)
+        return x, torch.isfinite(x)  # saturated outputs (tanh = ±1) pass no gradient-form relevance
+    return from_output
 
 
 def _param(node, name, default):
@@ -488,7 +549,8 @@ def _leaky_ratio(node, x):
 UNARY: dict[str, UnaryKernel] = {
     # piecewise-linear and homogeneous: y / x is the derivative, so the identity rule is the node's own backward
     "ReluBackward0": UnaryKernel(_f_relu, x_field=None, y_field="result",
-                                 ratio=lambda n, x, y: (y > 0).to(y.dtype), identity_is_gradient=True),
+                                 ratio=lambda n, x, y: (y > 0).to(y.dtype), identity_is_gradient=True,
+                                 from_output=lambda n, y: (y, y > 0)),
     "LeakyReluBackward0": UnaryKernel(_f_leaky, ratio=lambda n, x, y: _leaky_ratio(n, x), limit_ratio=1.0,
                                       identity_is_gradient=True),
     "GeluBackward0": UnaryKernel(_f_gelu, ratio=lambda n, x, y: _gelu_ratio(n, x), limit_ratio=0.5),
@@ -534,6 +596,9 @@ class ProductKernel:
     ``DivBackward1``): a pure scale.
     """
 
+    #: a factor is the product divided by the other factor where that is non-zero (values on the support)
+    support_role = "scale"
+
     def __init__(self, divide: bool = False, scalar: bool = False):
         self.divide = divide
         self.scalar = scalar
@@ -566,6 +631,13 @@ class ProductKernel:
 
 class NegKernel:
     """``-x``: a scale by -1."""
+
+    support_role = "scale"
+    divide = False
+    scalar = True
+
+    def operand(self, node: Any, k: int) -> Tensor:
+        return torch.tensor(-1.0, dtype=torch.float64)
 
     def replay(self, node, xs, nr):
         return -xs[0]
@@ -659,8 +731,24 @@ class NormKernel:
             y = y + b
         return y
 
-    def has_saved_bias(self) -> bool:
-        return self.kind == "layer"
+    def absent(self, node: Any, pos: int) -> bool:
+        """An affine parameter the op did not have (batch/group norm without ``affine``, layer norm without
+        bias)."""
+        if pos == 1:
+            return _s(node, "weight") is None
+        if pos == 2:
+            return _s(node, "bias" if self.kind == "layer" else "weight") is None
+        return False
+
+    def companion(self, node: Any, pos: int) -> tuple | None:
+        """The shift of a frozen batch or group norm sits next to its running mean or weight in the model."""
+        if pos != 2 or self.kind == "layer":
+            return None
+        if self.kind == "batch" and _s(node, "running_mean") is not None:
+            rm = _s(node, "running_mean")
+            return (rm, rm.shape[0], "running_mean", "bias")
+        w = _s(node, "weight")
+        return None if w is None else (w, w.shape[0], "weight", "bias")
 
     def rebuild(self, node, nr):
         if nr != 0 or _s(node, "input") is None:
@@ -833,9 +921,9 @@ class GroupedMmKernel(LinearKernel):
 
     def f_t(self, node, which, a, b, s):
         offs = self.offs(node)
-        if not (a.dim() == 2 and b.dim() == 3):  # pragma: no cover - other layouts
+        if not ((a is None or a.dim() == 2) and b.dim() == 3):  # pragma: no cover - other layouts
             raise NotImplementedError("grouped_mm: only the 2d x 3d (MoE experts) layout is supported")
-        spans = _grouped_spans(offs, a.shape[0])
+        spans = _grouped_spans(offs, (a if a is not None else s).shape[0])
         if which == 0:
             out = s.new_zeros(s.shape[0], b.shape[-2])
             for g, st, e in spans:

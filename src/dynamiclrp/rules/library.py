@@ -22,6 +22,7 @@ import torch
 
 from .. import graph as G
 from ..errors import RuleError, ValueUnavailableError
+from ..promises import available
 from .base import Msg, Rule, Site, Step, gmsg, rmsg, safe_div, stabilize
 from .kernels import (ConvKernel, LinearKernel, NegKernel, NormKernel, ProductKernel, SoftmaxKernel, SumKernel,
                       UnaryKernel)
@@ -270,7 +271,7 @@ class LinearStep(Step):
 
     __slots__ = ("kernel", "which", "x_pos", "w_pos", "bias_pos", "branches", "stabiliser", "zero_bias",
                  "x_field", "w_field", "x_meta", "b_meta", "kind", "needs_z", "conservative",
-                 "sink_kind", "bn", "fast_eps", "z_source", "bias_wanted", "params")
+                 "sink_kind", "bn", "fast_eps", "z_source", "bias_wanted", "params", "bias_kind", "z_plan")
     handles_r = True
 
     def __init__(self, site: Site, branches: Sequence[Branch], stabiliser: Stabiliser, zero_bias: bool,
@@ -302,30 +303,96 @@ class LinearStep(Step):
         self.needs_z = not (single and eps0 and kind == "epsilon")
         planner = site.planner
         node = site.node
-        if G.saved(node, self.x_field) is None and site.edges[self.x_pos] >= 0:
-            planner.need_value(site.edges[self.x_pos])
-        if G.saved(node, self.w_field) is None and site.edges[self.w_pos] >= 0:
-            planner.need_value(site.edges[self.w_pos])
         # an eval-mode batch norm right after this op is merged into it (Zennit's SequentialMergeBatchNorm)
         self.bn = _MergedBN.plan(site, self) if self.which == 0 else None
+        self.bias_kind = self._bias_kind(site)
         # the fast ε path (gradient-form messages): s = G·|z|/(|z| + ε), z read where autograd kept it
         self.fast_eps = (kind == "epsilon" and single and not callable(stabiliser) and float(stabiliser) > 0
                          and not zero_bias)
-        self.z_source = _cheap_output_source(site, self.out_slots[0] if self.bn is None else self.bn.out_slot)
+        out = self.out_slots[0] if self.bn is None else self.bn.out_slot
+        self.z_source = _cheap_output_source(site, out)
         self.bias_wanted = (self.bias_pos is not None and site.edges[self.bias_pos] >= 0
                             and (planner.everywhere or site.edges[self.bias_pos] in planner.requested))
-        if self.bn is not None:
-            pass  # the merged op's values are requested by _MergedBN.plan
-        elif self.bias_pos is not None and site.edges[self.bias_pos] >= 0:
-            planner.need_value(site.edges[self.bias_pos])
+        if self.bias_kind == "edge":
             planner.mark_bias(site.edges[self.bias_pos])
-        elif self.bias_pos is not None and not _no_bias(node) and self.needs_z:
-            planner.need_value(self.out_slots[0])
+        # plan the values the expected path reads: the lean path (gradient form, no ledger) for LRP-0 and ε,
+        # the full algebra (which needs the input) otherwise
+        lean = not planner.everywhere and (not self.needs_z or self.fast_eps)
+        x_edge, w_edge = site.edges[self.x_pos], site.edges[self.w_pos]
+        x_ok = G.saved(node, self.x_field) is not None or (x_edge >= 0 and planner.can_value(x_edge))
+        known_bias = self.bn.known if self.bn is not None else self.bias_kind != "lost"
+        self.z_plan = None
+        if lean and self.needs_z and self.z_source is None:
+            if x_ok and known_bias:
+                self.z_plan = "compute"
+            elif planner.can_value(out):
+                self.z_plan = "value"
+            elif planner.can_support(out):
+                self.z_plan = "support"
+            else:
+                raise self._lost(site, out, "z = x·W + b (the ε rule's denominator)")
+        elif not lean:
+            if not x_ok:
+                raise self._lost(site, x_edge, "the layer's input (the rule's terms, or the ledger's measure)")
+            if not known_bias and not (planner.can_value(out) or planner.can_support(out)):
+                raise self._lost(site, out, "the bias, or the layer's output to derive it from")
+        if G.saved(node, self.w_field) is None and w_edge >= 0:
+            planner.need_value(w_edge)
+        if (not lean or self.z_plan == "compute") and G.saved(node, self.x_field) is None and x_edge >= 0:
+            planner.need_value(x_edge)
+        if self.z_plan == "compute" or (not lean and known_bias):
+            self._request_bias(planner, site)
+        elif self.z_plan == "value" or (not lean and planner.can_value(out)):
+            planner.need_value(out)
+        elif self.z_plan == "support" or not lean:
+            planner.need_support(out)
+
+    def _bias_kind(self, site: Site) -> str:
+        """``"none"`` (no additive term), ``"edge"`` (a bias that requires grad), ``"const"`` (a frozen bias the
+        Promise System can read: saved, or through ``model=``) or ``"lost"`` (to be derived from the output)."""
+        if self.bias_pos is None:
+            return "none"
+        e = site.edges[self.bias_pos]
+        if e >= 0:
+            return "edge"
+        recipe = site.planner.resolver.const(site.index, self.bias_pos)
+        if not available(recipe):
+            return "lost"
+        return "none" if recipe.source[0] == "absent" else "const"
+
+    def _request_bias(self, planner, site: Site) -> None:
+        if self.bn is not None:
+            self.bn.request(planner)
+        elif self.bias_kind == "edge":
+            planner.need_value(site.edges[self.bias_pos])
+        elif self.bias_kind == "const":
+            planner.need_const(site.index, self.bias_pos)
+
+    def _lost(self, site: Site, slot: int, what: str) -> ValueUnavailableError:
+        planner = site.planner
+        if slot >= 0:
+            recipe = planner.resolver.support(slot)
+            reason = getattr(recipe, "reason", "")
+        else:
+            reason = "an input that does not require grad and is not saved"
+        bias = ""
+        if self.bias_kind == "lost":
+            lost = planner.resolver.const(site.index, self.bias_pos)
+            bias = f"; {lost.reason}"
+        elif self.bn is not None and not self.bn.known:
+            bias = f"; {self.bn.reason}"
+        model_hint = (" Pass model= (relevance(..., model=model) or explain(..., model=model)) so that frozen "
+                      "biases are read from the modules that own the saved weights." if (
+                          planner.resolver.params is None and "pass model=" in bias) else "")
+        bias = bias.replace("; pass model= to read it from the module that owns the layer's weight", "")
+        return ValueUnavailableError(
+            f"{site.describe()} ({_rule_name(self)}) needs {what}, which the graph does not hold: {reason}{bias}."
+            f"{model_hint} LRP-0 (rules='zero') needs no such value when no ledger is requested.")
 
     # -- operand access -------------------------------------------------------------------------------------
-    def _operands(self, run: "Run", node: Any) -> tuple[Tensor, Tensor]:
+    def _operands(self, run: "Run", node: Any, need_x: bool = True) -> tuple[Tensor | None, Tensor]:
         x = G.saved(node, self.x_field)
-        if x is None:
+        if x is None and need_x:
             x = run.value(self.in_edges[self.x_pos], run.graph.describe(self.index))
         w = G.saved(node, self.w_field)
         if w is None:
@@ -333,29 +400,27 @@ class LinearStep(Step):
         return x, w
 
     def _bias(self, run: "Run", node: Any, z: Tensor, gradient_form_only: bool = False) -> Tensor | None:
-        """The additive term of ``z`` (already scaled by ``beta`` and broadcast), or ``None``."""
-        if self.bias_pos is None:
+        """The additive term of ``z = alpha·f(x, W)`` (already scaled by ``beta`` and broadcast against it), or
+        ``None``. A frozen bias autograd did not keep is read through ``model=`` or derived from the op's output
+        (its value, or, for gradient-form messages, its value on the support)."""
+        kind = self.bias_kind
+        if kind == "none":
             return None
-        e = self.in_edges[self.bias_pos]
-        if e >= 0:
-            b = run.value(e, run.graph.describe(self.index))
-            return self.kernel.beta(node) * self.kernel.bias_view(node, b, z.shape)
-        if _no_bias(node):
-            return None
-        # a bias that does not require grad: autograd kept neither it nor z; recover z itself if we can
-        try:
-            return run.value(self.out_slots[0], run.graph.describe(self.index)) - z
-        except ValueUnavailableError:
-            pass
-        # the rule only needs z where relevance arrives; for gradient-form messages that support is known
-        if gradient_form_only:
-            zs = run.support_value(self.out_slots[0])
-            if zs is not None and zs.shape == z.shape:
-                return zs - z
-        raise RuleError(
-            f"{run.graph.describe(self.index)} adds a bias that does not require grad, so autograd kept neither "
-            "the bias nor the op's output, and the rule needs z = x·W + b. Let the parameters require grad "
-            "(model.requires_grad_(True)); the 'zero' preset (LRP-0) does not need z when no ledger is requested.")
+        where = run.graph.describe(self.index)
+        if kind == "edge":
+            b = run.value(self.in_edges[self.bias_pos], where)
+        elif kind == "const":
+            b = run.const(self.index, self.bias_pos, where)
+        else:
+            return self._output(run, self.out_slots[0], gradient_form_only) - z
+        return self.kernel.beta(node) * self.kernel.bias_view(node, b.to(z.dtype), z.shape)
+
+    def _output(self, run: "Run", slot: int, gradient_form_only: bool) -> Tensor:
+        """The op's output (or the merged batch norm's): its full value, or its value on the support."""
+        where = run.graph.describe(self.index)
+        if run.planner.can_value(slot) or not gradient_form_only:
+            return run.value(slot, where)
+        return run.support(slot, where)
 
     def _fast(self, run, node, m, x, w, w_orig, alpha, res, has_bias_edge):
         """LRP-0 and ε on gradient-form messages, lean on memory: ``s = G`` (LRP-0) or ``s = G / (1 + ε/|z|)``
@@ -367,7 +432,10 @@ class LinearStep(Step):
         z_full = None
         if self.needs_z:
             z_full = self._z_from_source(run)
-            if z_full is None:
+            if z_full is None and self.z_plan in ("value", "support"):
+                out = self.out_slots[0] if self.bn is None else self.bn.out_slot
+                z_full = self._output(run, out, gradient_form_only=True)
+            elif z_full is None:
                 z = alpha * self._f(node, x, w)
                 bias = (self._bias(run, node, z, gradient_form_only=True) if self.bn is None
                         else self.bn.bias(run, self, node, x, z, w_orig, gradient_form_only=True))
@@ -408,9 +476,7 @@ class LinearStep(Step):
         eps = float(self.stabiliser)
         z_full = self._z_from_source(run)
         # the bias (broadcast against z); only a bias autograd did not keep needs z = f(x, W) to be derived
-        derive = ((self.bn is not None and self.bn.fallback) or
-                  (self.bn is None and self.bias_pos is not None and self.in_edges[self.bias_pos] < 0
-                   and not _no_bias(node)))
+        derive = self._derives_bias()
         z0 = alpha * self._f(node, x, w) if (z_full is None or derive) else None
         ref = z0 if z0 is not None else z_full
         if self.bn is not None:
@@ -492,6 +558,10 @@ class LinearStep(Step):
         pos_x = (x > 0).to(gx.dtype)
         return gx * _fit_mask(pos_x, gx), bias_r
 
+    def _derives_bias(self) -> bool:
+        """Whether the bias is derived from the op's output (a frozen bias neither saved nor read from a model)."""
+        return (not self.bn.known) if self.bn is not None else self.bias_kind == "lost"
+
     def _z_from_source(self, run: "Run") -> Tensor | None:
         """The op's output (the merged batch norm's, when merged) where autograd kept it: a consumer's saved
         input, or a ReLU's saved output (exact wherever a gradient-form message can be non-zero)."""
@@ -521,7 +591,9 @@ class LinearStep(Step):
             return [None] * self.n_in
         node = run.graph.nodes[self.index]
         alpha = self.kernel.alpha(node)
-        x, w = self._operands(run, node)
+        lean = m.r is None and run.ledger is None and (not self.needs_z or self.fast_eps)
+        x, w = self._operands(run, node, need_x=not lean or (
+            self.needs_z and self.z_source is None and self.z_plan == "compute"))
         res: list[Msg | None] = [None] * self.n_in
         has_bias_edge = self.bias_pos is not None and self.in_edges[self.bias_pos] >= 0
         w_orig = w
@@ -529,7 +601,7 @@ class LinearStep(Step):
             # the message at this op's output is the batch norm's output message: rule on z' = W'x + b'
             w = self.bn.weight(run, node, w)
             has_bias_edge = False
-        if m.r is None and run.ledger is None and (not self.needs_z or self.fast_eps):
+        if lean:
             return self._fast(run, node, m, x, w, w_orig, alpha, res, has_bias_edge)
         if (m.r is None and run.ledger is None and self.kind in ("gamma", "zplus", "alphabeta")
                 and not callable(self.stabiliser) and not bool((x < 0).any())):
@@ -540,9 +612,7 @@ class LinearStep(Step):
         """Every linear rule, in both message forms: Zennit's branch/term algebra (module docstring). A large
         convolution runs in batch chunks, which keeps its temporaries (and the cost of fresh pages) small."""
         ref_msg = m.g if m.g is not None else m.r
-        derive = ((self.bn is not None and self.bn.fallback) or
-                  (self.bn is None and self.bias_pos is not None and self.in_edges[self.bias_pos] < 0
-                   and not _no_bias(node)))
+        derive = self._derives_bias()
         gform = m.r is None
         if derive:
             # a bias autograd did not keep is derived from z, which then has to exist in full
@@ -687,12 +757,10 @@ def _cheap_output_source(site: Site, slot: int) -> tuple[int, str] | None:
     return None
 
 
-def _no_bias(node: Any) -> bool:
-    """Whether a node with an empty bias edge has no bias at all (rather than a bias that needs no grad)."""
-    if G.node_type(node) != "ConvolutionBackward0":
-        return False
-    sizes = G.saved(node, "bias_sym_sizes_opt")
-    return sizes is None or all(int(v) == 0 for v in sizes)
+def _rule_name(step: "LinearStep") -> str:
+    names = {"epsilon": "LRP-ε" if step.needs_z else "LRP-0", "gamma": "LRP-γ", "zplus": "LRP-z⁺",
+             "alphabeta": "LRP-αβ", "zbox": "LRP-z^B", "wsquare": "LRP-w²", "flat": "LRP-flat"}
+    return names.get(step.kind, step.kind)
 
 
 class _MergedBN:
@@ -705,7 +773,8 @@ class _MergedBN:
     (:class:`MergedBatchNormStep`) hands its output message to this op unchanged.
     """
 
-    __slots__ = ("bn", "l_bias", "beta_edge", "fallback", "out_slot", "op_out", "bias_edge", "transposed")
+    __slots__ = ("bn", "l_bias", "beta_kind", "known", "reason", "out_slot", "op_out", "op", "bias_pos",
+                 "transposed")
 
     @staticmethod
     def plan(site: Site, step: "LinearStep") -> "_MergedBN | None":
@@ -717,30 +786,50 @@ class _MergedBN:
 
     def __init__(self, site: Site, step: "LinearStep", bn: int):
         g = site.graph
-        planner = site.planner
+        resolver = site.planner.resolver
         self.bn = bn
-        bn_node = g.nodes[bn]
-        bn_edges = g.edges[bn]
+        self.op = site.index
         self.out_slot = g.slot_base[bn]
         self.op_out = step.out_slots[0]
+        self.bias_pos = step.bias_pos
         self.transposed = G.node_type(site.node) == "ConvolutionBackward0" and bool(G.saved(site.node, "transposed"))
-        self.beta_edge = bn_edges[2] if len(bn_edges) > 2 and bn_edges[2] >= 0 else -1
-        self.bias_edge = step.bias_pos if (step.bias_pos is not None and site.edges[step.bias_pos] >= 0) else None
-        if step.bias_pos is None or (self.bias_edge is None and _no_bias(site.node)):
-            self.l_bias = None
+        bn_edges = g.edges[bn]
+        self.reason = ""
+        # β: a parameter that requires grad, a constant (absent, or read through model=), or lost
+        if len(bn_edges) > 2 and bn_edges[2] >= 0:
+            self.beta_kind = "edge"
         else:
-            self.l_bias = "edge" if self.bias_edge is not None else "value"
-        # β that does not require grad is not in the graph: read the whole z' from the batch norm's output
-        self.fallback = self.beta_edge < 0 and G.saved(bn_node, "weight") is not None
-        if not step.needs_z:
-            return
-        if self.fallback:
-            planner.need_value(self.out_slot)
-            return
-        if self.beta_edge >= 0:
-            planner.need_value(self.beta_edge)
+            recipe = resolver.const(bn, 2)
+            if available(recipe):
+                self.beta_kind = "none" if recipe.source[0] == "absent" else "const"
+            else:
+                self.beta_kind = "lost"
+                self.reason = recipe.reason
+        # the op's own bias b: an edge, a readable constant, none, or b = z_op − f(x, W) with z_op the batch
+        # norm's saved input (exact, element-wise)
+        if step.bias_pos is None:
+            self.l_bias = None
+        elif site.edges[step.bias_pos] >= 0:
+            self.l_bias = "edge"
+        else:
+            recipe = resolver.const(site.index, step.bias_pos)
+            if available(recipe):
+                self.l_bias = None if recipe.source[0] == "absent" else "const"
+            else:
+                self.l_bias = "value"
+        # with β lost the whole merged bias is derived from the batch norm's output
+        self.known = self.beta_kind != "lost"
+
+    def request(self, planner) -> None:
+        """Declare the values :meth:`bias` reads when ``β`` is known."""
+        if self.beta_kind == "edge":
+            planner.need_value(planner.graph.edges[self.bn][2])
+        elif self.beta_kind == "const":
+            planner.need_const(self.bn, 2)
         if self.l_bias == "edge":
-            planner.need_value(site.edges[self.bias_edge])
+            planner.need_value(planner.graph.edges[self.op][self.bias_pos])
+        elif self.l_bias == "const":
+            planner.need_const(self.op, self.bias_pos)
         elif self.l_bias == "value":
             planner.need_value(self.op_out)  # the batch norm saved it as its input
 
@@ -767,14 +856,8 @@ class _MergedBN:
              gradient_form_only: bool = False) -> Tensor | None:
         """``b'`` broadcast against ``z = alpha·f(x, W')`` (per channel, or element-wise when read from values)."""
         where = run.graph.describe(step.index)
-        if self.fallback:
-            try:
-                return run.value(self.out_slot, where) - z
-            except ValueUnavailableError:
-                zs = run.support_value(self.out_slot) if gradient_form_only else None
-                if zs is None:
-                    raise
-                return zs - z
+        if not self.known:
+            return step._output(run, self.out_slot, gradient_form_only) - z
         bn_node = run.graph.nodes[self.bn]
         s = self._scale(run).to(z.dtype)
         mu = G.saved(bn_node, "running_mean").to(z.dtype)
@@ -786,10 +869,17 @@ class _MergedBN:
         else:
             b = -mu
             if self.l_bias == "edge":
-                b = kernel.beta(node) * run.value(step.in_edges[self.bias_edge], where).to(z.dtype) - mu
+                b = kernel.beta(node) * run.value(step.in_edges[self.bias_pos], where).to(z.dtype) - mu
+            elif self.l_bias == "const":
+                b = kernel.beta(node) * run.const(self.op, self.bias_pos, where).to(z.dtype) - mu
             out = kernel.bias_view(node, b * s, z.shape)
-        if self.beta_edge >= 0:
-            out = out + kernel.bias_view(node, run.value(self.beta_edge, where).to(z.dtype), z.shape)
+        beta = None
+        if self.beta_kind == "edge":
+            beta = run.value(run.graph.edges[self.bn][2], where)
+        elif self.beta_kind == "const":
+            beta = run.const(self.bn, 2, where)
+        if beta is not None:
+            out = out + kernel.bias_view(node, beta.to(z.dtype), z.shape)
         return out
 
 

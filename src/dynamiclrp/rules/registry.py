@@ -16,6 +16,7 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Any, Mapping
 
+import torch
 import torch.nn.functional as F
 
 from .. import graph as G
@@ -29,44 +30,14 @@ def _family_of_linear(site: Site) -> str:
 
 def _linear(kernel: K.LinearKernel, inputs_saved: tuple[tuple[int, str], ...]) -> OpSpec:
     return OpSpec("linear", kernel, inputs_saved=inputs_saved, rebuild=kernel.rebuild,
-                  replay=_linear_replay(kernel), replay_inputs=_linear_replay_inputs(kernel),
-                  family_of=_family_of_linear)
-
-
-def _linear_replay_inputs(kernel: K.LinearKernel):
-    """Both factors (read from saved fields when autograd kept them) and the bias, if the op has one."""
-    def positions(node, edges):
-        out = []
-        for p, fld in zip(kernel.operands, kernel.saved_fields):
-            if not (edges[p] < 0 and K._s(node, fld) is not None):
-                out.append(p)
-        if kernel.bias_pos is not None and kernel.bias_pos < len(edges):
-            if not (G.node_type(node) == "ConvolutionBackward0" and _conv_has_no_bias(node)):
-                out.append(kernel.bias_pos)
-        return tuple(out)
-    return positions
-
-
-def _conv_has_no_bias(node) -> bool:
-    sizes = K._s(node, "bias_sym_sizes_opt")
-    return sizes is None or all(int(v) == 0 for v in sizes)
-
-
-def _product_replay_inputs(node, edges):
-    """The tensor operands; a constant second operand is read from the saved ``other``."""
-    out = [0]
-    if len(edges) > 1 and not (edges[1] < 0 and K._s(node, "other") is not None):
-        out.append(1)
-    return tuple(out)
+                  replay=_linear_replay(kernel), family_of=_family_of_linear)
 
 
 def _linear_replay(kernel: K.LinearKernel):
+    """``alpha·f(a, b) + beta·bias`` from the inputs' values (constant operands are read by the Promise System
+    from saved fields or, for a frozen bias, from the model; an absent bias is ``None``)."""
     def replay(node, xs, nr):
         a, b = xs[kernel.operands[0]], xs[kernel.operands[1]]
-        if a is None:
-            a = K._s(node, kernel.saved_fields[0])
-        if b is None:
-            b = K._s(node, kernel.saved_fields[1])
         z = kernel.alpha(node) * kernel.f(node, a, b)
         if kernel.bias_pos is not None and len(xs) > kernel.bias_pos and xs[kernel.bias_pos] is not None:
             z = z + kernel.beta(node) * kernel.bias_view(node, xs[kernel.bias_pos], z.shape)
@@ -74,9 +45,11 @@ def _linear_replay(kernel: K.LinearKernel):
     return replay
 
 
-def _routing(replay=None, replay_inputs=None, inputs_saved=()) -> OpSpec:
+def _routing(replay=None, replay_inputs=None, inputs_saved=(), selection: bool = True) -> OpSpec:
+    """A routing row; ``selection=False`` for routing ops that add copies (scatter-add, index-add, fold) or scale
+    them (dropout), whose input is not a copy of their output."""
     return OpSpec("routing", K.RoutingKernel(replay), replay=replay, replay_inputs=replay_inputs,
-                  inputs_saved=inputs_saved)
+                  inputs_saved=inputs_saved, selection=selection)
 
 
 def _unary(name: str) -> OpSpec:
@@ -111,7 +84,7 @@ def _product(divide: bool, scalar: bool = False) -> OpSpec:
     if not scalar:
         inputs_saved = inputs_saved + ((1, "other"),)
     return OpSpec("product", k, inputs_saved=inputs_saved, rebuild=k.rebuild, replay=k.replay,
-                  replay_inputs=(0,) if scalar else _product_replay_inputs)
+                  replay_inputs=(0,) if scalar else None)
 
 
 def _max_pool_rebuild(fn):
@@ -196,15 +169,15 @@ def _select_backward_rows() -> dict[str, OpSpec]:
     rows["MaskedFillBackward0"] = _routing()
     rows["MaskedFillBackward1"] = _routing()
     # CopySlices: checked routing (family 'inplace'), see _coverage_rows
-    rows["IndexPutBackward0"] = _routing()
+    rows["IndexPutBackward0"] = _routing(selection=False)  # index_put_(accumulate=True) adds
     rows["ScatterBackward0"] = _routing()
     rows["ScatterBackward1"] = _routing()
-    rows["ScatterAddBackward0"] = _routing()
-    rows["IndexAddBackward0"] = _routing()
-    rows["NativeDropoutBackward0"] = _routing()
+    rows["ScatterAddBackward0"] = _routing(selection=False)
+    rows["IndexAddBackward0"] = _routing(selection=False)
+    rows["NativeDropoutBackward0"] = _routing(selection=False)
     rows["UnfoldBackward0"] = _routing()
     rows["Im2ColBackward0"] = _routing()
-    rows["Col2ImBackward0"] = _routing()
+    rows["Col2ImBackward0"] = _routing(selection=False)
     rows["PixelShuffleBackward0"] = _routing()
     rows["PixelUnshuffleBackward0"] = _routing()
     rows["UpsampleNearest1DBackward0"] = _routing()
@@ -219,23 +192,23 @@ def _select_backward_rows() -> dict[str, OpSpec]:
     rows["ReplicationPad2DBackward0"] = _routing()
     # winner-take-all maxima: the gradient routes everything to the arg-max
     rows["MaxBackward0"] = _routing()
-    rows["MaxBackward1"] = _routing()
+    for name in ("MaxBackward1", "MinBackward1", "AmaxBackward0", "AminBackward0"):  # they keep their result
+        rows[name] = OpSpec("routing", K.RoutingKernel(), results=((0, "result"),), inputs_saved=((0, "self"),),
+                            selection=True)
     rows["MinBackward0"] = _routing()
-    rows["MinBackward1"] = _routing()
-    rows["MaximumBackward0"] = _routing()
-    rows["MinimumBackward0"] = _routing()
-    rows["FmaxBackward0"] = _routing()
-    rows["FminBackward0"] = _routing()
-    rows["AmaxBackward0"] = _routing()
-    rows["AminBackward0"] = _routing()
+    for name, fn in (("MaximumBackward0", torch.maximum), ("MinimumBackward0", torch.minimum),
+                     ("FmaxBackward0", torch.fmax), ("FminBackward0", torch.fmin)):
+        rows[name] = OpSpec("routing", K.RoutingKernel(), inputs_saved=((0, "self"), (1, "other")),
+                            rebuild=K.binary_rebuild(fn), selection=True)
     rows["MaxPool2DWithIndicesBackward0"] = OpSpec(
-        "routing", K.RoutingKernel(), inputs_saved=((0, "self"),), rebuild=_max_pool_rebuild(_mp2d))
+        "routing", K.RoutingKernel(), inputs_saved=((0, "self"),), rebuild=_max_pool_rebuild(_mp2d), selection=True)
     rows["MaxPool3DWithIndicesBackward0"] = OpSpec(
-        "routing", K.RoutingKernel(), inputs_saved=((0, "self"),), rebuild=_max_pool_rebuild(_mp3d))
-    rows["AdaptiveMaxPool2DBackward0"] = OpSpec("routing", K.RoutingKernel(), inputs_saved=((0, "self"),))
-    rows["AdaptiveMaxPool3DBackward0"] = OpSpec("routing", K.RoutingKernel(), inputs_saved=((0, "self"),))
+        "routing", K.RoutingKernel(), inputs_saved=((0, "self"),), rebuild=_max_pool_rebuild(_mp3d), selection=True)
+    for name in ("AdaptiveMaxPool2DBackward0", "AdaptiveMaxPool3DBackward0"):
+        rows[name] = OpSpec("routing", K.RoutingKernel(K.replay_take_flat_indices), inputs_saved=((0, "self"),),
+                            rebuild=K.rebuild_take_flat_indices, replay=K.replay_take_flat_indices, selection=True)
     rows["EmbeddingBackward0"] = OpSpec("embedding", K.EmbeddingKernel(), replay=_embedding_replay,
-                                        replay_inputs=(0,))
+                                        replay_inputs=(0,), selection=True)
     return rows
 
 
@@ -305,7 +278,7 @@ def _build() -> Mapping[str, OpSpec]:
     t["MvBackward0"] = _linear(K.MvKernel(), ((0, "self"), (1, "vec")))
     conv = K.ConvKernel()
     t["ConvolutionBackward0"] = OpSpec("conv", conv, inputs_saved=((0, "input"), (1, "weight")),
-                                       replay=_linear_replay(conv), replay_inputs=_linear_replay_inputs(conv),
+                                       replay=_linear_replay(conv),
                                        family_of=_family_of_linear, static_fields=("bias_sym_sizes_opt",))
     # sums
     t["AddBackward0"] = _sum(K.add_forward, _add_coefs, replay_inputs=(0, 1))

@@ -244,82 +244,6 @@ def _is_eval_batchnorm(node) -> bool:
         and G.saved(node, "running_var") is not None
 
 
-def _beta_obtainable(planner: "Planner", bn: int) -> bool:
-    """Whether the merged bias can be computed: β is in the graph, absent, or the batch norm's output is."""
-    from .. import graph as G
-    from ..promises import Unavailable
-    g = planner.graph
-    edges = g.edges[bn]
-    if len(edges) > 2 and edges[2] >= 0:
-        return True
-    if G.saved(g.nodes[bn], "weight") is None:
-        return True  # not affine: no β
-    out = g.slot_base[bn]
-    return not isinstance(planner.resolver.recipe(out), Unavailable) or support_obtainable(planner, out)
-
-
-#: routing ops whose backward inverts them on the positions they select (see ``Run.support_value``)
-INJECTIVE = frozenset({
-    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "PermuteBackward0", "TransposeBackward0",
-    "TBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0",
-    "SelectBackward0", "SliceBackward0", "CloneBackward0", "ToCopyBackward0", "AliasBackward0",
-    "NarrowBackward0", "ContiguousBackward0",
-})
-
-
-def support_route(planner: "Planner", slot: int, fetch: Callable[[int], Any]) -> tuple[list[int], tuple] | None:
-    """The walk behind ``Run.support_value``: follow ``slot``'s only consumer through injective routing ops
-    (:data:`INJECTIVE`) until something gives the value on the support of its gradient-form relevance.
-
-    ``fetch(slot)`` returns the slot's value (or a truthy stand-in at plan time) or ``None`` when it cannot be
-    had; it is called at most once per slot, in walking order, so a run's reference-counted values are read
-    exactly as often as they are used.
-
-    Returns
-    -------
-    ``None``, or ``(chain, anchor)``: ``chain`` the routing nodes walked through (from ``slot`` upwards) and
-    ``anchor`` one of ``("relu", c)``, ``("inverse", c)`` (an element-wise op with an inverse from its saved
-    output), ``("sum", c, pos, total, other)`` (operand ``pos`` of an ``Add``/``Sub`` whose output and other
-    operand were fetched) or ``("value", fetched)`` (the slot at the top of ``chain``).
-    """
-    g = planner.graph
-    chain: list[int] = []
-    s = slot
-    for _ in range(12):
-        cons = g.consumers[s]
-        if len(cons) != 1:
-            return None
-        c, pos = cons[0]
-        t = g.types[c]
-        if t == "ReluBackward0":
-            return chain, ("relu", c)
-        kernel = getattr(planner.specs[c], "kernel", None)
-        if getattr(kernel, "inverse", None) is not None and getattr(kernel, "y_field", None):
-            return chain, ("inverse", c)
-        if t in ("AddBackward0", "SubBackward0") and all(e >= 0 for e in g.edges[c]):
-            total = fetch(g.slot_base[c])
-            other = None if total is None else fetch(g.edges[c][1 - pos])
-            return None if other is None else (chain, ("sum", c, pos, total, other))
-        if t not in INJECTIVE or (g.n_out[c] or 1) != 1 or sum(e >= 0 for e in g.edges[c]) != 1:
-            return None
-        chain.append(c)
-        s = g.slot_base[c]
-        got = fetch(s)
-        if got is not None:
-            return chain, ("value", got)
-    return None
-
-
-def support_obtainable(planner: "Planner", slot: int) -> bool:
-    """Whether ``Run.support_value(slot)`` can succeed (:func:`support_route` with the plan's recipes)."""
-    from ..promises import Unavailable
-
-    def fetch(s: int) -> bool | None:
-        return None if isinstance(planner.resolver.recipe(s), Unavailable) else True
-
-    return support_route(planner, slot, fetch) is not None
-
-
 def batchnorm_merges(planner: "Planner", op_gets_linear_rule, bn_family_ruled=None) -> BatchNormMerges:
     """Find the batch norms to merge in ``planner``'s graph (see :class:`BatchNormMerges`).
 
@@ -332,11 +256,11 @@ def batchnorm_merges(planner: "Planner", op_gets_linear_rule, bn_family_ruled=No
         ``bn_family_ruled(index) -> bool``: whether the batch norm gets its family rule (one given its own rule
         per node, per layer or per op type is not merged).
 
-    Raises
-    ------
-    RuleError
-        A non-ε linear rule needs a merge whose bias cannot be recovered (a batch norm bias that does not
-        require grad, and an output autograd did not keep).
+    Notes
+    -----
+    The decision depends on the graph's structure and the rules only, so a frozen model merges exactly the batch
+    norms its trainable twin merges; the values a merge needs are the linear rule's business (a frozen β that the
+    graph does not hold is read through ``model=``).
     """
     g = planner.graph
     bn_of: dict[int, int] = {}
@@ -369,14 +293,5 @@ def batchnorm_merges(planner: "Planner", op_gets_linear_rule, bn_family_ruled=No
         rule = op_gets_linear_rule(op)
         if rule is None:
             continue
-        if not _beta_obtainable(planner, bn):
-            if getattr(rule, "kind", None) == "epsilon":
-                continue  # ε gives the same relevance merged or not (up to ε): keep the batch norm's own rule
-            from ..errors import RuleError
-            raise RuleError(
-                f"{rule!r} on {g.describe(op)} needs the batch norm after it ({g.describe(bn)}) merged in, but the "
-                "batch norm's bias does not require grad, so autograd kept neither it nor the batch norm's output. "
-                "Let the parameters require grad (model.requires_grad_(True)), or pass a rule set with "
-                "merge_batchnorm=False (e.g. preset.with_merge_batchnorm(False)) to keep the batch norm separate.")
         bn_of[op] = bn
     return BatchNormMerges(bn_of)
