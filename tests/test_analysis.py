@@ -14,8 +14,6 @@ pytest.importorskip("sklearn")
 pytest.importorskip("zarr")
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
-FROZEN_PENDING = pytest.mark.xfail(reason="frozen fix pending (issue 9)", strict=False)
-
 
 def _purity(truth: np.ndarray, clusters: np.ndarray) -> float:
     """Fraction of samples in the majority kind of their cluster (1: every cluster is pure)."""
@@ -43,7 +41,6 @@ def test_the_planted_model_is_a_clever_hans(model: torch.nn.Module) -> None:
     assert clean.float().mean() < 0.02 and stamped.float().mean() > 0.15  # measured: 0.3 %, 36 %
 
 
-@FROZEN_PENDING
 def test_spray_separates_watermark_from_shape_strategy(planted: tuple[Path, torch.nn.Module],
                                                        tmp_path: Path) -> None:
     store, _ = planted
@@ -72,7 +69,6 @@ def test_spray_separates_watermark_from_shape_strategy(planted: tuple[Path, torc
     assert (tmp_path / "spray.png").stat().st_size > 10_000 and len(fig.axes) > 2 * result.n_clusters
 
 
-@FROZEN_PENDING
 def test_class_means_are_the_mean_heatmap_per_class(planted: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
     store, _ = planted
     g = dynamiclrp.dataset.open_store(store)

@@ -27,8 +27,6 @@ import dataset_job  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = Path(__file__).resolve().parent / "dataset_job.py"
-# Frozen models with a per-row target (gather) fail in the engine until issue 9 lands on main.
-FROZEN_PENDING = pytest.mark.xfail(reason="frozen fix pending (issue 9)", strict=False)
 ARRAYS = ("relevance", "target", "logit", "prediction", "label", "relevance_sum", "batch_seed",
           "batch_unaccounted", "block_done")
 
@@ -61,7 +59,6 @@ def _cli(*args: str) -> list[str]:
 # ==============================================================================================================
 # what is stored
 # ==============================================================================================================
-@FROZEN_PENDING
 def test_stored_relevance_equals_relevance_of_the_same_batch(tmp_path: Path) -> None:
     model, data = dataset_job.model(), dataset_job.data(100)
     summary = dynamiclrp.attribute_dataset(model, data, rules="epsilon", target="label", batch_size=16,
@@ -73,7 +70,8 @@ def test_stored_relevance_equals_relevance_of_the_same_batch(tmp_path: Path) -> 
         x = x_all[i:i + 16].clone().requires_grad_(True)
         y = y_all[i:i + 16]
         logits = model(x)
-        (expected,) = dynamiclrp.relevance(logits.gather(1, y[:, None]).squeeze(1), x, rules="epsilon")
+        (expected,) = dynamiclrp.relevance(logits.gather(1, y[:, None]).squeeze(1), x, rules="epsilon",
+                                          model=model)
         assert np.array_equal(g["relevance"][i:i + 16], expected.numpy())  # bit for bit
         assert np.array_equal(g["logit"][i:i + 16], logits.gather(1, y[:, None]).squeeze(1).detach().numpy())
         assert np.array_equal(g["prediction"][i:i + 16], logits.argmax(1).numpy())
@@ -92,7 +90,6 @@ def test_stored_relevance_equals_relevance_of_the_same_batch(tmp_path: Path) -> 
     assert meta["schema"]["metadata"]["versions"]["torch"] == torch.__version__
 
 
-@FROZEN_PENDING
 def test_model_and_caller_state_are_untouched(tmp_path: Path) -> None:
     model = dataset_job.model()
     before = D.parameter_hash(model)
@@ -108,7 +105,6 @@ def test_model_and_caller_state_are_untouched(tmp_path: Path) -> None:
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-@FROZEN_PENDING
 def test_reduce_float16_and_targets(tmp_path: Path) -> None:
     model, data = dataset_job.model(), dataset_job.data(48)
     full = tmp_path / "full.zarr"
@@ -144,7 +140,6 @@ def test_reduce_relevance_conserves_sums() -> None:
     torch.testing.assert_close(D.reduce_relevance(r, "hidden"), r.sum(-1))
 
 
-@FROZEN_PENDING
 def test_sources_give_the_same_store(tmp_path: Path) -> None:
     """A Dataset, a DataLoader, a list of batches and a generator of unknown length are the same job."""
     model, data = dataset_job.model(), dataset_job.data(70)
@@ -170,7 +165,6 @@ def test_sources_give_the_same_store(tmp_path: Path) -> None:
                                      progress=False)
 
 
-@FROZEN_PENDING
 def test_hf_text_model_is_attributed_to_input_embeddings(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     from dynamiclrp import zoo
@@ -194,7 +188,8 @@ def test_hf_text_model_is_attributed_to_input_embeddings(tmp_path: Path) -> None
     for i in range(0, 10, 4):
         emb = model.get_input_embeddings()(ids[i:i + 4]).detach().requires_grad_(True)
         logits = model(inputs_embeds=emb, attention_mask=mask[i:i + 4]).logits
-        (r,) = dynamiclrp.relevance(logits.gather(1, labels[i:i + 4, None]).squeeze(1), emb, rules="attnlrp")
+        (r,) = dynamiclrp.relevance(logits.gather(1, labels[i:i + 4, None]).squeeze(1), emb, rules="attnlrp",
+                                    model=model)
         assert np.array_equal(g["relevance"][i:i + 4], r.sum(-1).numpy())
     assert np.array_equal(g["label"][:], labels.numpy())
 
@@ -245,7 +240,6 @@ def test_model_split_over_devices_is_explained_in_place(tmp_path: Path) -> None:
 # ==============================================================================================================
 # the store
 # ==============================================================================================================
-@FROZEN_PENDING
 def test_store_is_plain_zarr_readable_without_dynamiclrp(tmp_path: Path) -> None:
     out = tmp_path / "r.zarr"
     dynamiclrp.attribute_dataset(dataset_job.model(), dataset_job.data(50), target="label", batch_size=16,
@@ -280,7 +274,6 @@ def test_store_is_plain_zarr_readable_without_dynamiclrp(tmp_path: Path) -> None
         assert got["xarray"][0] == 50 and got["xarray"][1] == pytest.approx(got["sum"], rel=1e-5)
 
 
-@FROZEN_PENDING
 def test_store_of_another_job_is_refused(tmp_path: Path) -> None:
     model, data = dataset_job.model(), dataset_job.data(40)
     out = tmp_path / "r.zarr"
@@ -302,7 +295,6 @@ def test_store_of_another_job_is_refused(tmp_path: Path) -> None:
         D.open_store(tmp_path / "missing.zarr")
 
 
-@FROZEN_PENDING
 def test_progress_bar_and_summary(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     s = dynamiclrp.attribute_dataset(dataset_job.model(), dataset_job.data(64), batch_size=16,
                                      out=tmp_path / "r.zarr", progress=True)
@@ -315,7 +307,6 @@ def test_progress_bar_and_summary(tmp_path: Path, capsys: pytest.CaptureFixture)
 # ==============================================================================================================
 # resume after a kill, 2 ranks = 1 rank, the CLI
 # ==============================================================================================================
-@FROZEN_PENDING
 def test_killed_job_resumes_without_losing_or_duplicating_samples(tmp_path: Path) -> None:
     out = tmp_path / "r.zarr"
     cmd = [*_cli("--data", f"{JOB}:Slow", "--out", str(out), "--batch-size", "10", "--chunk-size", "20",
@@ -351,7 +342,6 @@ def test_killed_job_resumes_without_losing_or_duplicating_samples(tmp_path: Path
     _assert_same_store(ref, out)
 
 
-@FROZEN_PENDING
 def test_two_ranks_equal_one_rank_bit_for_bit(tmp_path: Path) -> None:
     pytest.importorskip("torch.distributed")
     if not torch.distributed.is_available():
