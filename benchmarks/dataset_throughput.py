@@ -4,7 +4,7 @@ would write, plain forward+backward, and 1 vs 2 ``torchrun`` ranks (issue 14).
 
     python benchmarks/dataset_throughput.py                     # everything (a few minutes on 2 cores)
     python benchmarks/dataset_throughput.py --models cnn --repeats 3 --no-ranks
-    python benchmarks/dataset_throughput.py --ranks-only --rank-model cnn32 --rank-samples 512
+    python benchmarks/dataset_throughput.py --ranks-only --rank-model cnn32 --rank-samples 1024
 
 Every model is frozen (``requires_grad_(False)``) and in eval mode, and runs on one intra-op thread. Variants, all
 explaining the predicted class of every sample (``logits.gather``), interleaved within each repetition (median
@@ -68,6 +68,9 @@ def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return build().eval().requires_grad_(False)
+
+
+DEFAULT_SAMPLES = {"cnn": 4096, "bert": 512, "cnn32": 512}
 
 
 def build(name: str, n: int) -> tuple[nn.Module, Any, str, int]:
@@ -168,7 +171,7 @@ def v_job(ledger_every: int) -> Callable:
     return run
 
 
-def measure(names: list[str], n: int, repeats: int, per_sample: int) -> list[dict]:
+def measure(names: list[str], n: int | None, repeats: int, per_sample: int) -> list[dict]:
     variants = {
         "fwd+bwd (input only)": v_backward,
         f"relevance per sample (first {per_sample})": v_per_sample(per_sample),
@@ -181,7 +184,7 @@ def measure(names: list[str], n: int, repeats: int, per_sample: int) -> list[dic
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for name in names:
-            model, data, rules, bs = build(name, n)
+            model, data, rules, bs = build(name, n or DEFAULT_SAMPLES[name])
             keys = list(variants)
             for k in keys:  # warm-up (imports, first plans); the per-sample loop on a few samples only
                 (v_per_sample(4) if k == keys[1] else variants[k])(model, data, rules, bs, tmp)
@@ -195,7 +198,7 @@ def measure(names: list[str], n: int, repeats: int, per_sample: int) -> list[dic
             for k in keys:
                 med = statistics.median(rates[k])
                 rows.append({"model": name, "variant": k, "samples_per_s": med, "vs_backward": med / base,
-                             "rules": rules, "batch": bs, "n": n})
+                             "rules": rules, "batch": bs, "n": len(data)})
     return rows
 
 
@@ -256,7 +259,7 @@ def table(rows: list[dict], rank_rows: list[dict]) -> str:
     if rows:
         out += ["| model | variant | samples/s | vs fwd+bwd |", "| --- | --- | ---: | ---: |"]
         for r in rows:
-            out.append(f"| {r['model']} ({r['rules']}, batch {r['batch']}) | {r['variant']} | "
+            out.append(f"| {r['model']} ({r['rules']}, batch {r['batch']}, {r['n']} samples) | {r['variant']} | "
                        f"{r['samples_per_s']:,.0f} | {r['vs_backward']:.2f}x |")
     if rank_rows:
         out += ["", "| model | ranks | job seconds (median) | samples/s | speedup |", "| --- | ---: | ---: | ---: | ---: |"]
@@ -269,13 +272,14 @@ def table(rows: list[dict], rank_rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["cnn", "bert"], help="cnn (digits), bert (tiny), cnn32")
-    p.add_argument("--samples", type=int, default=2048, help="samples per variant (default 2048)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples per variant (default: cnn 4096, bert 512, cnn32 512)")
     p.add_argument("--per-sample", type=int, default=256, help="samples of the per-sample loop (default 256)")
     p.add_argument("--repeats", type=int, default=5, help="repetitions (median; default 5)")
     p.add_argument("--no-ranks", action="store_true", help="skip the torchrun 1 vs 2 ranks measurement")
     p.add_argument("--ranks-only", action="store_true", help="only the torchrun measurement")
     p.add_argument("--rank-model", default="cnn32", help="model of the rank measurement (default cnn32)")
-    p.add_argument("--rank-samples", type=int, default=512, help="samples of the rank measurement (default 512)")
+    p.add_argument("--rank-samples", type=int, default=1024, help="samples of the rank measurement (default 1024)")
     p.add_argument("--rank-repeats", type=int, default=3, help="repetitions of the rank measurement (default 3)")
     p.add_argument("--json", type=Path, help="also write the numbers as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)

@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ledger-every", type=int, default=16, metavar="K",
                         help="run the ledger on every K-th batch (default 16; 0: never)")
     parser.add_argument("--chunk-size", type=int, default=None, metavar="N",
-                        help="samples per store chunk, a multiple of the batch size (default: ~512 samples)")
+                        help="samples per store chunk, a multiple of the batch size (default: about 512 "
+                             "samples, at least 16 chunks)")
     parser.add_argument("--num-workers", type=int, default=0, metavar="N", help="DataLoader workers (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of each batch's RNG (default 0)")
     parser.add_argument("--device", default=None,

@@ -86,6 +86,7 @@ _SAMPLE_ARRAYS = ("relevance", "target", "logit", "prediction", "label", "releva
 _BATCH_ARRAYS = ("batch_seed", "batch_unaccounted")
 _CHUNK_SAMPLES = 512  # default chunk: about this many samples ...
 _CHUNK_BYTES = 32 << 20  # ... but at most this much uncompressed relevance (and at least one batch)
+_MIN_BLOCKS = 16  # ... and at least this many blocks, when the data has a length
 
 
 class StoreError(DynamicLRPError):
@@ -890,7 +891,8 @@ def attribute_dataset(model: nn.Module, data: Any, *, rules: Any = None, target:
         split over devices (``device_map``) is explained in place, as one autograd graph.
     chunk_size : int, optional
         Samples per store chunk, a multiple of ``batch_size``: the unit that is committed, resumed and handed to
-        a rank. Default: about 512 samples and at most 32 MiB of relevance (at least one batch).
+        a rank. Default: about 512 samples, at most 32 MiB of relevance, at least 16 chunks when the data has a
+        length, and at least one batch.
     collate_fn : callable, optional
         Builds a batch from samples of a map-style dataset (default ``torch``'s ``default_collate``).
     num_workers : int
@@ -1024,9 +1026,13 @@ def _concat(results: list[dict]) -> dict:
     return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
 
 
-def _default_k(batch: int, bytes_per_sample: int) -> int:
-    k = math.ceil(_CHUNK_SAMPLES / batch)
-    return max(1, min(k, _CHUNK_BYTES // max(1, batch * bytes_per_sample)))
+def _default_k(batch: int, bytes_per_sample: int, n_batches: int | None) -> int:
+    """Batches per block: about ``_CHUNK_SAMPLES`` samples, at most ``_CHUNK_BYTES`` of relevance, and at least
+    ``_MIN_BLOCKS`` blocks when the length is known (so that a small dataset still spreads over several ranks)."""
+    k = min(math.ceil(_CHUNK_SAMPLES / batch), _CHUNK_BYTES // max(1, batch * bytes_per_sample))
+    if n_batches is not None:
+        k = min(k, n_batches // _MIN_BLOCKS)
+    return max(1, k)
 
 
 def _run(zarr: Any, job: _Job, source: Any, group: _Group, *, out: Any, chunk_size: int | None, overwrite: bool,
@@ -1175,7 +1181,7 @@ def _open_or_create(zarr: Any, out: Any, path: Path | None, job: _Job, source: A
     first = job.explain(0, source.first())
     batch = fingerprint["batch_size"]
     per_sample = first["relevance"][0].nbytes if len(first["relevance"]) else 0
-    k = chunk_size // batch if chunk_size is not None else _default_k(batch, per_sample)
+    k = chunk_size // batch if chunk_size is not None else _default_k(batch, per_sample, source.n_batches)
     layout = _Layout(batch, k)
     n_blocks = math.ceil(source.n_batches / k) if source.n_batches is not None else 1
     schema = {"shape": list(first["relevance"].shape[1:]), "dtype": str(first["relevance"].dtype),
