@@ -210,7 +210,7 @@ def worker(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     model, data, rules, bs = build(args.worker, args.rank_samples)
     s = dynamiclrp.attribute_dataset(model, data, rules=rules, batch_size=bs, out=args.out, ledger_every=0,
-                                     progress=False, overwrite=True)
+                                     progress=False)
     if int(os.environ.get("RANK", "0")) == 0:
         print("RESULT " + json.dumps({"seconds": s.seconds, "n": s.n_computed, "world": s.world_size}), flush=True)
     return 0
@@ -224,14 +224,18 @@ def ranks(model: str, n: int, repeats: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         for r in range(repeats):
             for procs in ((1, 2) if r % 2 == 0 else (2, 1)):
+                out = Path(d) / f"r{r}-{procs}.zarr"  # a new store every run (a finished one is not redone)
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                        str(procs), str(Path(__file__).resolve()), "--worker", model, "--rank-samples", str(n),
-                       "--out", str(Path(d) / f"r{procs}.zarr")]
+                       "--out", str(out)]
                 res = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if res.returncode:
                     raise SystemExit(f"torchrun failed:\n{res.stderr[-3000:]}")
                 line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))
-                times[procs].append(json.loads(line[7:])["seconds"])
+                result = json.loads(line[7:])
+                if result["n"] != n:
+                    raise SystemExit(f"the job explained {result['n']} samples, expected {n}")
+                times[procs].append(result["seconds"])
     one, two = statistics.median(times[1]), statistics.median(times[2])
     return [{"model": model, "n": n, "ranks": 1, "seconds": one, "samples_per_s": n / one, "speedup": 1.0,
              "all": times[1]},

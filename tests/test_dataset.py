@@ -374,3 +374,17 @@ def test_cli_reports_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "--target must be" in capsys.readouterr().err
     assert main(["attribute", "--model", f"{JOB}:data", "--data", f"{JOB}:data", "--out", out]) == 2
     assert "not a torch.nn.Module" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a harness check, not a property: kept out of the default run's time budget
+def test_throughput_benchmark_runs_on_toy_sizes() -> None:
+    """benchmarks/dataset_throughput.py end to end on a few samples (no timing assertions)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import dataset_throughput as bench
+        rows = bench.measure(["cnn"], 64, 1, 2)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+        sys.modules.pop("dataset_throughput", None)
+    assert len(rows) == 6 and all(r["samples_per_s"] > 0 and r["n"] == 64 for r in rows)
+    assert "attribute_dataset" in bench.table(rows, [])

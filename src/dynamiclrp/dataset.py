@@ -42,7 +42,7 @@ Under ``torchrun`` (or any initialised ``torch.distributed`` process group) rank
 broadcasts the list of unfinished blocks; rank ``r`` of ``W`` explains every ``W``-th of them. A batch's samples and
 random seed do not depend on the rank that explains it, so the store equals the
 single-process one bit for bit (with the same kernels: same thread count on CPUs, deterministic algorithms on
-GPUs). Coordination uses a ``gloo`` group, so NCCL jobs need nothing more.
+GPUs). The few messages (plan, counts, summary) travel over ``gloo``, also inside an NCCL process group.
 """
 from __future__ import annotations
 
@@ -580,10 +580,15 @@ def _make_source(data: Any, batch_size: int | None, collate_fn: Any, num_workers
 # distributed
 # ==============================================================================================================
 class _Group:
-    """The process group of the job: torch.distributed if running (initialised here under torchrun), else one."""
+    """The processes of the job: torch.distributed if running (initialised here under torchrun), else one.
 
-    def __init__(self, device: torch.device) -> None:
-        self.rank, self.world, self.created, self.group = 0, 1, False, None
+    The job only exchanges a few small Python objects (the plan, counts, the summary), always over ``gloo``: a group
+    it initialises itself is ``gloo``, and in a process group initialised with another backend (NCCL) it makes a
+    ``gloo`` subgroup.
+    """
+
+    def __init__(self) -> None:
+        self.rank, self.world, self.created, self.group, self.dist = 0, 1, False, None, None
         try:
             import torch.distributed as dist
         except ImportError:  # pragma: no cover
@@ -591,14 +596,13 @@ class _Group:
         if not dist.is_available():  # pragma: no cover
             return
         if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
-            dist.init_process_group(backend)
+            dist.init_process_group("gloo")  # launched by torchrun without a process group of its own
             self.created = True
         if dist.is_initialized():
             self.dist = dist
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
             if dist.get_backend() != "gloo":
-                self.group = dist.new_group(backend="gloo")  # CPU objects travel over gloo, also in NCCL jobs
+                self.group = dist.new_group(backend="gloo")
 
     def broadcast(self, obj: Any) -> Any:
         if self.world == 1:
@@ -615,9 +619,9 @@ class _Group:
         return out
 
     def close(self) -> None:
+        if self.group is not None:
+            self.dist.destroy_process_group(self.group)
         if self.created:
-            if self.group is not None:
-                self.dist.destroy_process_group(self.group)
             self.dist.destroy_process_group()
 
 
@@ -947,7 +951,7 @@ def attribute_dataset(model: nn.Module, data: Any, *, rules: Any = None, target:
         size = source.batch
         if int(chunk_size) < 1 or (size is not None and int(chunk_size) % size):
             raise ValueError(f"chunk_size must be a positive multiple of batch_size ({size}), got {chunk_size}")
-    group = _Group(job.device)
+    group = _Group()
     try:
         return _run(zarr, job, source, group, out=out, chunk_size=chunk_size, overwrite=overwrite,
                     progress=progress, t0=t0)
