@@ -3,18 +3,21 @@
 LXT (``lxt`` on PyPI, version 2.1) needs transformers 4.5x and torchvision, so this runs in its own venv, with
 dynamiclrp imported from source (see ``docs/dev/lxt-parity.md`` for the venv)::
 
-    PYTHONPATH=src /work/lxt-venv/bin/python scripts/lxt_parity.py              # the table (about 2 minutes)
-    PYTHONPATH=src /work/lxt-venv/bin/python scripts/lxt_parity.py --layers     # + per-layer relevance diffs
-    PYTHONPATH=src /work/lxt-venv/bin/python scripts/lxt_parity.py --only llama:attnlrp --layers
+    PYTHONPATH=src /work/lxt-venv/bin/python scripts/lxt_parity.py              # the table (about 1.5 minutes)
+    PYTHONPATH=src /work/lxt-venv/bin/python scripts/lxt_parity.py --layers     # + relevance at every hidden state
+    PYTHONPATH=src /work/lxt-venv/bin/python scripts/lxt_parity.py --bisect     # + ε = 1e-6 on one layer at a time
+    PYTHONPATH=src /work/lxt-venv/bin/python scripts/lxt_parity.py --only llama:attnlrp --lxt-identity-eps 0
+    PYTHONPATH=src /work/lxt-venv/bin/python scripts/lxt_parity.py --attn sdpa  # HF models on SDPA instead of eager
 
 Every (model, rule set) case runs in its own subprocess, because LXT patches classes process-wide with no undo
 (and its BERT/ViT maps patch ``torch.nn.LayerNorm``, ``torch.nn.Dropout``, ``torch.nn.GELU`` and
 ``torch.nn.MultiheadAttention`` themselves). Inside a case:
 
-1. a tiny model with random weights is built from a config (float64, eval, eager attention), *before* ``lxt`` is
-   imported; ours is computed on it with ``dynamiclrp.relevance(logit, inputs_embeds, rules=preset(epsilon=E))``
-   for E in (1e-6, 0), once trainable (parameters require grad, ``inputs_embeds = embed(ids)``) and once frozen
-   (``requires_grad_(False)``, ``inputs_embeds = embed(ids).detach().requires_grad_()``);
+1. a tiny model with random weights is built from a config (float64, eval, eager attention unless ``--attn sdpa``),
+   *before* ``lxt`` is imported; ours is computed on it with ``dynamiclrp.relevance(logit, inputs_embeds, rules=preset(epsilon=E))``
+   for E in (1e-6, 0), once trainable (parameters require grad, ``inputs_embeds = embed(ids)``), once frozen
+   (``requires_grad_(False)``, ``inputs_embeds = embed(ids).detach().requires_grad_()``) and, where
+   ``relevance`` takes ``model=``, frozen with ``model=model``;
 2. the functions LXT will replace are recorded, then ``lxt.efficient.monkey_patch(module, patch_map)`` runs; the
    script checks that they did change (so ours ran unpatched) and that the patched model's plain forward gives
    the same logits;
@@ -40,6 +43,7 @@ HIDDEN = 32
 LAYERS = 2
 VOCAB = 64
 EPSILONS = (1e-6, 0.0)
+ATTN = os.environ.get("LXT_PARITY_ATTN", "eager")  # HF attention kernel; --attn sdpa sets it for the subprocesses
 INIT = HIDDEN ** -0.5  # weight std: unit-scale pre-activations, as in a full-size model (HF default 0.02 is for d≈4096)
 
 # model -> LXT variants it supports (LXT 2.1: BERT has only the AttnLRP map, torchvision's ViT only CP-LRP)
@@ -75,7 +79,7 @@ def build(name):
     import torch
     mod = _hf_module(name)
     common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
-                  num_attention_heads=4, max_position_embeddings=64, attn_implementation="eager",
+                  num_attention_heads=4, max_position_embeddings=64, attn_implementation=ATTN,
                   initializer_range=INIT)
     if name == "llama":
         from transformers import LlamaConfig
@@ -93,7 +97,7 @@ def build(name):
     elif name == "gpt2":
         from transformers import GPT2Config
         model = mod.GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4,
-                                               n_positions=64, attn_implementation="eager",
+                                               n_positions=64, attn_implementation=ATTN,
                                                initializer_range=INIT))
     elif name == "bert":
         from transformers import BertConfig
@@ -185,15 +189,23 @@ def _rel(a, b):
 
 
 def _linear_modules(model):
-    """Names of the modules holding a linear-type op's weight (nn.Linear, GPT-2's Conv1D, nn.Conv2d, the packed
-    in-projection of nn.MultiheadAttention), in module order."""
+    """(label, name to pass to ``with_layers``) for every module holding a linear-type op's weight (nn.Linear,
+    GPT-2's Conv1D, nn.Conv2d, the packed in-projection of nn.MultiheadAttention), in module order. A weight tied
+    to an earlier module (GPT-2's and Gemma3's ``lm_head`` share the input embedding) is resolved by dynamiclrp
+    under that earlier module's name, so that name is the one passed."""
     import torch
-    names = []
+    owner = {}
+    for n, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            owner.setdefault(id(p), n)
+    out = []
     for n, m in model.named_modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or type(m).__name__ == "Conv1D" or \
                 isinstance(m, torch.nn.MultiheadAttention):
-            names.append(n)
-    return names
+            w = m.in_proj_weight if isinstance(m, torch.nn.MultiheadAttention) else m.weight
+            first = owner[id(w)]
+            out.append((n if first == n else f"{n} (tied: {first})", first))
+    return out
 
 
 def run_case(name, variant, layers=False, bisect=False, lxt_identity_eps=None):
@@ -218,17 +230,23 @@ def run_case(name, variant, layers=False, bisect=False, lxt_identity_eps=None):
     preset = getattr(presets, variant)
     ours = {}
     ours_layers = {}
-    for frozen in (False, True):
+    import inspect
+    sides = ["trainable", "frozen"]
+    if "model" in inspect.signature(dynamiclrp.relevance).parameters:
+        sides.append("frozen+model")  # relevance(..., model=model): lets the engine read frozen parameters
+    for side in sides:
+        frozen = side != "trainable"
         model.requires_grad_(not frozen)
+        kw = {"model": model} if side == "frozen+model" else {}
         for eps in EPSILONS:
-            key = f"{'frozen' if frozen else 'trainable'}:{eps:g}"
+            key = f"{side}:{eps:g}"
             e = embed(name, model, x)
             if frozen or name == "vit":
                 e = e.detach().requires_grad_()
             logits, hs = forward(name, model, e, hidden=layers)
             try:
                 rules = preset(epsilon=eps)
-                (r,) = dynamiclrp.relevance(logits[target], e, rules=rules)
+                (r,) = dynamiclrp.relevance(logits[target], e, rules=rules, **kw)
                 ours[key] = r.detach()
                 if layers and not frozen:
                     ours_layers[eps] = [t.detach() for t in dynamiclrp.relevance(logits[target], hs, rules=rules)]
@@ -239,7 +257,7 @@ def run_case(name, variant, layers=False, bisect=False, lxt_identity_eps=None):
     if bisect:  # ε = 1e-6 on one linear-type module, ε = 0 everywhere else
         from dynamiclrp.rules import Epsilon
         model.requires_grad_(True)
-        for mod_name in _linear_modules(model):
+        for label, mod_name in _linear_modules(model):
             e = embed(name, model, x)
             if name == "vit":
                 e = e.detach().requires_grad_()
@@ -247,9 +265,9 @@ def run_case(name, variant, layers=False, bisect=False, lxt_identity_eps=None):
             rules = preset(epsilon=0.0).with_layers({mod_name: Epsilon(1e-6)}, model=model)
             try:
                 (r,) = dynamiclrp.relevance(logits[target], e, rules=rules)
-                ours_bisect[mod_name] = r.detach()
+                ours_bisect[label] = r.detach()
             except Exception as exc:
-                ours_bisect[mod_name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                ours_bisect[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     model.requires_grad_(False)
 
     # ---------------------------------------------------------------- LXT
@@ -334,6 +352,8 @@ def main():
                     help="ε = 1e-6 on one linear-type module at a time (ε = 0 elsewhere): which layer moves ours")
     ap.add_argument("--lxt-identity-eps", type=float, default=None,
                     help="diagnostic: replace the 1e-10 of LXT's identity rule act(x)/(x + 1e-10), e.g. by 0")
+    ap.add_argument("--attn", choices=("eager", "sdpa"), default="eager",
+                    help="HF attention implementation (ViT always uses nn.MultiheadAttention, i.e. fused SDPA)")
     ap.add_argument("--json", action="store_true", help="print the raw results as JSON")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = ap.parse_args()
@@ -351,13 +371,14 @@ def main():
 
     cases = [f"{m}:{v}" for m, vs in CASES.items() for v in vs] if not args.only else args.only
     print("versions:", ", ".join(f"{k} {v}" for k, v in _versions().items()))
+    print(f"attention: {args.attn}; float64; {LAYERS} layers, hidden {HIDDEN}, {SEQ} tokens; weight std {INIT:.3f}")
     results = []
     t0 = time.time()
     for case in cases:
         cmd = [sys.executable, os.path.abspath(__file__), "--case", case] + (["--layers"] if args.layers else []) \
             + (["--bisect"] if args.bisect else []) \
             + (["--lxt-identity-eps", repr(args.lxt_identity_eps)] if args.lxt_identity_eps is not None else [])
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LXT_PARITY_ATTN": args.attn})
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("@@RESULT@@")]
         if not line:
             results.append({"model": case, "fatal": f"subprocess rc={p.returncode}: {p.stderr[-2000:]}"})
@@ -375,7 +396,7 @@ def main():
 
 
 def _print_table(results):
-    hdr = (f"{'model':7s} {'rules':8s} {'side':9s} {'eps':>6s} {'elem rel':>9s} {'token rel':>9s} "
+    hdr = (f"{'model':7s} {'rules':8s} {'side':12s} {'eps':>6s} {'elem rel':>9s} {'token rel':>9s} "
            f"{'sum ours':>11s} {'sum LXT':>11s} {'logit':>11s}")
     print(hdr)
     print("-" * len(hdr))
@@ -385,7 +406,7 @@ def _print_table(results):
             print(res.get("trace", ""))
             continue
         for row in res["rows"]:
-            lead = f"{res['model']:7s} {res['variant']:8s} {row['side']:9s} {row['eps']:6g} "
+            lead = f"{res['model']:7s} {res['variant']:8s} {row['side']:12s} {row['eps']:6g} "
             if "error" in row:
                 print(lead + f"raises {row['error']}")
             else:
@@ -421,7 +442,7 @@ def _print_bisect(results):
         items = sorted(res["bisect"].items(), key=lambda kv: -kv[1] if isinstance(kv[1], float) else 0)
         print(f"  {res['model']} {res['variant']}:")
         for k, v in items:
-            print(f"    {k:40s} {v:.1e}" if isinstance(v, float) else f"    {k:40s} {v}")
+            print(f"    {k:55s} {v:.1e}" if isinstance(v, float) else f"    {k:55s} {v}")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ same blocks written as ordinary torch modules (``nn.Linear`` projections, explic
 ``F.scaled_dot_product_attention`` on the CPU-flash and math backends, additive masks with ``-inf`` entries, causal
 masking, grouped-query attention, gated and plain MLPs, RMSNorm/LayerNorm, a pre-norm layer).
 
-Stabilisers: our presets use ε = 1e-6 on linear layers and exact (ε = 0) rules on normalisers, products and sums,
-i.e. ``Eps(linear=1e-6, norm=0, product=0, add=0)`` in the reference (LXT's efficient implementation also uses ε = 0
-there). CP-LRP: ``presets.cplrp()`` treats the activated gate of a gated MLP as a constant, as LXT's CP-LRP does
+Stabilisers: the ``attnlrp``/``cplrp`` presets use LXT's convention, ε = 0 on linear layers (LRP-0, bias as a sink)
+and exact (ε = 0) rules on normalisers, products and sums, i.e. ``Eps(linear=0, norm=0, product=0, add=0)`` in the
+reference; ``attnlrp(epsilon=1e-6)`` is checked against ``Eps(linear=1e-6, ...)``. CP-LRP: ``presets.cplrp()`` treats the activated gate of a gated MLP as a constant, as LXT's CP-LRP does
 (``cp_gated_mlp_forward`` detaches the gate projection; ``docs/dev/lxt-notes.md``), which is the reference's default
 ``gate_constant=None → True`` in CP mode; ``presets.cplrp(gate_constant=False)`` gives the uniform rule there.
 
@@ -32,7 +32,8 @@ from dynamiclrp import presets, zoo
 from reference import attention as at
 
 DT = torch.float64
-EPS = at.Eps(linear=1e-6, norm=0.0, product=0.0, add=0.0)
+EPS = at.Eps(linear=0.0, norm=0.0, product=0.0, add=0.0)
+EPS6 = at.Eps(linear=1e-6, norm=0.0, product=0.0, add=0.0)
 
 
 
@@ -143,7 +144,7 @@ def _inputs(seed: int, shape=(2, 5, 16)) -> tuple[torch.Generator, Tensor]:
 @pytest.mark.parametrize("mask_kind", ["none", "additive", "causal", "both"])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
 @pytest.mark.parametrize("impl", ["explicit", "sdpa", "math"])
-@pytest.mark.parametrize("mode", ["attnlrp", "cplrp"])
+@pytest.mark.parametrize("mode", ["attnlrp", "cplrp", "attnlrp_eps", "cplrp_eps"])
 def test_attention_block(mode: str, impl: str, heads: tuple[int, int], mask_kind: str) -> None:
     w = at.make_attention(16, heads[0], heads[1], bias=True, seed=1)
     g, x = _inputs(0)
@@ -154,8 +155,11 @@ def test_attention_block(mode: str, impl: str, heads: tuple[int, int], mask_kind
     causal = mask_kind in ("causal", "both")
     y = Attention(w, impl)(x, mask, causal)
     seed = torch.randn(y.shape, generator=g, dtype=DT)
-    ex = dynamiclrp.explain(y, x, seed, rules=mode)
-    ref = at.attention_relevance(x.detach(), w, seed, mode, EPS, mask, causal)
+    eps = mode.endswith("_eps")
+    mode = mode.removesuffix("_eps")
+    rules = getattr(presets, mode)(epsilon=1e-6) if eps else mode
+    ex = dynamiclrp.explain(y, x, seed, rules=rules)
+    ref = at.attention_relevance(x.detach(), w, seed, mode, EPS6 if eps else EPS, mask, causal)
     assert _err(ex.relevance[0], ref["x"]) <= 1e-9
     assert abs(ex.unaccounted) <= 1e-9 * float(seed.abs().sum())
     kinds = ex.ledger.by_kind()

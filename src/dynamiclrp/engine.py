@@ -21,7 +21,7 @@ from . import graph as G
 from .errors import DynamicLRPError, UnsupportedOperationError, ValueUnavailableError
 from .promises import ModelParams, PromiseResolver, Recipe, ValueStore, available
 from .results import Explanation, Ledger
-from .rules.base import UNKNOWN, Msg, OpSpec, Site, Step, safe_div
+from .rules.base import UNKNOWN, Msg, OpSpec, Site, Step, finite_sum as _finite_sum, safe_div
 from .rules.ruleset import RuleSet, resolve_rules
 
 Tensor = torch.Tensor
@@ -312,11 +312,6 @@ class Run:
                 continue
             return None
         return None
-
-
-def _finite_sum(t: Tensor) -> Tensor:
-    # 0 * inf (a masked -inf logit with zero relevance) contributes nothing
-    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0).sum() if not torch.isfinite(t).all() else t.sum()
 
 
 # -----------------------------------------------------------------------------------------------------------

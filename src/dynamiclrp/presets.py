@@ -6,7 +6,8 @@ name                            what it is
 ``epsilon`` (**the default**)   LRP-ε (ε = 1e-6) on linear/conv layers, sum rule on additions, identity on
                                 activations, normaliser constant, uniform rule on products, AttnLRP softmax
 ``zero``                        LRP-0: ``epsilon`` with ε = 0 (gradient × input on bias-free ReLU networks)
-``attnlrp``                     AttnLRP (Achtibat et al., ICML 2024), also on fused attention nodes
+``attnlrp``                     AttnLRP (Achtibat et al., ICML 2024), also on fused attention nodes; LRP-0 on
+                                linear layers (LXT's convention)
 ``cplrp``                       CP-LRP (Ali et al., ICML 2022): attention weights (and MLP gates) constant
 ``paper``                       the DynamicLRP paper's own rules (magnitude splits), to reproduce it
 ``epsilon_gamma_box``           Zennit's ``EpsilonGammaBox`` (needs ``low``/``high``: call the function)
@@ -23,8 +24,8 @@ Why ε is the default: it is the standard LRP rule (Bach et al. 2015) and it app
 (no input bounds, no image-specific assumptions); it is conservative up to its bias and stabiliser sinks, which
 the ledger names; on bias-free ReLU networks it is gradient × input, so it never invents structure the model does
 not have; and together with the identity rule for element-wise non-linearities, the normaliser held constant,
-the uniform rule for products of activations and the softmax rule it *is* AttnLRP on transformers, the
-best-evaluated rule set there (Achtibat et al. 2024). Rules that need input bounds (z^B) or that trade
+the uniform rule for products of activations and the softmax rule it is AttnLRP on transformers (Achtibat et al.
+2024, the best-evaluated rule set there) with ε = 1e-6 instead of LXT's ε = 0 on linear layers. Rules that need input bounds (z^B) or that trade
 faithfulness for sharper, more readable heatmaps on CNNs (γ, α-β, flat — Montavon et al. 2019, Kohlbrenner et al.
 2020) are opt-in presets. See ``docs/rules.md``.
 """
@@ -79,23 +80,31 @@ def default() -> RuleSet:
     return epsilon()
 
 
-def attnlrp(epsilon: float = 1e-6) -> RuleSet:
-    """AttnLRP (Achtibat et al., ICML 2024): ε on linear layers, identity on element-wise non-linearities,
-    LayerNorm/RMSNorm with the normaliser constant, the uniform rule on products of two activations (gated
-    MLPs, ``A·V``, ``Q·Kᵀ``) and the softmax rule ``R_x = x ⊙ (R − s ⊙ Σ_j R_j)`` on the true logits —
-    including fused scaled-dot-product-attention nodes."""
+def attnlrp(epsilon: float = 0.0) -> RuleSet:
+    """AttnLRP (Achtibat et al., ICML 2024): LRP-0 on linear layers with the bias as a sink (LXT's convention,
+    ``epsilon=0``), identity on element-wise non-linearities, LayerNorm/RMSNorm with the normaliser constant, the
+    uniform rule on products of two activations (gated MLPs, ``A·V``, ``Q·Kᵀ``) and the softmax rule
+    ``R_x = x ⊙ (R − s ⊙ Σ_j R_j)`` on the true logits — including fused scaled-dot-product-attention nodes.
+
+    Parameters
+    ----------
+    epsilon : float
+        ε of the linear layers. The default 0 is what LXT's efficient implementation computes (its linear
+        rule is ε → 0, 0/0 := 0); ``epsilon=1e-6`` is this library's earlier default and the ``"epsilon"``
+        preset's value. With ε = 0 the rule needs no layer output, so frozen models need no ``model=``.
+    """
     return RuleSet(_base(linear=L.Epsilon(epsilon), conv=L.Epsilon(epsilon), matmul=L.AttnLRP(),
                          product=L.AttnLRP(), attention=L.AttnLRP()), name="attnlrp")
 
 
-def cplrp(epsilon: float = 1e-6, gate_constant: bool = True) -> RuleSet:
+def cplrp(epsilon: float = 0.0, gate_constant: bool = True) -> RuleSet:
     """CP-LRP (Ali et al., ICML 2022): attention weights treated as constants, so all relevance through
     attention goes to the values; otherwise as :func:`attnlrp`. Conservative by construction.
 
     Parameters
     ----------
     epsilon : float
-        ε of the linear layers.
+        ε of the linear layers (default 0, LXT's convention, as in :func:`attnlrp`).
     gate_constant : bool
         Treat the activated gate of gated MLPs as a constant too (LXT's CP-LRP, the default); ``False`` keeps
         AttnLRP's uniform rule there. See :class:`~dynamiclrp.rules.CPLRP`.

@@ -853,6 +853,13 @@ class ValueStore:
             chosen = (w != 0).to(total.dtype)
             (back,) = G.call_backward(red, [self.specs[rec.reducer].kernel.forward(red, [chosen], 0)])[:1]
             (tb,) = G.call_backward(red, [_masked(total, tmask)])[:1]
+            if bool(((chosen != 0) & (back > 1)).any()):
+                raise ValueUnavailableError(
+                    f"The value of output {g.slot_nr[rec.slot]} of {g.describe(g.slot_node[rec.slot])} cannot be "
+                    f"recovered from the graph: it is weighted and summed by {g.describe(rec.node)} and "
+                    f"{g.describe(rec.reducer)} with several non-zero weights per sum, so the sum does not tell the "
+                    "parts apart. Pass model= so frozen constants can be read from the model, or choose a rule "
+                    "that does not need this value.")
             ok = (chosen != 0) & (back == 1)
             if tmask is not None:
                 (mb,) = G.call_backward(red, [tmask.to(total.dtype)])[:1]

@@ -704,6 +704,14 @@ def _make_hf_runner(model: nn.Module, cfg: Any) -> tuple[Runner, str]:
             if _is_int(start) and start < vocab:
                 dec[:, 0] = start
             kwargs["decoder_input_ids"] = dec
+            dec_emb = None
+            with contextlib.suppress(NotImplementedError, AttributeError):
+                dec_emb = m.get_decoder().get_input_embeddings()
+            if ("decoder_inputs_embeds" in params and dec_emb is not None
+                    and not any(p.requires_grad for p in dec_emb.parameters())):
+                # a frozen decoder embedding: its output is data that requires grad (as the lookup is in the
+                # trainable model), not a constant
+                kwargs["decoder_inputs_embeds"] = _as_input(dec_emb(kwargs.pop("decoder_input_ids")))
         if "use_cache" in params:
             kwargs["use_cache"] = False
         try:

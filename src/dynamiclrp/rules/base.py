@@ -90,6 +90,11 @@ def safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(zero, torch.zeros((), dtype=num.dtype, device=num.device), num / torch.where(zero, 1, den))
 
 
+def finite_sum(t: Tensor) -> Tensor:
+    """``t.sum()`` ignoring non-finite products (``0 · inf`` of a masked ``-inf`` logit with zero relevance)."""
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0).sum() if not torch.isfinite(t).all() else t.sum()
+
+
 def stabilize(z: Tensor, eps: float) -> Tensor:
     """``z + eps * sign(z)`` with ``sign(0) = +1`` (Zennit's convention); ``eps == 0`` returns ``z``."""
     if eps == 0:
@@ -202,6 +207,10 @@ class Step:
         is derived from exact conservation when it is the only unknown. Non-conservative rules book their
         residual under :attr:`sink_kind`. Returns the (possibly completed) input totals.
         """
+        return self._book(run, t_out, t_ins, outs, self.conservative)
+
+    def _book(self, run: "Run", t_out: Any, t_ins: list[Any], outs: list[Msg | None],
+              conservative: bool) -> list[Any]:
         where = run.graph.describe(self.index)
         unknown = [k for k, t in enumerate(t_ins) if t is UNKNOWN]
         known = None
@@ -212,10 +221,10 @@ class Step:
         carried = run.carried  # upstream constants whose shares are included in t_out (see below)
         label = where if not carried else f"{where} (incl. constants of {', '.join(carried)})"
         if t_out is UNKNOWN:
-            if unknown or has_const or carried or not self.conservative:
+            if unknown or has_const or carried or not conservative:
                 run.ledger.unmeasurable(where, "the forward value of this node's output is not in the graph")
             return t_ins
-        if self.conservative:
+        if conservative:
             if not unknown:
                 if has_const or carried:
                     run.ledger.book("constant", label, t_out if known is None else t_out - known)

@@ -391,6 +391,14 @@ def mean_forward(node, xs, nr):
     return x.mean(dim=tuple(dims), keepdim=bool(_s(node, "keepdim")))
 
 
+def nll_forward(node, xs, nr):
+    """``nll_loss`` (the last op of ``cross_entropy``): a linear map of the log-probabilities with the saved
+    targets, class weights, reduction and ignored index."""
+    reduction = ("none", "mean", "sum")[int(_s(node, "reduction"))]
+    return F.nll_loss(xs[0], _s(node, "target"), _s(node, "weight"), reduction=reduction,
+                      ignore_index=int(_s(node, "ignore_index")))
+
+
 def cumsum_forward(node, xs, nr):
     return torch.cumsum(xs[0], _s(node, "dim"))
 

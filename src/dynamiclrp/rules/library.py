@@ -23,7 +23,7 @@ import torch
 from .. import graph as G
 from ..errors import RuleError, ValueUnavailableError
 from ..promises import available
-from .base import Msg, Rule, Site, Step, gmsg, rmsg, safe_div, stabilize
+from .base import Msg, Rule, Site, Step, finite_sum as _finite_sum, gmsg, rmsg, safe_div, stabilize
 from .kernels import (ConvKernel, LinearKernel, NegKernel, NormKernel, ProductKernel, SoftmaxKernel, SumKernel,
                       UnaryKernel)
 
@@ -271,7 +271,8 @@ class LinearStep(Step):
 
     __slots__ = ("kernel", "which", "x_pos", "w_pos", "bias_pos", "branches", "stabiliser", "zero_bias",
                  "x_field", "w_field", "x_meta", "b_meta", "kind", "needs_z", "conservative",
-                 "sink_kind", "bn", "fast_eps", "z_source", "bias_wanted", "params", "bias_kind", "z_plan")
+                 "sink_kind", "bn", "fast_eps", "z_source", "bias_wanted", "params", "bias_kind", "z_plan",
+                 "lean_ledger", "x_ok")
     handles_r = True
 
     def __init__(self, site: Site, branches: Sequence[Branch], stabiliser: Stabiliser, zero_bias: bool,
@@ -315,11 +316,15 @@ class LinearStep(Step):
                             and (planner.everywhere or site.edges[self.bias_pos] in planner.requested))
         if self.bias_kind == "edge":
             planner.mark_bias(site.edges[self.bias_pos])
-        # plan the values the expected path reads: the lean path (gradient form, no ledger) for LRP-0 and ε,
-        # the full algebra (which needs the input) otherwise
-        lean = not planner.everywhere and (not self.needs_z or self.fast_eps)
+        # plan the values the expected path reads: the lean path (gradient form) for LRP-0 and ε, the full
+        # algebra (which needs the input) otherwise. With a ledger the lean path also books the stabiliser and
+        # bias shares it can measure; what it cannot (a frozen bias of an op whose input is lost) travels on
+        # inside the input's derived total (Step.book)
+        lean = not self.needs_z or self.fast_eps
+        self.lean_ledger = lean and planner.everywhere
         x_edge, w_edge = site.edges[self.x_pos], site.edges[self.w_pos]
         x_ok = G.saved(node, self.x_field) is not None or (x_edge >= 0 and planner.can_value(x_edge))
+        self.x_ok = x_ok
         known_bias = self.bn.known if self.bn is not None else self.bias_kind != "lost"
         self.z_plan = None
         if lean and self.needs_z and self.z_source is None:
@@ -338,8 +343,11 @@ class LinearStep(Step):
                 raise self._lost(site, out, "the bias, or the layer's output to derive it from")
         if G.saved(node, self.w_field) is None and w_edge >= 0:
             planner.need_value(w_edge)
-        if (not lean or self.z_plan == "compute") and G.saved(node, self.x_field) is None and x_edge >= 0:
+        if ((not lean or self.z_plan == "compute" or (self.lean_ledger and x_ok))
+                and G.saved(node, self.x_field) is None and x_edge >= 0):
             planner.need_value(x_edge)
+        if self.lean_ledger and known_bias and self.bias_kind != "edge":
+            self._request_bias(planner, site)  # the bias share, booked by the ledger
         if self.z_plan == "compute" or (not lean and known_bias):
             self._request_bias(planner, site)
         elif self.z_plan == "value" or (not lean and planner.can_value(out)):
@@ -441,9 +449,11 @@ class LinearStep(Step):
                         else self.bn.bias(run, self, node, x, z, w_orig, gradient_form_only=True))
                 z_full = z if bias is None else z.add_(bias)
         eps = float(self.stabiliser) if self.needs_z else 0.0
-        chunks = _batch_chunks(self.kernel, g, x)
+        chunks = _batch_chunks(self.kernel, g, x) if run.ledger is None else None
         if chunks is None:
             s = _eps_quotient(g, z_full, eps)
+            if run.ledger is not None:
+                self._book_lean(run, node, x, w, w_orig, alpha, g, s, z_full, has_bias_edge)
             del g, z_full
             gx = alpha * self._ft(node, x, w, s) if alpha != 1 else self._ft(node, x, w, s)
             res[self.x_pos] = Msg(g=_fit(gx, self.x_meta))
@@ -465,6 +475,40 @@ class LinearStep(Step):
         if bias_acc is not None:
             res[self.bias_pos] = Msg(g=self.kernel.beta(node) * bias_acc)
         return res
+
+    def _book_lean(self, run, node, x, w, w_orig, alpha, g, s, z, has_bias_edge) -> None:
+        """Ledger of the lean path: the ε stabiliser's share ``Σ (G − s)·z`` and the share of a bias that is not
+        an edge of the graph, ``Σ s·b`` (a frozen bias, or the merged bias of a batch norm), where it can be
+        computed. What remains is exactly what the input received (``Step.book``, conservatively)."""
+        if z is not None and self.needs_z:
+            run.book_local("stabiliser", self.index, _finite_sum((g - s) * z), "the ε stabiliser")
+        if has_bias_edge:
+            return  # the bias leaf measures its own share
+        ref = z if z is not None else g  # z's shape and dtype
+        b = None
+        try:
+            if self.bn is not None:
+                kind, note = "bias", "the merged bias (b - mean)·γ/σ + β of an op and the batch norm after it"
+                if self.bn.known and (x is not None or self.bn.l_bias != "value"):
+                    b = self.bn.bias(run, self, node, x, ref, w_orig, gradient_form_only=True)
+                elif not self.bn.known and x is not None:
+                    b = self.bn.bias(run, self, node, x, alpha * self._f(node, x, w), w_orig, gradient_form_only=True)
+            elif self.bias_kind in ("const", "lost"):
+                kind, note = "constant", "a bias that does not require grad"
+                if self.bias_kind == "const":
+                    b = self._bias(run, node, ref, gradient_form_only=True)
+                elif x is not None:
+                    b = self._bias(run, node, alpha * self._f(node, x, w), gradient_form_only=True)
+        except ValueUnavailableError:
+            b = None  # not measurable here: it travels on inside the input's derived total
+        if b is not None:
+            run.book_local(kind, self.index, _finite_sum(s * b), note)
+
+    def book(self, run, t_out, t_ins, outs):
+        m = outs[0] if outs else None
+        if self.lean_ledger and m is not None and m.r is None:
+            return self._book(run, t_out, t_ins, outs, conservative=True)
+        return self._book(run, t_out, t_ins, outs, self.conservative)
 
     def _fast_nonnegative(self, run, node, m, x, w, w_orig, alpha, res, has_bias_edge):
         """γ, z⁺ and α-β when the input is non-negative (after a ReLU): the x⁻ terms vanish and, by linearity,
@@ -591,9 +635,10 @@ class LinearStep(Step):
             return [None] * self.n_in
         node = run.graph.nodes[self.index]
         alpha = self.kernel.alpha(node)
-        lean = m.r is None and run.ledger is None and (not self.needs_z or self.fast_eps)
+        lean = m.r is None and (not self.needs_z or self.fast_eps)
         x, w = self._operands(run, node, need_x=not lean or (
-            self.needs_z and self.z_source is None and self.z_plan == "compute"))
+            self.needs_z and self.z_source is None and self.z_plan == "compute") or (
+            run.ledger is not None and self.x_ok))
         res: list[Msg | None] = [None] * self.n_in
         has_bias_edge = self.bias_pos is not None and self.in_edges[self.bias_pos] >= 0
         w_orig = w
@@ -1441,7 +1486,7 @@ class SumStep(Step):
         self.conservative = self.eps0
         self.sink_kind = "stabiliser"
         if not self.eps0:
-            site.planner.need_value(self.out_slots[0])
+            site.planner.need_support(self.out_slots[0])
 
     def _transpose(self, run, s: Tensor) -> list[Tensor | None]:
         node = run.graph.nodes[self.index]
@@ -1453,7 +1498,7 @@ class SumStep(Step):
     def g(self, run, gs):
         s = gs[0]
         if not self.eps0:
-            z = run.value(self.out_slots[0], run.graph.describe(self.index))
+            z = run.support(self.out_slots[0], run.graph.describe(self.index))  # read where G is non-zero
             s = s * z / _stab(self.stabiliser, z)
         return [gmsg(t) for t in self._transpose(run, s)]
 
@@ -1696,10 +1741,11 @@ class PassStep(Step):
     def __init__(self, site: Site):
         super().__init__(site)
         self.meta = _child_meta(site)
-        site.planner.need_value(self.out_slots[0])
+        site.planner.need_support(self.out_slots[0])
 
     def g(self, run, gs):
-        y = run.value(self.out_slots[0], run.graph.describe(self.index))
+        # R = G·y needs y only where G is non-zero: the output's value on its support
+        y = run.support(self.out_slots[0], run.graph.describe(self.index))
         return [Msg(r=_fit(gs[0] * y, self.meta[0]))] + [None] * (self.n_in - 1)
 
     def r(self, run, rs):

@@ -292,6 +292,9 @@ def _build() -> Mapping[str, OpSpec]:
     t["MeanBackward0"] = _sum(K.mean_forward, family="reduce")
     t["MeanBackward1"] = _sum(K.mean_forward, family="reduce")
     t["CumsumBackward0"] = _sum(K.cumsum_forward, family="reduce")
+    # a loss as the explained output: nll_loss (cross_entropy = log_softmax + nll_loss) is linear in its input
+    for name in ("NllLossBackward0", "NllLoss2DBackward0"):
+        t[name] = _sum(K.nll_forward, inputs_saved=((0, "self"),), family="reduce")
     t["AvgPool2DBackward0"] = _sum(lambda n, xs, nr: K._avg_pool2d(n, xs[0]),
                                    rebuild=K.avg_pool_rebuild(K._avg_pool2d), inputs_saved=((0, "self"),),
                                    family="pool")
