@@ -123,5 +123,7 @@ def test_spray_downsampling_and_errors() -> None:
 def test_umap_embedding() -> None:
     pytest.importorskip("umap")
     maps, _ = _blobs(10)
+    threads = torch.get_num_threads()
     result = analysis.spray(maps, embedding="umap")
     assert result.embedding.shape == (30, 2) and np.isfinite(result.embedding).all()
+    assert torch.get_num_threads() == threads  # numba sets the process's OpenMP threads; spray restores torch's

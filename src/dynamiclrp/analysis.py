@@ -18,9 +18,10 @@ Inputs are stores written by :func:`dynamiclrp.attribute_dataset` (or arrays of 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -391,7 +392,23 @@ def spray(store: Any, label: int | None = None, *, by: Literal["label", "target"
                        embedding=emb, label=label, by=by)
 
 
+@contextlib.contextmanager
+def _torch_threads_kept() -> Iterator[None]:
+    """Restore torch's intra-op thread count: numba (UMAP) sets the OpenMP thread count of the whole process."""
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
 def _embed(x: np.ndarray, how: str, seed: int) -> np.ndarray:
+    with _torch_threads_kept():
+        return _embed_2d(x, how, seed)
+
+
+def _embed_2d(x: np.ndarray, how: str, seed: int) -> np.ndarray:
     n = len(x)
     if how == "tsne":
         from sklearn.manifold import TSNE
