@@ -266,7 +266,8 @@ def table(rows: list[dict], rank_rows: list[dict]) -> str:
             out.append(f"| {r['model']} ({r['rules']}, batch {r['batch']}, {r['n']} samples) | {r['variant']} | "
                        f"{r['samples_per_s']:,.0f} | {r['vs_backward']:.2f}x |")
     if rank_rows:
-        out += ["", "| model | ranks | job seconds (median) | samples/s | speedup |", "| --- | ---: | ---: | ---: | ---: |"]
+        out += ["", "| model | ranks | job seconds (median) | samples/s | speedup |",
+                "| --- | ---: | ---: | ---: | ---: |"]
         for r in rank_rows:
             out.append(f"| {r['model']} ({r['n']} samples) | {r['ranks']} | {r['seconds']:.2f} | "
                        f"{r['samples_per_s']:,.0f} | {r['speedup']:.2f}x |")
