@@ -45,11 +45,13 @@ def add_watermark(x: Tensor) -> Tensor:
 
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
-    """Train on one thread so that every process gets the same weights (restores the caller's setting)."""
+    """Train on one thread so that every process gets the same weights; restores the caller's thread count and
+    random state (training seeds torch's global generator)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with torch.random.fork_rng(devices=[]):
+            yield
     finally:
         torch.set_num_threads(n)
 
