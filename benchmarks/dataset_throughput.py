@@ -206,13 +206,16 @@ def measure(names: list[str], n: int | None, repeats: int, per_sample: int) -> l
 # ranks
 # ==============================================================================================================
 def worker(args: argparse.Namespace) -> int:
-    """One torchrun rank: run the job, rank 0 prints its summary as JSON."""
+    """One torchrun rank: run the job, write its summary and CPU time next to the store as JSON."""
     torch.set_num_threads(1)
     model, data, rules, bs = build(args.worker, args.rank_samples)
+    cpu = time.process_time()
     s = dynamiclrp.attribute_dataset(model, data, rules=rules, batch_size=bs, out=args.out, ledger_every=0,
                                      progress=False)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print("RESULT " + json.dumps({"seconds": s.seconds, "n": s.n_computed, "world": s.world_size}), flush=True)
+    cpu = time.process_time() - cpu
+    rank = int(os.environ.get("RANK", "0"))
+    Path(f"{args.out}.rank{rank}.json").write_text(json.dumps({"rank": rank, "seconds": s.seconds, "cpu": cpu,
+                                                               "n": s.n_computed, "world": s.world_size}))
     return 0
 
 
@@ -221,6 +224,7 @@ def ranks(model: str, n: int, repeats: int) -> list[dict]:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
     times: dict[int, list[float]] = {1: [], 2: []}
+    cpus: dict[int, list[float]] = {1: [], 2: []}  # CPU seconds of the busiest rank
     with tempfile.TemporaryDirectory() as d:
         for r in range(repeats):
             for procs in ((1, 2) if r % 2 == 0 else (2, 1)):
@@ -231,16 +235,16 @@ def ranks(model: str, n: int, repeats: int) -> list[dict]:
                 res = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if res.returncode:
                     raise SystemExit(f"torchrun failed:\n{res.stderr[-3000:]}")
-                line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))
-                result = json.loads(line[7:])
-                if result["n"] != n:
-                    raise SystemExit(f"the job explained {result['n']} samples, expected {n}")
+                results = [json.loads(Path(f"{out}.rank{k}.json").read_text()) for k in range(procs)]
+                result = next(x for x in results if x["rank"] == 0)
+                if result["n"] != n or len(results) != procs:
+                    raise SystemExit(f"the job explained {result['n']} samples on {len(results)} ranks, expected {n}")
                 times[procs].append(result["seconds"])
-    one, two = statistics.median(times[1]), statistics.median(times[2])
-    return [{"model": model, "n": n, "ranks": 1, "seconds": one, "samples_per_s": n / one, "speedup": 1.0,
-             "all": times[1]},
-            {"model": model, "n": n, "ranks": 2, "seconds": two, "samples_per_s": n / two, "speedup": one / two,
-             "all": times[2]}]
+                cpus[procs].append(max(x["cpu"] for x in results))
+    one = statistics.median(times[1])
+    return [{"model": model, "n": n, "ranks": k, "seconds": statistics.median(times[k]),
+             "samples_per_s": n / statistics.median(times[k]), "speedup": one / statistics.median(times[k]),
+             "cpu": statistics.median(cpus[k]), "all": times[k]} for k in (1, 2)]
 
 
 # ==============================================================================================================
@@ -266,11 +270,11 @@ def table(rows: list[dict], rank_rows: list[dict]) -> str:
             out.append(f"| {r['model']} ({r['rules']}, batch {r['batch']}, {r['n']} samples) | {r['variant']} | "
                        f"{r['samples_per_s']:,.0f} | {r['vs_backward']:.2f}x |")
     if rank_rows:
-        out += ["", "| model | ranks | job seconds (median) | samples/s | speedup |",
-                "| --- | ---: | ---: | ---: | ---: |"]
+        out += ["", "| model | ranks | job seconds (median) | samples/s | speedup | CPU s of the busiest rank |",
+                "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for r in rank_rows:
             out.append(f"| {r['model']} ({r['n']} samples) | {r['ranks']} | {r['seconds']:.2f} | "
-                       f"{r['samples_per_s']:,.0f} | {r['speedup']:.2f}x |")
+                       f"{r['samples_per_s']:,.0f} | {r['speedup']:.2f}x | {r['cpu']:.2f} |")
     return "\n".join(out)
 
 
