@@ -184,6 +184,8 @@ A node of a custom `torch.autograd.Function` is named `<ClassName>Backward`. An 
 `dynamiclrp.coverage` reports it as uncovered. Register a rule by node type:
 
 ```python
+import dynamiclrp
+
 rules = dynamiclrp.presets.epsilon().with_ops({"MyIndexFunctionBackward": dynamiclrp.rules.Routing()})
 ```
 

@@ -38,7 +38,7 @@ def ensure_env(extra: str) -> Path:
         print(f"creating virtual environment in {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     digest = hashlib.sha256()
-    for name in ("pyproject.toml", "requirements/constraints.txt"):
+    for name in ("pyproject.toml", "requirements/constraints.txt", "requirements/no-deps.txt"):
         digest.update((ROOT / name).read_bytes())
     digest.update(extra.encode())
     stamp = VENV / f".dynamiclrp-installed-{extra.replace(',', '-')}"
@@ -46,6 +46,9 @@ def ensure_env(extra: str) -> Path:
         return _python()
     _run([_python(), "-m", "pip", "install", "--disable-pip-version-check", "-q",
           "-c", ROOT / "requirements/constraints.txt", "-e", f".[{extra}]"])
+    if "test" in extra.split(","):
+        _run([_python(), "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps",
+              "-r", ROOT / "requirements/no-deps.txt"])
     stamp.write_text(digest.hexdigest())
     return _python()
 

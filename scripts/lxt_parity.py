@@ -14,10 +14,11 @@ Every (model, rule set) case runs in its own subprocess, because LXT patches cla
 ``torch.nn.MultiheadAttention`` themselves). Inside a case:
 
 1. a tiny model with random weights is built from a config (float64, eval, eager attention unless ``--attn sdpa``),
-   *before* ``lxt`` is imported; ours is computed on it with ``dynamiclrp.relevance(logit, inputs_embeds, rules=preset(epsilon=E))``
-   for E in (1e-6, 0), once trainable (parameters require grad, ``inputs_embeds = embed(ids)``), once frozen
-   (``requires_grad_(False)``, ``inputs_embeds = embed(ids).detach().requires_grad_()``) and, where
-   ``relevance`` takes ``model=``, frozen with ``model=model``;
+   *before* ``lxt`` is imported; ours is computed on it with
+   ``dynamiclrp.relevance(logit, inputs_embeds, rules=preset(epsilon=E))`` for E in (1e-6, 0), once trainable
+   (parameters require grad, ``inputs_embeds = embed(ids)``), once frozen (``requires_grad_(False)``,
+   ``inputs_embeds = embed(ids).detach().requires_grad_()``) and, where ``relevance`` takes ``model=``, frozen
+   with ``model=model``;
 2. the functions LXT will replace are recorded, then ``lxt.efficient.monkey_patch(module, patch_map)`` runs; the
    script checks that they did change (so ours ran unpatched) and that the patched model's plain forward gives
    the same logits;
@@ -25,8 +26,9 @@ Every (model, rule set) case runs in its own subprocess, because LXT patches cla
    examples: parameters frozen, ``inputs_embeds.requires_grad_()``, ``logit.backward()`` (gradient 1, i.e.
    relevance seed = the logit value), relevance = ``inputs_embeds * inputs_embeds.grad``.
 
-Reported per row: max|ours − LXT| / max|LXT| over the input relevance (element-wise) and over per-token sums,
-and the totals Σ ours, Σ LXT next to the explained logit.
+Reported per row: max|ours − LXT| / max|LXT| over the input relevance (element-wise) and over per-token sums
+(ViT: relevance at the pixels, as in LXT's ViT example; "token" = a 4×4 patch), and the totals Σ ours, Σ LXT next
+to the explained logit. Results are in ``docs/dev/lxt-parity.md``.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ LAYERS = 2
 VOCAB = 64
 EPSILONS = (1e-6, 0.0)
 ATTN = os.environ.get("LXT_PARITY_ATTN", "eager")  # HF attention kernel; --attn sdpa sets it for the subprocesses
-INIT = HIDDEN ** -0.5  # weight std: unit-scale pre-activations, as in a full-size model (HF default 0.02 is for d≈4096)
+INIT = HIDDEN ** -0.5  # weight std: unit-scale pre-activations as in a full-size model (HF's 0.02 suits d ≈ 4096)
 
 # model -> LXT variants it supports (LXT 2.1: BERT has only the AttnLRP map, torchvision's ViT only CP-LRP)
 CASES = {
@@ -310,6 +312,9 @@ def run_case(name, variant, layers=False, bisect=False, lxt_identity_eps=None):
             row["error"] = r
         else:
             row.update(elem=_rel(r, r_lxt), token=_rel(token_sums(name, r), lt), ours_sum=r.sum().item())
+            t = ours.get(f"trainable:{eps}")
+            if side != "trainable" and isinstance(t, torch.Tensor):
+                row["vs_trainable"] = _rel(r, t)  # ours frozen vs ours trainable
         out["rows"].append(row)
     if layers:
         out["layers"] = {}
@@ -410,8 +415,9 @@ def _print_table(results):
             if "error" in row:
                 print(lead + f"raises {row['error']}")
             else:
+                vt = f"  (vs ours trainable {row['vs_trainable']:.0e})" if "vs_trainable" in row else ""
                 print(lead + f"{row['elem']:9.1e} {row['token']:9.1e} {row['ours_sum']:11.6f} "
-                      f"{res['lxt_sum']:11.6f} {res['logit']:11.6f}")
+                      f"{res['lxt_sum']:11.6f} {res['logit']:11.6f}{vt}")
     print()
     print("checks: LXT-patched functions / plain-forward max|Δlogits| patched vs unpatched")
     for res in results:
@@ -423,8 +429,8 @@ def _print_table(results):
 
 def _print_layers(results):
     print()
-    print("per-layer relevance (trainable side): max|ours − LXT| / max|LXT| at hidden state i (0 = embeddings "
-          "output / first block input, last = final block output)")
+    print("per-layer relevance (trainable side): max|ours − LXT| / max|LXT| at hidden state i (HF: "
+          "hidden_states[i], h0 = the input embeddings, last = top of the stack; ViT: output of block i)")
     for res in results:
         if "layers" not in res:
             continue

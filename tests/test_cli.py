@@ -88,6 +88,30 @@ def test_demo_writes_heatmaps_html_and_prints_ledger_and_abpc(demo_run):
     assert "<script" not in html and "http" not in html.split("</title>")[1]  # self-contained
 
 
+def _cli_docs():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "cli_docs.py"
+    spec = importlib.util.spec_from_file_location("cli_docs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_docs_show_what_the_commands_print(demo_run):
+    """docs/cli.md's sample outputs are generated (scripts/cli_docs.py); they must match the commands today."""
+    docs = _cli_docs()
+    documented = docs.samples(docs.DOC.read_text(encoding="utf-8"))
+    assert set(documented) == set(docs.COMMANDS)
+    for name, printed in (("demo", docs.clean(demo_run[1])), ("explain", docs.run("explain"))):
+        problems = docs.drift(documented[name], printed)
+        assert not problems, f"docs/cli.md: the {name} sample has drifted; run python scripts/cli_docs.py\n" + \
+            "\n".join(problems)
+    assert docs.drift("a 1.00 b\n", "a 1.01 b\n") == []  # numbers within tolerance
+    assert docs.drift("a 1.00 b\n", "a 2.00 b\n") and docs.drift("a 1 b\n", "a 1 c\n")  # but not more
+
+
 def test_demo_is_deterministic(capsys, tmp_path):
     args = ["demo", "--no-text", "--epochs", "1", "--digits", "2", "--no-progress"]
     c1, o1, _ = _main(capsys, *args, "--out", str(tmp_path / "a"))
@@ -176,9 +200,9 @@ def test_explain_random_transformers_models(capsys, files):
     (["--model", "mymodels.py:nothing", "--image", "img.png"], "has no attribute 'nothing'"),
     (["--model", "mymodels.py:not_a_model", "--image", "img.png"], "not a torch.nn.Module"),
     (["--model", "missing.py:build", "--image", "img.png"], "no such file: missing.py"),
-    (["--model", "no_colon", "--image", "img.png"], "must look like"),
+    (["--model", "no_colon", "--image", "img.png"], "expected 'package.module:function'"),
     (["--model", "mymodels.py:build", "--image", "img.png", "--target", "7"], "out of range: the model has 5"),
-    (["--model", "mymodels.py:build", "--image", "img.png", "--out", "x.html"], "written as PNG"),
+    (["--model", "mymodels.py:build", "--image", "img.png", "--out", "x.html"], "written as .png, .pdf or .svg"),
     (["--hf", "bert", "--text", "hi", "--rules", "bogus"], "unknown preset 'bogus'"),
     (["--hf", "bert", "--text", "hi", "--contrast", "3"], "--contrast is for language models"),
 ])

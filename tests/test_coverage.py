@@ -187,7 +187,7 @@ def test_cli_function_target_with_token_ids_explains_the_embeddings(capsys):
     (["coverage", "mlp", "--attn", "sdpa"], "does not offer --attn sdpa"),
     (["coverage", "no_such_module_x:f"], "cannot import module"),
     (["coverage", "test_coverage:small_net"], "must return (model, example_inputs)"),
-    (["coverage", "test_coverage:missing_fn"], "has no callable"),
+    (["coverage", "test_coverage:missing_fn"], "has no attribute 'missing_fn'"),
 ])
 def test_cli_bad_targets_exit_2_with_a_message(argv, message, capsys):
     assert main(argv) == 2

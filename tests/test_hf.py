@@ -358,3 +358,45 @@ def test_generic_text_helper_with_select(tok):
     torch.testing.assert_close(ex.relevance, a.relevance - b.relevance, atol=1e-5, rtol=1e-3)
     with pytest.raises(ValueError, match="select must return a tensor of shape"):
         hf.text(model, tok, TEXTS, lambda out, inputs: out.logits)
+
+
+def test_a_target_word_outside_the_vocabulary_is_refused(lm_tok):
+    """'tokyo' is not in the vocabulary: explaining the <unk> logit instead would answer another question."""
+    model = _model("GPT2LMHeadModel", "gpt2")
+    with pytest.raises(ValueError, match=r"'tokyo' is not in the tokenizer's vocabulary.*unknown token '\[UNK\]'"):
+        hf.next_token(model, lm_tok, "the capital of france is", target="tokyo")
+    with pytest.raises(ValueError, match=r"contrast token 'tokyo' is not in the tokenizer's vocabulary"):
+        hf.next_token(model, lm_tok, "the capital of france is", target="paris", contrast="tokyo")
+    with pytest.raises(ValueError, match=r"is 2 tokens \['paris', 'france'\], not one"):
+        hf.next_token(model, lm_tok, "the capital of france is", target="paris france")
+    unk = hf.next_token(model, lm_tok, "the capital of france is", target="[UNK]")  # asked for by name: fine
+    assert unk.target.tolist() == [lm_tok.unk_token_id]
+
+
+def test_fill_mask_explains_the_masked_position(tok):
+    model = _model("BertForMaskedLM")
+    ex = hf.fill_mask(model, tok, ["paris is the [MASK] of france", "what a [MASK] movie"], ledger=True)
+    mask_id = tok.mask_token_id
+    for i in range(2):
+        assert int(ex.inputs.input_ids[i, int(ex.positions[i])]) == mask_id
+        assert int(ex.target[i]) == int(ex.logits[i].argmax()) == int(ex.prediction[i])
+    torch.testing.assert_close(ex.explained, ex.logits.gather(1, ex.target[:, None]).squeeze(1))
+    assert abs(ex.ledger.unaccounted) < 1e-4 * float(ex.explained.abs().sum())
+    at = hf.fill_mask(model, tok, "paris is the capital of france", target="capital", position=4)
+    assert int(at.target[0]) == tok.convert_tokens_to_ids("capital") and int(at.positions[0]) == 4
+    with pytest.raises(ValueError, match=r"no masked position: put the mask token '\[MASK\]'"):
+        hf.fill_mask(model, tok, "paris is the capital of france")
+    with pytest.raises(ValueError, match="not in the tokenizer's vocabulary"):
+        hf.fill_mask(model, tok, "paris is the [MASK] of france", target="tokyo")
+
+
+def test_explanations_as_a_report_and_as_figures(tok, tmp_path):
+    pytest.importorskip("matplotlib")
+    model = _model("BertForSequenceClassification", num_labels=2)
+    ex = hf.text_classification(model, tok, TEXTS[:3])
+    report = ex.save_report(tmp_path / "report.html").read_text(encoding="utf-8")
+    assert report.count('<section class="dlrp-sample">') == 3 and report.count('class="dlrp-legend"') == 1
+    assert all(ex.title(i) in report for i in range(3))
+    for suffix, magic in ((".png", b"\x89PNG"), (".pdf", b"%PDF")):
+        path = ex.save_figure(tmp_path / f"sample{suffix}", 1)
+        assert path.read_bytes()[:4] == magic

@@ -98,6 +98,78 @@ def test_every_recoverable_value_of_a_transformer_is_exact(model_type: str) -> N
     assert_matches(found, cap, min_checked=40)
 
 
+def assert_support_matches(recovered, truth: Capture, min_checked: int) -> int:
+    """Values on the support equal the true values wherever their mask says they are exact."""
+    checked = 0
+    for node, nr, how, value in recovered:
+        ref = truth.values.get((id(node), nr))
+        if ref is None:
+            continue
+        mask = None
+        if how == "support":
+            value, mask = value
+        if mask is not None:
+            if not bool(mask.any()):
+                continue
+            value, ref = value[mask], ref[mask]
+        scale = ref.abs().max().clamp_min(1e-30)
+        err = ((value.to(ref.dtype) - ref).abs().max() / scale).item()
+        assert err <= 1e-6, f"{type(node).__name__} ({how}): relative error {err:.2e}"
+        checked += 1
+    assert checked >= min_checked, f"only {checked} values could be compared"
+    return checked
+
+
+class FrozenHead(nn.Module):
+    """Frozen layers whose outputs only their consumers tell: a residual stream, a one-hot pick, max pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x, t):
+        h = torch.relu(self.conv(x)).amax((2, 3))
+        h = self.fc1(h)
+        h = self.norm(h + self.fc2(torch.tanh(h)))        # the sum is saved by the norm: h recovered upwards
+        logits = self.head(h)
+        return (logits * nn.functional.one_hot(t, 5).to(logits.dtype)).sum(1)
+
+
+@pytest.mark.parametrize("with_model", [False, True])
+def test_values_recovered_upwards_and_on_the_support_are_true_values(with_model: bool) -> None:
+    torch.manual_seed(4)
+    model = FrozenHead().double().requires_grad_(False)
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1, 4, 0])
+    with Capture() as cap:
+        y = model(x, t)
+    found = recover_all(y, [x], model=model if with_model else None, support=True)
+    kinds = {how for _, _, how, _ in found}
+    assert "support" in kinds or with_model
+    assert_support_matches(found, cap, min_checked=8)
+    # every linear layer's output is known at least on its support, so ε runs without the model
+    rel = dynamiclrp.relevance(y, x, model=model if with_model else None)[0]
+    trainable = FrozenHead().double()
+    trainable.load_state_dict(model.state_dict())
+    ref = dynamiclrp.relevance(trainable(x, t), x)[0]
+    assert torch.allclose(rel, ref, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "t5"])
+def test_frozen_transformer_values_on_the_support_are_true_values(model_type: str) -> None:
+    from dynamiclrp import zoo
+    entry = zoo.build(model_type, attn_implementation="eager")
+    entry.model.requires_grad_(False)
+    with Capture() as cap:
+        outputs, inputs = entry.run()
+    found = recover_all(outputs, [inputs], model=entry.model, support=True)
+    assert_support_matches(found, cap, min_checked=40)
+
+
 def test_promises_of_the_paper_rules_recover_add_operands() -> None:
     """The paper's magnitude split needs both operands of every Add/Sum/Mean; they are promised, recovered
     through branches (pass-through ops), Arg Nodes and nested promises, and equal the forward values."""

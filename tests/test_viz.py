@@ -108,10 +108,12 @@ def test_heatmap_errors():
 
 def test_missing_matplotlib_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(ImportError, match=re.escape("pip install dynamiclrp[viz]")):
-        viz.heatmap(np.ones((2, 2)))
-    with pytest.raises(ImportError, match=re.escape("pip install dynamiclrp[viz]")):
-        viz.plot_layer_relevance({"a": 1.0})
+    for call in (lambda: viz.heatmap(np.ones((2, 2))), lambda: viz.plot_layer_relevance({"a": 1.0})):
+        with pytest.raises(ImportError) as err:
+            call()
+        message = str(err.value)
+        assert "\n" not in message and "needs matplotlib" in message
+        assert 'pip install "dynamiclrp[viz]"' in message and 'pip install ".[viz]"' in message
     # the ledger does not need matplotlib
     assert "seed total" in viz.ledger_table([("input", "x", 1.0)])
 
@@ -140,16 +142,74 @@ def test_overlay_blending():
     r = torch.randn(8, 8, generator=torch.Generator().manual_seed(6))
     base = np.round(image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     np.testing.assert_array_equal(viz.overlay(image, r, alpha=0.0), base)
-    np.testing.assert_array_equal(viz.overlay(image, r, alpha=1.0), viz.heatmap(r))
-    half = viz.overlay(image, r, alpha=0.5).astype(int)
+    # constant opacity: a plain blend
+    np.testing.assert_array_equal(viz.overlay(image, r, alpha=1.0, magnitude_weighted=False), viz.heatmap(r))
+    half = viz.overlay(image, r, alpha=0.5, magnitude_weighted=False).astype(int)
     assert np.abs(half - (base.astype(int) + viz.heatmap(r).astype(int)) / 2).max() <= 1
-    # zero relevance with magnitude weighting leaves the image untouched
-    np.testing.assert_array_equal(viz.overlay(image, torch.zeros(8, 8), magnitude_weighted=True), base)
     # low-resolution relevance is resized to the image
     assert viz.overlay(image, torch.randn(4, 4)).shape == (8, 8, 3)
     # numpy HWC uint8 image and a batch
     assert viz.overlay(base, r).shape == (8, 8, 3)
     assert viz.overlay(image.expand(2, 3, 8, 8), r.expand(2, 1, 8, 8)).shape == (2, 8, 8, 3)
+
+
+def test_overlay_opacity_follows_relevance_magnitude():
+    """By default the photo shows unchanged where relevance is 0 and the heatmap dominates where |R| is largest."""
+    image = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(5))
+    base = np.round(image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    r = torch.zeros(8, 8)
+    r[2, 3], r[5, 5], r[6, 1] = 4.0, -4.0, 1.0
+    over = viz.overlay(image, r, alpha=1.0).astype(int)
+    untouched = (r == 0).numpy()
+    np.testing.assert_array_equal(over[untouched], base[untouched])  # transparent at 0
+    assert rgb(over[2, 3]) == RED and rgb(over[5, 5]) == BLUE  # opaque at the largest |R|
+    partial = viz.overlay(image, r, alpha=1.0, gamma=1.0).astype(float)[6, 1]  # |R| = 1/4 of the maximum
+    expected = 0.75 * base[6, 1] + 0.25 * viz.heatmap(r)[6, 1]
+    assert np.abs(partial - expected).max() <= 1
+    assert np.abs(viz.overlay(image, r, alpha=1.0).astype(float)[6, 1] - viz.heatmap(r)[6, 1]).sum() < \
+        np.abs(partial - viz.heatmap(r)[6, 1]).sum()  # gamma < 1 makes small relevance more visible
+    with pytest.raises(ValueError, match="gamma must be positive"):
+        viz.overlay(image, r, gamma=0.0)
+
+
+def test_image_figure_has_a_colour_bar_in_relevance_units(tmp_path):
+    image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))
+    r = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(2))
+    fig = viz.image_figure(image, r, clip_percentile=None, path=tmp_path / "f.pdf")
+    panels = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title() for ax in panels] == ["image", "heatmap", "overlay"]
+    bars = [ax for ax in fig.axes if not ax.images]
+    assert len(bars) == 1
+    low, high = sorted(bars[0].get_ylim())
+    scale = float(r.sum(0).abs().max())
+    assert low == pytest.approx(-scale) and high == pytest.approx(scale)
+    assert (tmp_path / "f.pdf").read_bytes()[:4] == b"%PDF"
+    fig = viz.image_figure(image, r, panels=("overlay",), colorbar=False)
+    assert len(fig.axes) == 1
+    with pytest.raises(ValueError, match="panels must be"):
+        viz.image_figure(image, r, panels=("photo",))
+
+
+def test_colormaps_are_matplotlib_objects_and_registration_is_opt_in_and_idempotent(monkeypatch):
+    from matplotlib.colors import LinearSegmentedColormap
+
+    cmap = viz.colormap("coldnhot")
+    assert isinstance(cmap, LinearSegmentedColormap)
+    assert np.abs(np.array(cmap(0.5)[:3])).max() < 0.01  # black-centred
+    registry = matplotlib.colormaps
+    for name in viz.CUSTOM_CMAPS:  # a clean registry for this test; it is matplotlib's global
+        if name in registry:
+            monkeypatch.setattr(matplotlib, "colormaps", type(registry)({k: registry[k] for k in registry
+                                                                         if k not in viz.CUSTOM_CMAPS}))
+            break
+    import dynamiclrp.viz  # noqa: F401 - importing (and using) viz registers nothing
+    viz.heatmap(np.ones((2, 2)), cmap="wred")
+    assert not set(viz.CUSTOM_CMAPS) & set(matplotlib.colormaps)
+    assert viz.register_colormaps() == list(viz.CUSTOM_CMAPS)
+    assert viz.register_colormaps() == []  # a second call changes nothing
+    assert all(name in matplotlib.colormaps for name in viz.CUSTOM_CMAPS)
+    with pytest.raises(ValueError, match="unknown dynamiclrp colour map"):
+        viz.colormap("hot")
 
 
 def test_grid_figure_saved(tmp_path):
@@ -211,18 +271,34 @@ def test_save_html(tmp_path):
     assert path.read_text(encoding="utf-8") == doc
 
 
+class _Stream:
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
 def test_terminal_colours_and_no_color(monkeypatch):
     monkeypatch.delenv("NO_COLOR", raising=False)
-    out = viz.text_terminal(["Ġgood", "Ġbad", "Ġmeh"], [1.0, -1.0, 0.0])
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    out = viz.text_terminal(["Ġgood", "Ġbad", "Ġmeh"], [1.0, -1.0, 0.0], color=True)
     assert "\x1b[48;2;255;0;0m" in out and "\x1b[48;2;0;0;255m" in out and "\x1b[48;2;255;255;255m" in out
     assert re.sub(r"\x1b\[[0-9;]*m", "", out) == "good bad meh"
-    monkeypatch.setenv("NO_COLOR", "1")
-    plain = viz.text_terminal(["Ġgood", "Ġbad", "Ġmeh"], [1.0, -1.0, 0.0])
+    plain = viz.text_terminal(["Ġgood", "Ġbad", "Ġmeh"], [1.0, -1.0, 0.0], color=False)
     assert "\x1b" not in plain
     assert plain == "good[+1] bad[-1] meh[+0]"
-    monkeypatch.setenv("NO_COLOR", "")  # empty means unset (no-color.org)
+    # the default: colour only on a terminal, NO_COLOR wins, FORCE_COLOR forces
+    monkeypatch.setattr(sys, "stdout", _Stream(tty=False))
+    assert "\x1b" not in viz.text_terminal(["a"], [1.0])
+    monkeypatch.setattr(sys, "stdout", _Stream(tty=True))
     assert "\x1b[" in viz.text_terminal(["a"], [1.0])
-    assert "\x1b" not in viz.text_terminal(["a"], [1.0], color=False)
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert "\x1b" not in viz.text_terminal(["a"], [1.0])
+    monkeypatch.setenv("NO_COLOR", "")  # empty means unset (no-color.org)
+    assert viz.use_color() and not viz.use_color(_Stream(tty=False))
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert viz.use_color(_Stream(tty=False))
 
 
 def test_text_length_mismatch():
@@ -283,3 +359,63 @@ def test_plot_layer_relevance(tmp_path):
         assert im.format == "PNG"
     rel = viz.plot_layer_relevance({"a": 2.0, "b": 1.0}, relative_to=2.0)
     assert list(rel.axes[0].get_lines()[0].get_ydata()) == pytest.approx([1.0, 0.5])
+
+
+# --------------------------------------------------------------------------------------------
+# words, reports and figures of text
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tokens,words", [
+    (["[CLS]", "play", "##ing", "chess", "##es", "[SEP]"], ["[CLS]", "playing", "chesses", "[SEP]"]),
+    (["▁The", "▁cap", "ital", "▁is", "</s>"], ["The", "capital", "is", "</s>"]),
+    (["<|endoftext|>", "The", "Ġcap", "ital", "Ġof", "ĠFr", "ance"], ["<|endoftext|>", "The", "capital", "of",
+                                                                      "France"]),
+    (["a", "b"], ["a", "b"]),
+])
+def test_merge_subwords_joins_words_and_sums_relevance(tokens, words):
+    scores = np.arange(1.0, len(tokens) + 1)
+    merged, summed, special = viz.merge_subwords(tokens, scores)
+    assert merged == words
+    assert summed.sum() == pytest.approx(scores.sum())  # relevance is conserved
+    assert special.tolist() == [w in viz.DEFAULT_SPECIAL_TOKENS for w in words]
+    if words == ["[CLS]", "playing", "chesses", "[SEP]"]:
+        assert summed.tolist() == [1.0, 5.0, 9.0, 6.0]
+
+
+def test_merge_words_in_html_and_terminal():
+    tokens, scores = ["[CLS]", "play", "##ing", "well", "[SEP]"], [0.0, 1.0, 2.0, -1.0, 0.0]
+    doc = viz.text_html(tokens, scores, merge_words=True)
+    assert ">playing<" in doc and ">play<" not in doc
+    assert viz.text_terminal(tokens, scores, merge_words=True, color=False) == "[CLS] playing[+3] well[-1] [SEP]"
+
+
+def test_text_report_has_one_section_per_sample_on_one_scale():
+    samples = [(["a", "b"], [1.0, -1.0], "first"), {"tokens": ["c"], "scores": [4.0], "title": "second"},
+               (["d"], [0.5])]
+    doc = viz.text_report(samples, title="three texts")
+    assert doc.count('<section class="dlrp-sample">') == 3 and doc.count('class="dlrp-legend"') == 1
+    assert "<h2>first</h2>" in doc and "<h2>second</h2>" in doc and "<h1>three texts</h1>" in doc
+    assert "+4" in doc.split('class="dlrp-legend"')[1]  # the shared scale is the largest |R| of all samples
+    # with a shared scale, "a" (1/4 of the maximum) is paler than with its own scale
+    own = viz.text_report(samples, shared_scale=False)
+    assert own.count('class="dlrp-legend"') == 3
+    colour = re.compile(r'background-color:(#[0-9a-f]{6})[^>]*>a<')
+    assert colour.search(doc).group(1) != colour.search(own).group(1)
+    with pytest.raises(TypeError, match="sample 0 must be"):
+        viz.text_report(["just a string"])
+
+
+def test_text_figure_exports_png_and_pdf_without_latex(tmp_path):
+    tokens = ["[CLS]", "the", "act", "##ing", "was", "$5", "super", "##b", "[SEP]"] * 3
+    scores = np.linspace(-1, 1, len(tokens))
+    fig = viz.text_figure(tokens, scores, title="why?", width=4.0, path=tmp_path / "t.png")
+    texts = [t.get_text() for t in fig.texts]
+    assert texts[0] == "why?" and "$5" in texts and "act" in texts
+    assert not any(t.get_usetex() for t in fig.texts)
+    assert fig.get_size_inches()[1] > 1.0  # wrapped onto several lines at 4 inches
+    merged = viz.text_figure(tokens, scores, merge_words=True, legend=False)
+    assert "acting" in [t.get_text() for t in merged.texts] and not merged.axes
+    with Image.open(tmp_path / "t.png") as im:
+        assert im.format == "PNG" and im.size[0] == pytest.approx(4.0 * fig.dpi, abs=2)
+    assert viz.save_figure(fig, tmp_path / "t.pdf").read_bytes()[:4] == b"%PDF"
+    with pytest.raises(ValueError, match="suffix must be one of"):
+        viz.save_figure(fig, tmp_path / "t.docx")

@@ -143,9 +143,7 @@ def test_import_without_optional_dependencies() -> None:
 
 
 @pytest.mark.slow
-def test_every_entry(request: pytest.FixtureRequest) -> None:
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("slow sweep: select with -m slow")
+def test_every_entry() -> None:
     failures = []
     for name in zoo.names():
         try:

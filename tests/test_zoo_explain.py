@@ -108,10 +108,7 @@ def test_zoo_entry_is_covered_and_explained(name, impl, preset):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,impl,preset", _cases(extra=True))
-def test_zoo_entry_under_every_other_preset(name, impl, preset, request):
-    expr = request.config.getoption("markexpr") or ""
-    if "slow" not in expr or "not slow" in expr:
-        pytest.skip("slow sweep: select with -m slow")
+def test_zoo_entry_under_every_other_preset(name, impl, preset):
     check(name, impl, preset)
 
 

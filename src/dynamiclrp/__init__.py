@@ -14,10 +14,15 @@ from .errors import (DynamicLRPError, GraphFreedError, RuleError, UnsupportedOpe
 from .results import Explanation, Ledger, Sink
 from .rules import RuleSet
 
-__version__ = "0.1.0"
+try:  # the version lives in one place, pyproject.toml; installed metadata carries it here
+    from importlib.metadata import PackageNotFoundError as _NotFound, version as _version
+
+    __version__: str = _version("dynamiclrp")
+except _NotFound:  # pragma: no cover - running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "DynamicLRPError", "Explainer", "Explanation", "GraphFreedError", "LRP", "Ledger", "RuleError", "RuleSet",
     "Sink", "UnsupportedOperationError", "ValueUnavailableError", "attribute_dataset", "coverage", "explain",
-    "presets", "relevance", "rules",
+    "presets", "relevance", "rules", "__version__",
 ]

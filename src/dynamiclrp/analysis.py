@@ -31,23 +31,16 @@ import torch
 
 __all__ = ["SprayResult", "spray", "class_means", "plot_class_means", "heatmaps"]
 
-_HINT = "pip install 'dynamiclrp[analysis]'"
-
-
 def _sklearn() -> Any:
-    try:
-        import sklearn
-    except ImportError as err:
-        raise ImportError(f"SpRAy needs scikit-learn: {_HINT}") from err
-    return sklearn
+    from .extras import require
+    return require("sklearn", "SpRAy (dynamiclrp.analysis)")
 
 
 def _figure(figsize: tuple[float, float]) -> Any:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError(f"figures need matplotlib: {_HINT}") from err
+    from .extras import require
+    require("matplotlib", "dynamiclrp.analysis figures")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     fig = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -415,11 +408,8 @@ def _embed_2d(x: np.ndarray, how: str, seed: int) -> np.ndarray:
         perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
         return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
     if how == "umap":
-        try:
-            import umap
-        except ImportError as err:
-            raise ImportError("embedding='umap' needs umap-learn: pip install 'dynamiclrp[umap]' (or use "
-                              "embedding='tsne')") from err
+        from .extras import require
+        umap = require("umap", "embedding='umap' (or use embedding='tsne')")
         return umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed).fit_transform(x)
     raise ValueError(f"embedding must be 'tsne', 'umap' or None, got {how!r}")
 

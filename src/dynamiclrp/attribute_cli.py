@@ -14,8 +14,7 @@ explanation failed (e.g. an operation without a rule).
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,42 +72,25 @@ class UsageError(Exception):
 
 
 def load_object(spec: str, what: str) -> Any:
-    """``module:name`` or ``file.py:name`` -> the attribute, called if it is a function or a class.
+    """``module:name`` or ``file.py:name`` (:mod:`dynamiclrp.loading`) -> the object, called if it is a function
+    or a class.
 
     Raises
     ------
     UsageError
         The module, file or attribute does not exist.
     """
-    if ":" not in spec:
-        raise UsageError(f"--{what} must look like 'package.module:name' or 'path/file.py:name', got {spec!r}")
-    where, name = spec.rsplit(":", 1)
-    if where.endswith(".py") or "/" in where or "\\" in where:
-        path = Path(where)
-        if not path.is_file():
-            raise UsageError(f"--{what}: no such file: {path}")
-        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-        if mod_spec is None or mod_spec.loader is None:  # pragma: no cover
-            raise UsageError(f"--{what}: cannot import {path}")
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.path.insert(0, str(path.parent.resolve()))
-        try:
-            mod_spec.loader.exec_module(module)
-        finally:
-            sys.path.pop(0)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ModuleNotFoundError as err:
-            raise UsageError(f"--{what}: cannot import module {where!r} ({err}); is it installed or on "
-                             "PYTHONPATH?") from None
-    obj = getattr(module, name, None)
-    if obj is None:
-        public = sorted(n for n in dir(module) if not n.startswith("_"))[:20]
-        raise UsageError(f"--{what}: {where!r} has no attribute {name!r}; names there: {', '.join(public)}")
     import inspect
+
+    from .loading import SpecError, load_attribute, on_sys_path
+
+    try:
+        obj, where, _ = load_attribute(spec, expect=f"--{what}")
+    except SpecError as err:
+        raise UsageError(f"--{what}: {err}") from None
     if inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isclass(obj):
-        return obj()
+        with on_sys_path(os.getcwd()):  # as while importing it: the function may import its neighbours
+            return obj()
     return obj
 
 
@@ -147,10 +129,10 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed, device=args.device, chunk_size=args.chunk_size, num_workers=args.num_workers,
             overwrite=args.overwrite, progress=not args.no_progress)
     except (UsageError, StoreError, ValueError, TypeError, KeyError, ImportError) as err:
-        print(f"dynamiclrp attribute: {err}", file=sys.stderr)
+        print(f"dynamiclrp attribute: error: {err}", file=sys.stderr)
         return 2
     except DynamicLRPError as err:
-        print(f"dynamiclrp attribute: the explanation failed: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"dynamiclrp attribute: error: the explanation failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     del summary
     return 0

@@ -2,13 +2,19 @@
 
 Each sub-command lives in its own module and exposes ``add_arguments(parser)`` and ``run(args) -> int``; this
 file only wires them together, so ``dynamiclrp --help`` and ``dynamiclrp <command> --help`` work everywhere.
+
+Errors a user can fix — a missing file, an unknown model, a missing optional dependency — are reported in one
+line on standard error with exit code 2, never with a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from typing import Sequence
+
+from .extras import EXTRAS, MissingExtraError, missing_extra_message
 
 #: sub-command -> (module, one-line help)
 COMMANDS = {
@@ -17,6 +23,22 @@ COMMANDS = {
     "coverage": ("dynamiclrp.coverage", "report which autograd node types of a model have a relevance rule"),
     "attribute": ("dynamiclrp.attribute_cli", "explain every sample of a dataset into a resumable Zarr store"),
 }
+
+_ROLE = re.compile(r":(?:py:)?(?:func|class|mod|meth|attr|data|exc|obj|ref|doc):`~?([^`<]*?)(?:\s*<[^>]*>)?`")
+
+
+def plain(text: str) -> str:
+    """Docstring text for a terminal: reStructuredText roles and ``literals`` become plain words.
+
+    ``:func:`~dynamiclrp.hf.text``` becomes ``text``, ``:mod:`dynamiclrp.zoo``` becomes ``dynamiclrp.zoo`` and
+    double back-quoted literals lose their quotes, so that ``--help`` shows no markup.
+    """
+    def role(m: re.Match[str]) -> str:
+        target = m.group(1).strip()
+        return target.rsplit(".", 1)[-1] if m.group(0).split("`", 1)[1].startswith("~") else target
+
+    text = _ROLE.sub(role, text)
+    return re.sub(r"``([^`]+)``", r"\1", text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,11 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(module)
         except ImportError as err:  # pragma: no cover - a missing optional dependency
-            p.set_defaults(_unavailable=str(err))
+            p.set_defaults(_unavailable=_missing_message(err, name) or str(err))
             continue
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
+
+
+def _missing_message(err: ImportError, command: str) -> str | None:
+    """The one-line message for a missing optional dependency, or ``None`` for any other import error."""
+    if isinstance(err, MissingExtraError):
+        return str(err)
+    name = getattr(err, "name", None) or ""
+    if isinstance(err, ModuleNotFoundError) and name.split(".")[0] in EXTRAS:
+        return missing_extra_message(name, f"dynamiclrp {command}")
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,10 +78,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     if getattr(args, "_unavailable", None):
-        print(f"dynamiclrp {args.command}: unavailable ({args._unavailable})", file=sys.stderr)
+        print(f"dynamiclrp {args.command}: error: {args._unavailable}", file=sys.stderr)
         return 2
     try:
         return int(args._run(args) or 0)
+    except ImportError as err:
+        message = _missing_message(err, args.command)
+        if message is None:
+            raise
+        print(f"dynamiclrp {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # pragma: no cover
         return 130
 

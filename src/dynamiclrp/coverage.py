@@ -7,8 +7,9 @@ Nothing is computed (no relevance, no promised values), so it is cheap and safe 
 The ``dynamiclrp coverage TARGET`` sub-command builds a model, runs one forward pass, prints the table and the
 covered share, and exits non-zero when anything is uncovered. ``TARGET`` is, in this order of precedence:
 
-* ``module:function`` — a function returning ``(model, example_inputs)`` (a tensor, a tuple of positional
-  tensors or a dict of keyword tensors);
+* ``module:function`` or ``path/to/file.py:function`` — a function returning ``(model, example_inputs)`` (a
+  tensor, a tuple of positional tensors or a dict of keyword tensors); the current directory is on the import
+  path (see :mod:`dynamiclrp.loading`);
 * a zoo entry (:func:`dynamiclrp.zoo.names`, e.g. ``llama``, ``tv_vgg16``, ``lstm``);
 * a torchvision model name (``resnet50``, ``vit_b_16``...; random weights, one 224×224 image);
 * a transformers model type or configuration class name (``gpt_neox``, ``LlamaConfig``...), built offline from
@@ -17,8 +18,9 @@ covered share, and exits non-zero when anything is uncovered. ``TARGET`` is, in 
 from __future__ import annotations
 
 import argparse
-import importlib
+import os
 import sys
+from pathlib import Path
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -339,16 +341,19 @@ def _as_float_leaves(example: Any) -> tuple[tuple, dict, list[Tensor]]:
 
 
 def _from_function(spec: str) -> Target:
-    mod_name, _, fn_name = spec.partition(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except Exception as err:  # noqa: BLE001
-        raise TargetError(f"cannot import module {mod_name!r} of target {spec!r}: {_first_line(err)}") from None
-    fn = getattr(mod, fn_name, None)
-    if not callable(fn):
-        raise TargetError(f"module {mod_name!r} has no callable {fn_name!r}; TARGET 'module:function' must name a "
-                          "function returning (model, example_inputs)")
-    got = fn()
+    from .loading import SpecError, is_file_spec, load_attribute, on_sys_path
+
+    where = spec.rsplit(":", 1)[0]
+    folders = [os.getcwd()] + ([str(Path(where).parent)] if is_file_spec(where) else [])
+    with on_sys_path(*folders):
+        try:
+            fn, _, fn_name = load_attribute(spec, expect="a function returning (model, example_inputs)")
+        except SpecError as err:
+            raise TargetError(f"target {spec!r}: {err}") from None
+        if not callable(fn):
+            raise TargetError(f"{where!r} has no callable {fn_name!r}; TARGET 'module:function' must name a "
+                              "function returning (model, example_inputs)")
+        got = fn()
     if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], torch.nn.Module)):
         raise TargetError(f"{spec}() must return (model, example_inputs), got {type(got).__name__}")
     model, example = got
@@ -448,8 +453,11 @@ def load_target(target: str, attn: str | None = None) -> Target:
     try:
         zoo.resolve_config_class(target)
     except ImportError:
-        raise TargetError(f"unknown target {target!r} (transformers is not installed, so model types cannot be "
-                          "resolved)") from None
+        from .extras import missing_extra_message
+
+        raise TargetError(f"unknown target {target!r}: not a zoo entry, a torchvision model nor module:function; "
+                          "if it is a transformers model type: "
+                          + missing_extra_message("transformers", "resolving model types")) from None
     except KeyError as err:
         raise TargetError(f"unknown target {target!r}: not a zoo entry, a torchvision model, a transformers model "
                           f"type or config class name ({err.args[0] if err.args else ''}), nor module:function") \
@@ -469,13 +477,19 @@ def load_target(target: str, attn: str | None = None) -> Target:
 # -----------------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``dynamiclrp coverage``."""
+    from .cli import plain
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = plain(__doc__.split("\n\n", 2)[2]) if __doc__ else None
     parser.add_argument("target", metavar="TARGET",
                         help="zoo entry, torchvision model name, transformers model type or config class name, or "
-                             "module:function returning (model, example_inputs)")
+                             "module:function / path/file.py:function returning (model, example_inputs)")
     parser.add_argument("--attn", choices=("eager", "sdpa"), default=None,
                         help="attention implementation (transformers and nn.MultiheadAttention models)")
     parser.add_argument("--rules", default=None, metavar="PRESET",
-                        help="rule set preset (default: epsilon); one of the preset names")
+                        help="rule preset, optionally with parameters ('epsilon:epsilon=0.1'; default: epsilon). "
+                             "epsilon_gamma_box takes the example input's range as bounds unless given "
+                             "('epsilon_gamma_box:low=L,high=H')")
     parser.add_argument("--explain", action="store_true",
                         help="also run an explanation and print its ledger")
 
@@ -483,15 +497,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``dynamiclrp coverage``. Exit codes: 0 all covered, 1 something uncovered (or the explanation failed),
     2 a bad target or preset."""
+    from . import presets
+
+    spec = args.rules or "epsilon"
     try:
-        rules = resolve_rules(args.rules)
+        presets.parse(spec, low=0.0, high=1.0)  # report a bad spec before building the model
     except DynamicLRPError as err:
-        print(f"dynamiclrp coverage: {err}", file=sys.stderr)
+        print(f"dynamiclrp coverage: --rules: {err}", file=sys.stderr)
         return 2
     try:
         target = load_target(args.target, args.attn)
     except DynamicLRPError as err:
         print(f"dynamiclrp coverage: {err}", file=sys.stderr)
+        return 2
+    low = high = None
+    if isinstance(target.inputs, Tensor) and target.inputs.is_floating_point():
+        low, high = float(target.inputs.detach().min()), float(target.inputs.detach().max())
+    try:
+        rules = presets.parse(spec, low=low, high=high)
+    except DynamicLRPError as err:
+        print(f"dynamiclrp coverage: --rules: {err}", file=sys.stderr)
         return 2
     report = coverage(target.outputs, rules, inputs=() if target.inputs is None else (target.inputs,),
                       model=target.model)

@@ -160,14 +160,11 @@ def _human_bytes(n: int) -> str:
 # optional dependencies
 # ==============================================================================================================
 def _zarr() -> Any:
-    try:
-        import zarr
-    except ImportError as err:
-        raise ImportError("dataset attribution writes a Zarr store: pip install 'dynamiclrp[data]' "
-                          "(zarr>=3)") from err
+    from .extras import require
+    zarr = require("zarr", "dataset attribution")
     if int(zarr.__version__.split(".")[0]) < 3:
         raise ImportError(f"dataset attribution needs zarr>=3 (Zarr format 3), found {zarr.__version__}: "
-                          "pip install -U 'dynamiclrp[data]'")
+                          'pip install -U "dynamiclrp[data]"')
     return zarr
 
 

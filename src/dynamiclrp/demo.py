@@ -97,10 +97,9 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[Tensor
     -------
     x_train, y_train, x_test, y_test : torch.Tensor
     """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:
-        raise ImportError("the demo needs scikit-learn for its digits: pip install dynamiclrp[demo]") from err
+    from .extras import require
+
+    load_digits = require("sklearn.datasets", "dynamiclrp.demo.load_digits_split").load_digits
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
@@ -202,17 +201,20 @@ def train_sentiment(*, n_train: int = 1000, epochs: int = 8, seed: int = 0, prog
 # ==============================================================================================================
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dynamiclrp demo``."""
+    from .cli import plain
+
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = __doc__.split("\n\n", 1)[1] if __doc__ else None
+    parser.description = plain(__doc__.split("\n\n", 1)[1]) if __doc__ else None
     parser.add_argument("--out", "-o", type=Path, default=Path("dynamiclrp-demo"),
                         help="output directory for digits.png, pixel_flipping.png and sentiment.html "
                              "(default: ./dynamiclrp-demo)")
     parser.add_argument("--seed", type=int, default=0, 
                         help="seed for data split, training and tie-breaking (default 0)")
     parser.add_argument("--digits", type=int, default=8, metavar="N", help="number of test digits to show (default 8)")
-    parser.add_argument("--rules", default="epsilon",
-                        help="rule preset for the digit heatmaps (default: epsilon; any name of "
-                             "dynamiclrp.presets.names(), or epsilon_gamma_box for z^B on the pixel range [0, 1])")
+    parser.add_argument("--rules", default="epsilon", metavar="PRESET",
+                        help="rule preset for the digit heatmaps, optionally with parameters "
+                             "('epsilon:epsilon=0.1'; default: epsilon); epsilon_gamma_box uses the pixel range "
+                             "[0, 1] as bounds unless given")
     parser.add_argument("--epochs", type=int, default=6, help="training epochs of the digits CNN (default 6)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: these tiny models run fastest on one thread)")
@@ -220,14 +222,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _rules(name: str) -> Any:
+def _rules(spec: str) -> Any:
+    """The rule set of ``--rules``: any preset spec; epsilon_gamma_box gets the pixel range [0, 1] as bounds."""
     from . import presets
 
-    if name == "epsilon_gamma_box":
-        return presets.epsilon_gamma_box(0.0, 1.0)
-    if name not in presets.names():
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets.names() + ['epsilon_gamma_box'])}")
-    return name
+    return presets.parse(spec, low=0.0, high=1.0)
 
 
 def _explain_digits(model: nn.Module, x: Tensor, target: Tensor, rules: Any, ledger: bool = False) -> Any:
@@ -255,6 +254,11 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     progress = not args.no_progress
+    from .errors import RuleError
+    from .extras import require
+
+    for module in ("sklearn", "matplotlib", "PIL.Image"):  # before anything is trained
+        require(module, "dynamiclrp demo")
     try:
         from . import metrics, viz
 
@@ -265,7 +269,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-    except (ImportError, ValueError, OSError) as err:
+    except (RuleError, ValueError, OSError) as err:
         print(f"dynamiclrp demo: error: {err}", file=sys.stderr)
         return 2
 

@@ -382,10 +382,7 @@ def compute(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor
     ins = _as_tuple(inputs, "inputs", edges_ok=True)
     for k, o in enumerate(outs):
         if o.grad_fn is None:
-            raise DynamicLRPError(
-                f"outputs[{k}] has no grad_fn, so there is no autograd graph to explain. Run the forward pass "
-                "with gradients enabled (not under torch.no_grad() or torch.inference_mode()) and make sure the "
-                "input or the model's parameters require grad.")
+            raise DynamicLRPError(_no_graph_message(k, o))
     if seeds is None:
         seed_list: list[Tensor | None] = [None] * len(outs)
     elif isinstance(seeds, torch.Tensor):
@@ -484,6 +481,18 @@ def compute(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor
         book.seed(sum(s.sum() for s in seed_tensors))
         book.finish()
     return Explanation(tuple(relevance), book, values.records if trace_promises else [])
+
+
+def _no_graph_message(k: int, out: Tensor) -> str:
+    fix = ("Run the forward pass again with grad enabled and the input requiring grad: x.requires_grad_() before "
+           "the forward (for token inputs, embeddings = model.get_input_embeddings()(ids).detach().requires_grad_() "
+           "passed as inputs_embeds=). The model can stay frozen (model.requires_grad_(False)) and in eval(); that "
+           "is the recommended way to explain it.")
+    if out.is_inference():
+        return (f"outputs[{k}] was computed under torch.inference_mode(), which records no autograd graph, so there "
+                f"is nothing to explain. {fix}")
+    return (f"outputs[{k}] has no grad_fn, so there is no autograd graph to explain: it was computed under "
+            f"torch.no_grad(), or nothing it depends on requires grad. {fix}")
 
 
 def _execute(run: Run, planner: Planner, seeds: list[Tensor], requested: dict[int, int], held: list[Tensor],

@@ -6,6 +6,7 @@ One function per task, named like the ``transformers`` pipelines:
 - :func:`token_classification` — ``*ForTokenClassification``: the label logit of one token;
 - :func:`question_answering` — ``*ForQuestionAnswering``: start and end logits, together or separately;
 - :func:`next_token` — ``*ForCausalLM``: the next-token logit, or "token A rather than B";
+- :func:`fill_mask` — ``*ForMaskedLM``: the logit of the token predicted at a masked position;
 - :func:`seq2seq` — ``*ForConditionalGeneration``: the next decoder token, over encoder *and* decoder tokens;
 - :func:`image_classification` — ``*ForImageClassification``: a class logit, relevance per pixel;
 - :func:`text` — any text model: you pick the output to explain with a function.
@@ -77,6 +78,7 @@ __all__ = [
     "token_classification",
     "question_answering",
     "next_token",
+    "fill_mask",
     "seq2seq",
     "image_classification",
 ]
@@ -143,7 +145,7 @@ class TextExplanation:
     ----------
     task : str
         ``"text_classification"``, ``"token_classification"``, ``"question_answering"``, ``"next_token"``,
-        ``"seq2seq"`` or ``"text"``.
+        ``"fill_mask"``, ``"seq2seq"`` or ``"text"``.
     inputs : TokenAttribution
         Relevance of the input (encoder) tokens.
     decoder : TokenAttribution or None
@@ -224,7 +226,7 @@ class TextExplanation:
 
         toks, scores, special = self._parts(i, decoder)
         if title is None:
-            title = f"{self.task}: {self.target_names[i]} (explained value {float(self.explained[i]):.4g})"
+            title = self.title(i)
         return viz.text_html(toks, scores, special_mask=special, title=title, **kwargs)
 
     def save_html(self, path: str | os.PathLike[str], i: int = 0, **kwargs: Any) -> Path:
@@ -239,6 +241,54 @@ class TextExplanation:
 
         toks, scores, special = self._parts(i, decoder)
         return viz.text_terminal(toks, scores, special_mask=special, **kwargs)
+
+    def title(self, i: int = 0) -> str:
+        """What sample ``i`` explains, e.g. ``"text_classification: positive (explained value 2.31)"``."""
+        return f"{self.task}: {self.target_names[i]} (explained value {float(self.explained[i]):.4g})"
+
+    def report(self, samples: Sequence[int] | None = None, *, title: str | None = None, decoder: bool = True,
+               **kwargs: Any) -> str:
+        """Several samples in one HTML document (see :func:`dynamiclrp.viz.text_report`).
+
+        Parameters
+        ----------
+        samples : sequence of int, optional
+            Which samples, in order; default all.
+        title : str, optional
+            Heading of the document.
+        decoder : bool, default True
+            Seq2seq: show the decoder tokens after the encoder tokens.
+        **kwargs
+            Passed to :func:`dynamiclrp.viz.text_report` (``shared_scale``, ``merge_words``, ``cmap``...).
+        """
+        from . import viz
+
+        items = []
+        for i in range(len(self)) if samples is None else samples:
+            toks, scores, special = self._parts(i, decoder)
+            items.append({"tokens": toks, "scores": scores, "special_mask": special, "title": self.title(i)})
+        return viz.text_report(items, title=title, **kwargs)
+
+    def save_report(self, path: str | os.PathLike[str], samples: Sequence[int] | None = None,
+                    **kwargs: Any) -> Path:
+        """Write :meth:`report` to ``path`` (HTML); returns the path."""
+        from . import viz
+
+        return viz.save_html(self.report(samples, **kwargs), path)
+
+    def figure(self, i: int = 0, *, title: str | None = None, decoder: bool = True, **kwargs: Any) -> Any:
+        """Sample ``i`` as a matplotlib figure of coloured text (see :func:`dynamiclrp.viz.text_figure`)."""
+        from . import viz
+
+        toks, scores, special = self._parts(i, decoder)
+        return viz.text_figure(toks, scores, special_mask=special, title=self.title(i) if title is None else title,
+                               **kwargs)
+
+    def save_figure(self, path: str | os.PathLike[str], i: int = 0, **kwargs: Any) -> Path:
+        """Write :meth:`figure` of sample ``i`` to ``path``: PNG, PDF or SVG by the suffix; returns the path."""
+        from . import viz
+
+        return viz.save_figure(self.figure(i, **kwargs), path)
 
 
 @dataclass
@@ -296,6 +346,15 @@ class ImageExplanation:
         from . import viz
 
         return viz.overlay(self.image(i), self.relevance[i], **kwargs)
+
+    def figure(self, i: int = 0, **kwargs: Any) -> Any:
+        """Image ``i``, its heatmap and the overlay with a colour bar (see :func:`dynamiclrp.viz.image_figure`)."""
+        from . import viz
+
+        if "titles" not in kwargs:
+            names = {"image": "input", "heatmap": f"relevance for {self.target_names[i]}", "overlay": "overlay"}
+            kwargs["titles"] = [names.get(p, p) for p in kwargs.get("panels", ("image", "heatmap", "overlay"))]
+        return viz.image_figure(self.image(i), self.relevance[i], **kwargs)
 
     def save_png(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
         """Write a grid with the image and its heatmap for every sample to ``path`` (PNG); returns the path."""
@@ -513,7 +572,11 @@ def _label_names(model: nn.Module, ids: Tensor) -> list[str]:
 
 
 def _token_ids(tokenizer: Any, target: Any, n: int, vocab: int, default: Tensor | None, what: str) -> Tensor | None:
-    """Resolve next-token targets: ``None`` (-> ``default``), token ids or strings that are a single token."""
+    """Resolve next-token targets: ``None`` (-> ``default``), token ids or strings that are a single token.
+
+    A string is rejected (``ValueError``) when it is not exactly one token, or when it tokenises to the
+    tokenizer's unknown token: explaining the logit of ``<unk>`` in its place would answer another question.
+    """
     if target is None:
         return None if default is None else default.clone()
     out = []
@@ -521,7 +584,18 @@ def _token_ids(tokenizer: Any, target: Any, n: int, vocab: int, default: Tensor 
         if isinstance(t, str):
             if tokenizer is None:
                 raise ValueError(f"a tokenizer is needed to look up the {what} {t!r}; pass a token id instead")
-            ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+            ids = list(tokenizer(t, add_special_tokens=False)["input_ids"])
+            if not ids:
+                raise ValueError(f"the {what} {t!r} is no token at all after tokenisation; pass a token of the "
+                                 "vocabulary or its id")
+            unk = getattr(tokenizer, "unk_token_id", None)
+            if unk is not None and int(unk) in [int(i) for i in ids] and t != getattr(tokenizer, "unk_token", None):
+                unk_name = getattr(tokenizer, "unk_token", None) or f"id {unk}"
+                pieces = tokenizer.convert_ids_to_tokens(ids)
+                raise ValueError(f"the {what} {t!r} is not in the tokenizer's vocabulary: it tokenises to "
+                                 f"{pieces}, which contains the unknown token {unk_name!r}, so its logit would "
+                                 "explain the unknown token; pass a token of the vocabulary (see "
+                                 "tokenizer.get_vocab()) or a token id")
             if len(ids) != 1:
                 pieces = tokenizer.convert_ids_to_tokens(ids)
                 raise ValueError(f"the {what} {t!r} is {len(ids)} tokens {pieces}, not one; pass a single token "
@@ -977,7 +1051,9 @@ def next_token(model: nn.Module, tokenizer: Any, prompts: Texts, target: Any = N
         Left- or right-padded batches both work: the logit at each prompt's last real token is explained.
     target : None, int, str, or one per sample
         Next token to explain: ``None`` for the model's top token, a token id, or a string that is exactly one
-        token (e.g. ``" Paris"`` for GPT-2-style tokenizers).
+        token of the vocabulary (e.g. ``" Paris"`` for GPT-2-style tokenizers). A string that tokenises to
+        several tokens, or to the unknown token (a word the vocabulary does not have), raises ``ValueError``
+        rather than explaining something else: pass the id of the token you mean.
     contrast : None, int, str, or one per sample
         With a contrast token ``B``, explain ``logit(target) - logit(B)``: "why ``target`` rather than ``B``".
     rules, ledger, check, embeddings, tokenizer_kwargs
@@ -1007,6 +1083,73 @@ def next_token(model: nn.Module, tokenizer: Any, prompts: Texts, target: Any = N
         target_names=names, explained=value.detach().cpu(), prediction=pred.cpu(),
         logits=logits.detach()[torch.arange(len(pos)), pos].cpu(), positions=orig,
         contrast=None if con is None else con.cpu(), rules=_rules_name(rules), ledger=led,
+    )
+
+
+def fill_mask(model: nn.Module, tokenizer: Any, texts: Texts, target: Any = None, *,
+              position: int | Sequence[int] | None = None, rules: Any = DEFAULT_RULES, ledger: bool = False,
+              check: bool = False, embeddings: str = "auto",
+              tokenizer_kwargs: Mapping[str, Any] | None = None) -> TextExplanation:
+    """Explain a masked language model's logit for the token it predicts at a masked position.
+
+    Parameters
+    ----------
+    model : transformers ``*ForMaskedLM`` (BERT, RoBERTa, ...)
+    tokenizer : tokenizer or processor
+    texts : str, sequence of str, or tokenised inputs
+        Each text contains the tokenizer's mask token (``[MASK]``, ``<mask>``), or give ``position``.
+    target : None, int, str, or one per sample
+        Token to explain at the masked position: ``None`` for the model's top token, a token id, or a string
+        that is exactly one token of the vocabulary (see :func:`next_token`).
+    position : int or one per sample, optional
+        Index of the position to explain among the sample's real tokens (special tokens included, as
+        ``ex.tokens[i][position]``); default: the first mask token of each sample.
+    rules, ledger, check, embeddings, tokenizer_kwargs
+        As in :func:`text`.
+
+    Returns
+    -------
+    TextExplanation
+        ``positions`` holds the explained position in the padded batch; ``target_names`` the decoded tokens.
+
+    Raises
+    ------
+    ValueError
+        No position given and a sample has no mask token; a target that is not one token of the vocabulary.
+    """
+    _warn_if_training(model)
+    tok = _text_tokenizer(tokenizer)
+    enc = _encode(tok, texts, **dict(tokenizer_kwargs or {}))
+    fwd = _run(model, enc, None, {}, check, embeddings)
+    logits = _logits(fwd.output)
+    if logits.dim() != 3:
+        raise ValueError(f"expected logits of shape (batch, tokens, vocab), got {tuple(logits.shape)}")
+    n, _, vocab = logits.shape
+    mask = fwd.packed[0]["attention_mask"].bool()
+    n_real = mask.long().sum(1).tolist()
+    if position is None:
+        mask_id = getattr(tok, "mask_token_id", None)
+        ids = fwd.packed[0]["input_ids"]
+        found = [] if mask_id is None else [(ids[i] == int(mask_id)).nonzero() for i in range(n)]
+        if mask_id is None or any(len(f) == 0 for f in found):
+            mask_token = getattr(tok, "mask_token", None)
+            where = f"the mask token {mask_token!r}" if mask_token else "a mask token"
+            raise ValueError(f"a text has no masked position: put {where} in each text or pass position=...")
+        positions = [int(f[0, 0]) for f in found]
+    else:
+        positions = [_check_position(int(p), n_real[i], i) for i, p in enumerate(_per_sample(position, n,
+                                                                                              "positions"))]
+    pos = torch.tensor(positions, device=logits.device)
+    at = logits[torch.arange(n, device=logits.device), pos]
+    pred = at.detach().argmax(-1)
+    tgt = _token_ids(tok, target, n, vocab, pred, "target token")
+    value = at.gather(1, tgt[:, None]).squeeze(1)
+    rel, led = _relevance(value, fwd, rules, ledger, model)
+    orig = pos.cpu() if fwd.index[0] is None else fwd.index[0].gather(1, pos.cpu()[:, None]).squeeze(1)
+    return TextExplanation(
+        task="fill_mask", inputs=_attribution(tok, enc, rel[0], fwd.index[0]), target=tgt.cpu(),
+        target_names=_decode_tokens(tok, tgt), explained=value.detach().cpu(), prediction=pred.cpu(),
+        logits=at.detach().cpu(), positions=orig, rules=_rules_name(rules), ledger=led,
     )
 
 

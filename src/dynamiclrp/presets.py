@@ -31,6 +31,7 @@ faithfulness for sharper, more readable heatmaps on CNNs (γ, α-β, flat — Mo
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -245,15 +246,109 @@ _PRESETS: dict[str, Callable[[], RuleSet]] = {
 
 
 def names() -> list[str]:
-    """Preset names accepted by ``rules="..."`` (``epsilon_gamma_box`` needs bounds: call the function)."""
+    """Preset names accepted by ``rules="..."`` as they are (``epsilon_gamma_box`` needs bounds: see
+    :func:`parse`)."""
     return list(_PRESETS)
 
 
-def by_name(name: str) -> RuleSet:
-    """The preset called ``name``."""
-    fn = _PRESETS.get(name)
+def all_names() -> list[str]:
+    """Every preset name :func:`parse` knows, including ``epsilon_gamma_box`` (which needs input bounds)."""
+    return [*_PRESETS, "epsilon_gamma_box"]
+
+
+_FUNCTIONS: dict[str, Callable[..., RuleSet]] = {**_PRESETS, "epsilon_gamma_box": epsilon_gamma_box}
+_BOUNDS_HINT = ("epsilon_gamma_box needs the input bounds: pass rules=dynamiclrp.presets.epsilon_gamma_box(low, "
+                "high), or the spec 'epsilon_gamma_box:low=L,high=H' (the lowest and highest value an input "
+                "feature can take, e.g. the normalised values of a black and a white pixel)")
+
+
+def _value(text: str) -> float | bool | str | tuple[str, ...]:
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = [t for t in text.replace("+", " ").split() if t]
+    return tuple(parts) if len(parts) > 1 else text.strip()
+
+
+def parse(spec: str, *, low: float | Tensor | None = None, high: float | Tensor | None = None) -> RuleSet:
+    """The rule set named by ``spec``: a preset name, optionally with parameters.
+
+    This is the one parser of preset names: ``rules="..."`` in Python and ``--rules`` of every command line
+    sub-command go through it.
+
+    Parameters
+    ----------
+    spec : str
+        A name from :func:`all_names`, optionally followed by ``:`` and comma-separated ``key=value``
+        parameters of the preset function, e.g. ``"epsilon:epsilon=0.25"``, ``"cplrp:gate_constant=false"``,
+        ``"epsilon_gamma_box:low=-2.1,high=2.6"`` or ``"epsilon_plus:zero_params=bias"``. Values are numbers,
+        ``true``/``false`` or words; several words are joined with ``+`` (``zero_params=bias+weight``).
+    low, high : float or torch.Tensor, optional
+        Default input bounds of ``epsilon_gamma_box`` (z^B on the first convolution), used when ``spec`` does
+        not give them. The command line passes the range its inputs can take (e.g. the normalised values of a
+        black and a white pixel); without bounds from either source ``epsilon_gamma_box`` is an error.
+
+    Returns
+    -------
+    RuleSet
+        The preset, ``rule_set.name`` being the preset name.
+
+    Raises
+    ------
+    RuleError
+        Unknown name (the message lists the valid names), unknown parameter (it lists the preset's
+        parameters), a malformed ``key=value`` or missing bounds.
+
+    Examples
+    --------
+    >>> from dynamiclrp import presets
+    >>> presets.parse("epsilon:epsilon=0.25").name
+    'epsilon'
+    >>> presets.parse("epsilon_gamma_box", low=0.0, high=1.0).name
+    'epsilon_gamma_box'
+    """
+    if not isinstance(spec, str):
+        raise RuleError(f"a preset spec must be a string, got {type(spec).__name__}")
+    name, _, params = spec.strip().partition(":")
+    name = name.strip()
+    fn = _FUNCTIONS.get(name)
     if fn is None:
-        hint = (" (epsilon_gamma_box needs the input bounds: pass "
-                "rules=dynamiclrp.presets.epsilon_gamma_box(low, high))") if name == "epsilon_gamma_box" else ""
-        raise RuleError(f"unknown preset {name!r}{hint}; valid names are: {', '.join(_PRESETS)}")
-    return fn()
+        raise RuleError(f"unknown preset {name!r}; valid names are: {', '.join(_PRESETS)}, epsilon_gamma_box "
+                        "(with bounds: 'epsilon_gamma_box:low=L,high=H')")
+    accepted = list(inspect.signature(fn).parameters)
+    kwargs: dict = {}
+    for item in filter(None, (p.strip() for p in params.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key or not value.strip():
+            raise RuleError(f"preset parameter {item!r} in {spec!r} is not key=value (e.g. 'epsilon:epsilon=0.25')")
+        if key not in accepted:
+            raise RuleError(f"preset {name!r} has no parameter {key!r}; its parameters are: "
+                            f"{', '.join(accepted) or '(none)'}")
+        kwargs[key] = _value(value)
+    if name == "epsilon_gamma_box":
+        kwargs.setdefault("low", low)
+        kwargs.setdefault("high", high)
+        if kwargs["low"] is None or kwargs["high"] is None:
+            raise RuleError(_BOUNDS_HINT)
+        if isinstance(kwargs["low"], (str, bool)) or isinstance(kwargs["high"], (str, bool)):
+            raise RuleError(f"epsilon_gamma_box bounds must be numbers, got low={kwargs['low']!r}, "
+                            f"high={kwargs['high']!r}")
+    try:
+        return fn(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise RuleError(f"preset spec {spec!r}: {err}") from None
+
+
+def by_name(name: str) -> RuleSet:
+    """The preset called ``name`` (the grammar of :func:`parse`, without default input bounds)."""
+    fn = _PRESETS.get(name)
+    if fn is not None:
+        return fn()
+    if name == "epsilon_gamma_box":
+        raise RuleError(f"{_BOUNDS_HINT}; valid names are: {', '.join(_PRESETS)}")
+    return parse(name)

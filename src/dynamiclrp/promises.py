@@ -146,6 +146,20 @@ class Replay(Recipe):
         return tuple(r for r in self.inputs if r is not None)
 
 
+class Total(Recipe):
+    """The full value of ``slot`` recovered *upwards*: an addend of a sum whose output and other addend are both
+    known in full (``h = sum − other``, e.g. a residual stream from the normalisation layer that saved the sum)."""
+
+    __slots__ = ("part",)
+
+    def __init__(self, slot: int, part: "SumPart"):
+        super().__init__(slot)
+        self.part = part
+
+    def children(self) -> tuple[Recipe, ...]:
+        return (self.part,)
+
+
 class Const(Recipe):
     """Input ``pos`` of node ``node``, an operand that does not require grad (no node of its own).
 
@@ -165,15 +179,21 @@ class Const(Recipe):
 
 class Support(Recipe):
     """The value of ``slot`` on the support of the gradient-form relevance it can receive: one part per
-    consumer that can send relevance; the parts' masks together cover every such position."""
+    consumer that can send relevance; the parts' masks together cover every such position.
 
-    __slots__ = ("slot", "parts")
+    ``missing`` lists consumers that could not give a part (they keep nothing to recover the value from). Such
+    a support is accepted at plan time only if, when evaluated, the other parts know the value *everywhere*
+    (e.g. a ``tanh`` that saturates nowhere); otherwise evaluation raises :class:`ValueUnavailableError`.
+    """
+
+    __slots__ = ("slot", "parts", "missing")
     support = True
 
-    def __init__(self, slot: int, parts: tuple["Part", ...]):
+    def __init__(self, slot: int, parts: tuple["Part", ...], missing: str = ""):
         super().__init__(("support", slot))
         self.slot = slot
         self.parts = parts
+        self.missing = missing
 
     def children(self) -> tuple[Recipe, ...]:
         return self.parts
@@ -409,6 +429,8 @@ class PromiseResolver:
         self.params = params
         self.recipes: dict[Hashable, Recipe] = {}
         self.requests: dict[Hashable, int] = {}  # recipe key -> number of rule requests (for freeing)
+        self._upward_busy: set[int] = set()  # slots whose value is being recovered from their consumers
+        self._support_busy: set[int] = set()
 
     # -- what rules call ----------------------------------------------------------------------------------
     def request(self, slot: int) -> Recipe:
@@ -481,7 +503,7 @@ class PromiseResolver:
             self.recipes[s] = Rebuild(s, node_i, nr)
             return []
         if spec.replay is None:
-            self.recipes[s] = Unavailable(
+            self.recipes[s] = self._upward(
                 s, f"{g.describe(node_i)} saved neither its output nor enough to recompute it")
             return []
         edges = g.edges[node_i]
@@ -497,11 +519,36 @@ class PromiseResolver:
         for k in wanted:
             child = self.recipes[edges[k]] if k < len(edges) and edges[k] >= 0 else self.const(node_i, k)
             if isinstance(child, Unavailable):
-                self.recipes[s] = Unavailable(s, f"{g.describe(node_i)} <- {child.reason}")
+                self.recipes[s] = self._upward(s, f"{g.describe(node_i)} <- {child.reason}")
                 return []
             inputs[k] = child
         self.recipes[s] = Replay(s, node_i, nr, tuple(inputs))
         return []
+
+    def _upward(self, s: int, reason: str) -> Recipe:
+        """The full value of ``s`` from a consumer that adds it to something known: ``s = sum − other`` where
+        both the sum's output and the other addend have full values (a residual stream whose sum a norm layer
+        saved). ``Unavailable(reason)`` otherwise. Guarded against cycles (the other addend computed from ``s``)."""
+        g = self.graph
+        if s in self._upward_busy or len(self._upward_busy) > 256:
+            return Unavailable(s, reason)
+        self._upward_busy.add(s)
+        try:
+            for c, pos in g.consumers[s]:
+                spec = self.specs[c]
+                edges = g.edges[c]
+                if (spec is None or getattr(spec.kernel, "support_role", None) != "sum" or len(edges) != 2
+                        or min(edges) < 0 or edges[0] == edges[1]):
+                    continue
+                total = self.recipe(g.slot_base[c])
+                if not available(total):
+                    continue
+                other = self._operand(c, 1 - pos)
+                if available(other):
+                    return Total(s, SumPart(s, c, pos, (total, other)))
+        finally:
+            self._upward_busy.discard(s)
+        return Unavailable(s, reason)
 
     # -- constant operands ----------------------------------------------------------------------------------
     def const(self, node_i: int, pos: int) -> Recipe:
@@ -558,23 +605,29 @@ class PromiseResolver:
         if got is not None:
             return got
         g = self.graph
-        if depth > _SUPPORT_DEPTH:
-            return Unavailable(key, "too long a chain of consumers")
+        if depth > _SUPPORT_DEPTH or slot in self._support_busy:
+            return Unavailable(key, "too long a chain of consumers" if depth > _SUPPORT_DEPTH else "a cycle")
         cons = g.consumers[slot]
         if not cons:
             got = Unavailable(key, f"output {g.slot_nr[slot]} of {g.describe(g.slot_node[slot])} has no consumer "
                               "that kept it")
         else:
-            parts: list[Part] = []
-            got = None
-            for c, pos in cons:
-                part = self._part(slot, c, pos, depth)
-                if isinstance(part, Unavailable):
-                    got = Unavailable(key, part.reason)
-                    break
-                parts.append(part)
-            if got is None:
-                got = Support(slot, tuple(parts))
+            self._support_busy.add(slot)
+            try:
+                parts: list[Part] = []
+                failed: list[str] = []
+                for c, pos in cons:
+                    part = self._part(slot, c, pos, depth)
+                    if isinstance(part, Unavailable):
+                        failed.append(part.reason)
+                    else:
+                        parts.append(part)
+            finally:
+                self._support_busy.discard(slot)
+            if not parts:
+                got = Unavailable(key, "; ".join(dict.fromkeys(failed)))
+            else:
+                got = Support(slot, tuple(parts), "; ".join(dict.fromkeys(failed)))
         self.recipes[key] = got
         return got
 
@@ -608,6 +661,8 @@ class PromiseResolver:
         role = getattr(kernel, "support_role", None)
         if role == "sum" and len(edges) == 2:
             other = self._operand(c, 1 - pos)
+            if not available(other) and edges[1 - pos] >= 0 and edges[1 - pos] != slot:
+                other = self._support(edges[1 - pos], depth + 1)  # checked to cover ours when evaluated
             total = self._up(g.slot_base[c], depth)
             for r in (total, other):
                 if isinstance(r, Unavailable):
@@ -790,8 +845,19 @@ class ValueStore:
             args = [None if r is None else local[r.key] for r in rec.inputs]
             with torch.no_grad():
                 return spec.replay(g.nodes[rec.node], args, rec.nr)
+        if isinstance(rec, Total):
+            return local[rec.part.key][0]
         if isinstance(rec, Support):
-            return _combine([local[p.key] for p in rec.parts], g.meta(rec.slot))
+            v, m = _combine([local[p.key] for p in rec.parts], g.meta(rec.slot))
+            if rec.missing:
+                if m is not None and not bool(m.all()):
+                    raise ValueUnavailableError(
+                        f"The value of output {g.slot_nr[rec.slot]} of {g.describe(g.slot_node[rec.slot])} cannot be "
+                        f"recovered everywhere relevance reaches it ({rec.missing}; the other consumers know it only "
+                        "in part, e.g. a saturated tanh). Pass model= so frozen constants can be read from the "
+                        "model, or choose a rule that does not need this value.")
+                m = None
+            return v, m
         if isinstance(rec, Part):
             with torch.no_grad():
                 return self._part(rec, [None if r is None else _vm(local[r.key]) for r in rec.ups])
@@ -842,7 +908,14 @@ class ValueStore:
         (total, tmask), other = ups[0], ups[1]
         if isinstance(rec, SumPart):
             c = self.specs[rec.node].kernel.coefficients(node)
-            ov = other[0] if other is not None else None
+            ov, omask = other
+            if omask is not None:  # the other addend known on its support only: it must cover ours
+                need = torch.ones_like(total, dtype=torch.bool) if tmask is None else tmask
+                if bool((need & ~torch.broadcast_to(omask, need.shape)).any()):
+                    raise ValueUnavailableError(
+                        f"The value of output {g.slot_nr[rec.slot]} of {g.describe(g.slot_node[rec.slot])} cannot be "
+                        f"recovered from the sum {g.describe(rec.node)}: the other addend is not known everywhere "
+                        "relevance reaches the sum. Pass model= so frozen constants can be read from the model.")
             v = (total - c[1 - rec.pos] * ov) / c[rec.pos]
             return _masked_mean(_masked(v, tmask), _ones_or(tmask, v), shape, dtype)
         kernel = self.specs[rec.node].kernel

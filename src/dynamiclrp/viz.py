@@ -34,15 +34,26 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from .extras import require
+
 __all__ = [
     "DIVERGING_CMAPS",
     "heatmap",
     "overlay",
+    "image_figure",
     "grid",
     "save_png",
+    "save_figure",
+    "colormap",
+    "register_colormaps",
+    "CUSTOM_CMAPS",
     "text_html",
+    "text_report",
+    "text_figure",
+    "merge_subwords",
     "save_html",
     "text_terminal",
+    "use_color",
     "ledger_table",
     "plot_layer_relevance",
 ]
@@ -58,10 +69,11 @@ DIVERGING_CMAPS = ("bwr", "seismic", "RdBu_r", "coolwarm", "coldnhot")
 _LUT_SIZE = 255
 _CENTRE = (_LUT_SIZE - 1) // 2
 
-_VIZ_HINT = "pip install dynamiclrp[viz]"
-
-# Black-centred map: cyan/blue for negative, black for zero, red/yellow for positive. Useful on
-# dark backgrounds and when "no relevance" should read as "nothing there".
+# Zennit-like colour maps, defined by their colour stops and built with matplotlib's
+# LinearSegmentedColormap. "coldnhot" is black-centred: cyan/blue for negative, black for zero,
+# red/yellow for positive -- useful on dark backgrounds and when "no relevance" should read as
+# "nothing there". "wred" / "wblue" run from white to red / blue, for magnitudes. ("bwr", Zennit's
+# blue-white-red, is matplotlib's own "bwr".)
 _CUSTOM_CMAP_STOPS = {
     "coldnhot": [
         (0.0, (0.0, 1.0, 1.0)),
@@ -70,28 +82,23 @@ _CUSTOM_CMAP_STOPS = {
         (0.75, (1.0, 0.0, 0.0)),
         (1.0, (1.0, 1.0, 0.0)),
     ],
+    "wred": [(0.0, (1.0, 1.0, 1.0)), (1.0, (1.0, 0.0, 0.0))],
+    "wblue": [(0.0, (1.0, 1.0, 1.0)), (1.0, (0.0, 0.0, 1.0))],
 }
+
+#: Names of the colour maps dynamiclrp defines itself (see :func:`colormap`).
+CUSTOM_CMAPS = tuple(_CUSTOM_CMAP_STOPS)
 
 
 # --------------------------------------------------------------------------------------------
 # optional dependencies
 # --------------------------------------------------------------------------------------------
 def _require_matplotlib() -> Any:
-    try:
-        import matplotlib
-    except ImportError as err:  # pragma: no cover - exercised via monkeypatch in tests
-        raise ImportError(
-            f"dynamiclrp.viz needs matplotlib for colour maps and plots: {_VIZ_HINT}"
-        ) from err
-    return matplotlib
+    return require("matplotlib", "dynamiclrp.viz (colour maps and plots)")
 
 
 def _require_pil() -> Any:
-    try:
-        from PIL import Image
-    except ImportError as err:
-        raise ImportError(f"dynamiclrp.viz needs Pillow for image output: {_VIZ_HINT}") from err
-    return Image
+    return require("PIL.Image", "dynamiclrp.viz (image output)")
 
 
 def _new_figure(figsize: tuple[float, float]) -> Any:
@@ -108,13 +115,60 @@ def _new_figure(figsize: tuple[float, float]) -> Any:
 # --------------------------------------------------------------------------------------------
 # colour mapping
 # --------------------------------------------------------------------------------------------
+def colormap(name: str) -> Any:
+    """One of dynamiclrp's own colour maps (``"coldnhot"``, ``"wred"``, ``"wblue"``) as a matplotlib object.
+
+    Parameters
+    ----------
+    name : str
+        A name from :data:`CUSTOM_CMAPS`.
+
+    Returns
+    -------
+    matplotlib.colors.LinearSegmentedColormap
+        Pass it as ``cmap=`` to matplotlib or to any function here.
+
+    Raises
+    ------
+    ValueError
+        ``name`` is not one of :data:`CUSTOM_CMAPS`.
+    """
+    _require_matplotlib()
+    from matplotlib.colors import LinearSegmentedColormap
+
+    if name not in _CUSTOM_CMAP_STOPS:
+        raise ValueError(f"unknown dynamiclrp colour map {name!r}; valid: {', '.join(CUSTOM_CMAPS)}")
+    return LinearSegmentedColormap.from_list(name, _CUSTOM_CMAP_STOPS[name], N=256)
+
+
+def register_colormaps() -> list[str]:
+    """Register :data:`CUSTOM_CMAPS` with matplotlib, so that ``cmap="coldnhot"`` works in matplotlib itself.
+
+    Nothing in dynamiclrp needs this -- its functions accept these names anyway -- and importing or using
+    :mod:`dynamiclrp.viz` never changes matplotlib's global registry on its own: call this once if you want
+    the names in your own matplotlib plots. Calling it again is harmless: names already registered (by an
+    earlier call, or by another package) are left as they are.
+
+    Returns
+    -------
+    list of str
+        The names registered by this call (empty when all were there already).
+    """
+    mpl = _require_matplotlib()
+    added = []
+    for name in CUSTOM_CMAPS:
+        if name not in mpl.colormaps:
+            mpl.colormaps.register(colormap(name), name=name)
+            added.append(name)
+    return added
+
+
 @functools.lru_cache(maxsize=32)
 def _named_cmap(name: str) -> Any:
     mpl = _require_matplotlib()
-    from matplotlib.colors import LinearSegmentedColormap
 
     if name in _CUSTOM_CMAP_STOPS:
-        return LinearSegmentedColormap.from_list(name, _CUSTOM_CMAP_STOPS[name], N=_LUT_SIZE)
+        return colormap(name).resampled(_LUT_SIZE)
     try:
         base = mpl.colormaps[name]
     except KeyError:
@@ -337,8 +391,9 @@ def overlay(
     image: Any,
     relevance: ArrayLike,
     *,
-    alpha: float = 0.5,
-    magnitude_weighted: bool = False,
+    alpha: float = 0.8,
+    magnitude_weighted: bool = True,
+    gamma: float = 0.5,
     cmap: Any = "bwr",
     channel_reduce: str | Callable[..., np.ndarray] = "sum",
     symmetric: bool = True,
@@ -347,7 +402,7 @@ def overlay(
     channel_dim: int | None = None,
     as_pil: bool = False,
 ) -> Any:
-    """Blend a relevance heatmap over an image.
+    """Blend a relevance heatmap over an image, opaque where relevance is large and transparent where it is 0.
 
     Parameters
     ----------
@@ -359,13 +414,18 @@ def overlay(
         batch of relevance maps gives a batch of overlays.
     relevance : torch.Tensor or numpy.ndarray
         As for :func:`heatmap`. Resized bilinearly to the image size when the sizes differ.
-    alpha : float, default 0.5
-        Opacity of the heatmap, in ``[0, 1]``.
-    magnitude_weighted : bool, default False
-        Scale the opacity per pixel by the normalised ``|R|``, so that irrelevant regions show the
-        unchanged image.
+    alpha : float, default 0.8
+        Opacity of the heatmap where ``|R|`` is largest (with ``magnitude_weighted``), or everywhere
+        (without it); in ``[0, 1]``.
+    magnitude_weighted : bool, default True
+        The opacity of each pixel follows its relevance: ``alpha * (|R| / scale) ** gamma``, so pixels
+        without relevance show the unchanged image and the heatmap's colours are not washed out by
+        the photo where it matters. ``False`` blends the whole heatmap with the constant ``alpha``.
+    gamma : float, default 0.5
+        Exponent of the opacity curve (``magnitude_weighted`` only): below 1 it makes small relevance
+        visible (LRP heatmaps are heavy-tailed); 1 is linear.
     cmap, channel_reduce, symmetric, clip_percentile, vmax, channel_dim
-        As for :func:`heatmap`.
+        As for :func:`heatmap`. ``clip_percentile=99.5`` is often a good choice for photos.
     as_pil : bool, default False
         Return a :class:`PIL.Image.Image` (list for a batch) instead of an array.
 
@@ -376,6 +436,8 @@ def overlay(
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not gamma > 0.0:
+        raise ValueError(f"gamma must be positive, got {gamma}")
     Image = _require_pil()
     maps, batch = _relevance_maps(relevance, channel_reduce, channel_dim)
     images = _split_images(image) if batch else [image]
@@ -391,12 +453,101 @@ def overlay(
             )
             norm = np.asarray(resized, dtype=np.float64)
         heat = _colourise(norm, cmap).astype(np.float64)
-        a = alpha * np.abs(norm)[..., None] if magnitude_weighted else alpha
+        a = alpha * (np.abs(norm) ** gamma)[..., None] if magnitude_weighted else alpha
         results.append(np.round((1.0 - a) * rgb + a * heat).clip(0, 255).astype(np.uint8))
     if as_pil:
         pil = [Image.fromarray(r) for r in results]
         return pil if batch else pil[0]
     return np.stack(results) if batch else results[0]
+
+
+def image_figure(
+    image: Any,
+    relevance: ArrayLike,
+    *,
+    panels: Sequence[str] = ("image", "heatmap", "overlay"),
+    titles: Sequence[str] | None = None,
+    colorbar: bool = True,
+    cmap: Any = "bwr",
+    alpha: float = 0.8,
+    gamma: float = 0.5,
+    channel_reduce: str | Callable[..., np.ndarray] = "sum",
+    clip_percentile: float | None = 99.5,
+    vmax: float | None = None,
+    cell_size: float = 3.0,
+    suptitle: str | None = None,
+    path: str | os.PathLike[str] | None = None,
+) -> Any:
+    """One image and its relevance side by side, with a colour bar in relevance units.
+
+    Parameters
+    ----------
+    image : PIL.Image.Image, torch.Tensor or numpy.ndarray
+        One image, as for :func:`overlay`.
+    relevance : torch.Tensor or numpy.ndarray
+        Its relevance, ``(H, W)`` or ``(C, H, W)``.
+    panels : sequence of {"image", "heatmap", "overlay"}, default all three
+        What to show, left to right.
+    titles : sequence of str, optional
+        One title per panel; default: the panel names.
+    colorbar : bool, default True
+        Add a colour bar for the heatmap and overlay panels, labelled with relevance values (``-scale``
+        to ``+scale``, the scale being the largest ``|R|``, the ``clip_percentile`` or ``vmax``).
+    cmap, alpha, gamma, channel_reduce, vmax
+        As for :func:`overlay` and :func:`heatmap` (always the symmetric scale).
+    clip_percentile : float or None, default 99.5
+        The scale is this percentile of ``|R|``, so that a few extreme pixels do not wash out the
+        rest (larger values are clipped to the extreme colours); ``None`` uses the maximum.
+    cell_size : float, default 3.0
+        Size of one panel in inches.
+    suptitle : str, optional
+        Title of the whole figure.
+    path : path-like, optional
+        Also save the figure there (format from the suffix, see :func:`save_figure`).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    valid = ("image", "heatmap", "overlay")
+    if not panels or any(p not in valid for p in panels):
+        raise ValueError(f"panels must be a non-empty sequence of {valid}, got {panels!r}")
+    if titles is not None and len(titles) != len(panels):
+        raise ValueError(f"got {len(titles)} titles for {len(panels)} panels")
+    maps, batch = _relevance_maps(relevance, channel_reduce, None)
+    if batch:
+        raise ValueError("image_figure shows one image; for a batch use grid() or call it per image")
+    m = maps[0]
+    if vmax is not None:
+        scale = float(vmax)
+    elif clip_percentile is not None:
+        scale = float(np.percentile(np.abs(m), clip_percentile)) if m.size else 0.0
+    else:
+        scale = float(np.abs(m).max()) if m.size else 0.0
+    scale = scale if scale > 0 and math.isfinite(scale) else 1.0
+    cells = {"image": lambda: _image_uint8(image),
+             "heatmap": lambda: heatmap(m, cmap=cmap, vmax=scale),
+             "overlay": lambda: overlay(image, m, cmap=cmap, vmax=scale, alpha=alpha, gamma=gamma)}
+    extra = 0.6 if colorbar and any(p != "image" for p in panels) else 0.0
+    fig = _new_figure((cell_size * len(panels) + extra, cell_size + (0.3 if suptitle else 0.0)))
+    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
+    for ax, panel, title in zip(axes, panels, titles or panels):
+        ax.imshow(cells[panel](), interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(str(title), fontsize=9)
+    if extra:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        mappable = ScalarMappable(norm=Normalize(-scale, scale), cmap=_get_cmap(cmap))
+        bar = fig.colorbar(mappable, ax=list(axes), shrink=0.8, fraction=0.04, pad=0.02)
+        bar.set_label("relevance", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    if suptitle:
+        fig.suptitle(suptitle)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
 
 
 def grid(
@@ -493,6 +644,42 @@ def save_png(image: Any, path: str | os.PathLike[str], *, dpi: float | None = No
         else:
             image = Image.fromarray(_image_uint8(image))
     image.save(path, format="PNG")
+    return path
+
+
+def save_figure(figure: Any, path: str | os.PathLike[str], *, dpi: float | None = None) -> Path:
+    """Write a matplotlib Figure to a file whose format follows its suffix (``.png``, ``.pdf``, ``.svg``).
+
+    Parameters
+    ----------
+    figure : matplotlib.figure.Figure
+        E.g. from :func:`grid`, :func:`image_figure` or :func:`text_figure`.
+    path : path-like
+        Destination; missing parent directories are created.
+    dpi : float, optional
+        Resolution of raster formats.
+
+    Returns
+    -------
+    pathlib.Path
+        The path written.
+
+    Raises
+    ------
+    ValueError
+        The suffix is not a format matplotlib can write.
+    """
+    path = Path(path)
+    if not hasattr(figure, "savefig"):
+        raise TypeError(f"save_figure needs a matplotlib Figure, got {type(figure).__name__}; use save_png for "
+                        "images and arrays")
+    fmt = path.suffix.lower().lstrip(".")
+    supported = figure.canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise ValueError(f"cannot write {path}: the suffix must be one of "
+                         f"{', '.join('.' + k for k in sorted(supported))}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format=fmt, dpi=dpi)
     return path
 
 
@@ -609,10 +796,124 @@ h1 { font-size: 1.2em; font-weight: 600; }
 .dlrp-text { line-height: 2.1; white-space: pre-wrap; font-size: 1.05em; max-width: 60em; }
 .dlrp-tok { padding: 0.15em 0.1em; border-radius: 0.2em; }
 .dlrp-special { outline: 1px dashed #888; color: #666; background: transparent; font-size: 0.85em; }
+.dlrp-sample { margin-bottom: 1.2em; }
+h2 { font-size: 1em; font-weight: 600; margin: 0.8em 0 0.3em; }
 .dlrp-legend { margin-top: 1.5em; font-size: 0.8em; width: 20em; }
 .dlrp-bar { height: 0.8em; border: 1px solid #999; }
 .dlrp-ticks { display: flex; justify-content: space-between; }
 """
+
+
+def merge_subwords(
+    tokens: Sequence[str],
+    scores: Any,
+    *,
+    subword_style: str = "auto",
+    special_tokens: Iterable[str] | None = None,
+    special_mask: Sequence[bool] | None = None,
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Join sub-word tokens into words, summing their relevance.
+
+    A word is what lies between spaces of the decoded text: WordPiece continuations (``##ing``)
+    join the token before them, SentencePiece (``▁``) and byte-level BPE (GPT-2's ``Ġ``) tokens
+    start a word when they carry the marker and continue one otherwise. Special tokens stay
+    words of their own. Relevance is additive, so a word's relevance is the sum over its
+    tokens and the total is unchanged.
+
+    Parameters
+    ----------
+    tokens : sequence of str
+        Tokens as produced by a tokenizer (``tokenizer.convert_ids_to_tokens``).
+    scores : sequence of float, torch.Tensor or numpy.ndarray
+        One relevance value per token.
+    subword_style, special_tokens, special_mask
+        As for :func:`text_html`.
+
+    Returns
+    -------
+    words : list of str
+        The words, markers removed.
+    scores : numpy.ndarray
+        Summed relevance per word.
+    special : numpy.ndarray
+        Boolean flag per word: a special token.
+
+    Examples
+    --------
+    >>> words, s, _ = merge_subwords(["[CLS]", "play", "##ing", "chess", "[SEP]"], [0, 1, 2, 3, 0])
+    >>> words, s.tolist()
+    (['[CLS]', 'playing', 'chess', '[SEP]'], [0.0, 3.0, 3.0, 0.0])
+    """
+    laid_out, s, special = _layout_tokens(tokens, scores, special_tokens, special_mask, subword_style)
+    words: list[str] = []
+    merged: list[float] = []
+    flags: list[bool] = []
+    for k, ((text, space, is_special), value) in enumerate(zip(laid_out, s)):
+        starts = k == 0 or space or is_special or flags[-1]
+        if starts:
+            words.append(text.strip() or text)
+            merged.append(float(value))
+            flags.append(bool(is_special))
+        else:
+            words[-1] = words[-1] + text
+            merged[-1] += float(value)
+    return words, np.asarray(merged, dtype=np.float64), np.asarray(flags, dtype=bool)
+
+
+def _prepare_text(
+    tokens: Sequence[str],
+    scores: Any,
+    special_tokens: Iterable[str] | None,
+    special_mask: Sequence[bool] | None,
+    subword_style: str,
+    merge_words: bool,
+) -> tuple[list[str], list[tuple[str, bool, bool]], np.ndarray, np.ndarray]:
+    """(raw tokens, layout, scores, special flags), words merged on request."""
+    if merge_words:
+        words, s, special = merge_subwords(tokens, scores, subword_style=subword_style,
+                                           special_tokens=special_tokens, special_mask=special_mask)
+        laid_out, s, special = _layout_tokens(words, s, None, special, "words")
+        return words, laid_out, s, special
+    laid_out, s, special = _layout_tokens(tokens, scores, special_tokens, special_mask, subword_style)
+    return [str(t) for t in tokens], laid_out, s, special
+
+
+def _tokens_html(raw: Sequence[str], laid_out: Sequence[tuple[str, bool, bool]], s: np.ndarray,
+                 colours: np.ndarray, precision: int) -> str:
+    parts: list[str] = []
+    for (text, space, is_special), token, value, rgb in zip(laid_out, raw, s, colours):
+        if space:
+            parts.append(" ")
+        tip = html.escape(f"{value:+.{precision}g}  (token {str(token)!r})", quote=True)
+        body = html.escape(text, quote=True)
+        if is_special:
+            parts.append(f'<span class="dlrp-tok dlrp-special" title="{tip}">{body}</span>')
+        else:
+            style = f"background-color:{_hex(rgb)};color:{_hex(_text_colour_for(rgb))}"
+            parts.append(f'<span class="dlrp-tok" style="{style}" title="{tip}">{body}</span>')
+    return f'<div class="dlrp-text">{"".join(parts)}</div>\n'
+
+
+def _legend_html(cmap: Any, scale: float) -> str:
+    stops = _colourise(np.linspace(-1.0, 1.0, 11), cmap)
+    gradient = ", ".join(_hex(c) for c in stops)
+    return (
+        '<div class="dlrp-legend">'
+        f'<div class="dlrp-bar" style="background:linear-gradient(to right, {gradient})"></div>'
+        f'<div class="dlrp-ticks"><span>{-scale:+.3g}</span><span>0</span><span>{scale:+.3g}</span></div>'
+        "</div>\n"
+    )
+
+
+def _html_document(title: str | None, body: str) -> str:
+    doc_title = html.escape(title if title is not None else "Relevance", quote=True)
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{doc_title}</title>\n<style>{_HTML_CSS}</style>\n</head>\n<body>\n"
+        f"{body}"
+        "</body>\n</html>\n"
+    )
 
 
 def text_html(
@@ -626,6 +927,7 @@ def text_html(
     special_tokens: Iterable[str] | None = None,
     special_mask: Sequence[bool] | None = None,
     subword_style: str = "auto",
+    merge_words: bool = False,
     precision: int = 4,
     legend: bool = True,
 ) -> str:
@@ -655,6 +957,9 @@ def text_html(
         How to join subwords: ``"bpe"`` (GPT-2/RoBERTa ``Ġ`` marks a preceding space, ``Ċ`` a newline),
         ``"sentencepiece"`` (``▁`` marks a preceding space), ``"wordpiece"`` (BERT ``##`` marks a
         continuation), ``"words"`` (space-separated). ``"auto"`` picks by the markers present.
+    merge_words : bool, default False
+        Colour whole words instead of tokens: sub-word tokens are merged and their relevance summed
+        (see :func:`merge_subwords`).
     precision : int, default 4
         Significant digits of the relevance shown in the tooltip.
     legend : bool, default True
@@ -666,40 +971,90 @@ def text_html(
         A complete HTML5 document with inline CSS and no external resources. Write it with
         :func:`save_html`.
     """
-    laid_out, s, special = _layout_tokens(tokens, scores, special_tokens, special_mask, subword_style)
+    raw, laid_out, s, special = _prepare_text(tokens, scores, special_tokens, special_mask, subword_style,
+                                              merge_words)
     colours, scale = _text_colours(s, special, cmap, vmax, clip_percentile)
-    parts: list[str] = []
-    for (text, space, is_special), raw, value, rgb in zip(laid_out, tokens, s, colours):
-        if space:
-            parts.append(" ")
-        tip = html.escape(f"{value:+.{precision}g}  (token {str(raw)!r})", quote=True)
-        body = html.escape(text, quote=True)
-        if is_special:
-            parts.append(f'<span class="dlrp-tok dlrp-special" title="{tip}">{body}</span>')
-        else:
-            style = f"background-color:{_hex(rgb)};color:{_hex(_text_colour_for(rgb))}"
-            parts.append(f'<span class="dlrp-tok" style="{style}" title="{tip}">{body}</span>')
-    doc_title = html.escape(title if title is not None else "Relevance", quote=True)
     heading = f"<h1>{html.escape(title, quote=True)}</h1>\n" if title is not None else ""
-    legend_html = ""
+    body = heading + _tokens_html(raw, laid_out, s, colours, precision)
     if legend:
-        stops = _colourise(np.linspace(-1.0, 1.0, 11), cmap)
-        gradient = ", ".join(_hex(c) for c in stops)
-        legend_html = (
-            '<div class="dlrp-legend">'
-            f'<div class="dlrp-bar" style="background:linear-gradient(to right, {gradient})"></div>'
-            f'<div class="dlrp-ticks"><span>{-scale:+.3g}</span><span>0</span><span>{scale:+.3g}</span></div>'
-            "</div>\n"
-        )
-    return (
-        "<!DOCTYPE html>\n"
-        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{doc_title}</title>\n<style>{_HTML_CSS}</style>\n</head>\n<body>\n"
-        f"{heading}"
-        f'<div class="dlrp-text">{"".join(parts)}</div>\n'
-        f"{legend_html}"
-        "</body>\n</html>\n"
-    )
+        body += _legend_html(cmap, scale)
+    return _html_document(title, body)
+
+
+def _report_sample(sample: Any, k: int) -> dict[str, Any]:
+    if isinstance(sample, Mapping):
+        if "tokens" not in sample or "scores" not in sample:
+            raise ValueError(f"sample {k} must have 'tokens' and 'scores' keys, got {sorted(sample)}")
+        return dict(sample)
+    if isinstance(sample, (tuple, list)) and len(sample) in (2, 3):
+        return {"tokens": sample[0], "scores": sample[1], **({"title": sample[2]} if len(sample) == 3 else {})}
+    raise TypeError(f"sample {k} must be (tokens, scores), (tokens, scores, title) or a mapping with 'tokens', "
+                    f"'scores' and optionally 'title' and 'special_mask'; got {type(sample).__name__}")
+
+
+def text_report(
+    samples: Sequence[Any],
+    *,
+    title: str | None = None,
+    cmap: Any = "bwr",
+    shared_scale: bool = True,
+    vmax: float | None = None,
+    clip_percentile: float | None = None,
+    subword_style: str = "auto",
+    merge_words: bool = False,
+    precision: int = 4,
+) -> str:
+    """Several explained texts in one self-contained HTML document.
+
+    Parameters
+    ----------
+    samples : sequence
+        Each sample is ``(tokens, scores)``, ``(tokens, scores, title)`` or a mapping with keys
+        ``"tokens"``, ``"scores"`` and optionally ``"title"`` and ``"special_mask"``.
+    title : str, optional
+        Heading and ``<title>`` of the document.
+    cmap : str or matplotlib.colors.Colormap, default "bwr"
+        As for :func:`text_html`.
+    shared_scale : bool, default True
+        One colour scale for every sample (the largest ``|relevance|`` over all of them) and one
+        legend at the end, so that colours compare across samples. ``False``: each sample is scaled
+        on its own and gets its own legend.
+    vmax, clip_percentile, subword_style, merge_words, precision
+        As for :func:`text_html`; ``vmax`` fixes the scale of every sample.
+
+    Returns
+    -------
+    str
+        An HTML5 document; write it with :func:`save_html`.
+    """
+    items = [_report_sample(x, k) for k, x in enumerate(samples)]
+    if not items:
+        raise ValueError("text_report needs at least one sample")
+    prepared = [_prepare_text(it["tokens"], it["scores"], None, it.get("special_mask"), subword_style, merge_words)
+                for it in items]
+    if shared_scale and vmax is None:
+        values = [np.abs(p[2][~p[3]]) for p in prepared]
+        values = [v for v in values if v.size]
+        pooled = np.concatenate(values) if values else np.zeros(0)
+        if pooled.size:
+            vmax = float(np.percentile(pooled, clip_percentile)) if clip_percentile is not None else float(
+                pooled.max())
+    heading = f"<h1>{html.escape(title, quote=True)}</h1>\n" if title is not None else ""
+    parts = [heading]
+    scale = 0.0
+    for k, (it, (raw, laid_out, s, special)) in enumerate(zip(items, prepared)):
+        colours, scale = _text_colours(s, special, cmap, vmax, None if vmax is not None else clip_percentile)
+        sample_title = it.get("title")
+        parts.append('<section class="dlrp-sample">\n')
+        if sample_title is not None:
+            parts.append(f"<h2>{html.escape(str(sample_title), quote=True)}</h2>\n")
+        parts.append(_tokens_html(raw, laid_out, s, colours, precision))
+        if not shared_scale:
+            parts.append(_legend_html(cmap, scale))
+        parts.append("</section>\n")
+    if shared_scale:
+        parts.append(_legend_html(cmap, scale))
+    return _html_document(title, "".join(parts))
 
 
 def save_html(html_text: str, path: str | os.PathLike[str]) -> Path:
@@ -713,6 +1068,142 @@ def save_html(html_text: str, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def text_figure(
+    tokens: Sequence[str],
+    scores: Any,
+    *,
+    cmap: Any = "bwr",
+    title: str | None = None,
+    vmax: float | None = None,
+    clip_percentile: float | None = None,
+    special_tokens: Iterable[str] | None = None,
+    special_mask: Sequence[bool] | None = None,
+    subword_style: str = "auto",
+    merge_words: bool = False,
+    width: float = 8.0,
+    fontsize: float = 12.0,
+    legend: bool = True,
+    path: str | os.PathLike[str] | None = None,
+) -> Any:
+    """Coloured text as a matplotlib figure, to save as PNG or PDF (e.g. for a paper), without LaTeX.
+
+    Tokens are laid out left to right and wrapped at ``width``; each gets a background coloured by
+    its relevance, as in :func:`text_html`. Saved as PDF or SVG the text stays text (vector).
+
+    Parameters
+    ----------
+    tokens, scores, cmap, title, vmax, clip_percentile, special_tokens, special_mask, subword_style, merge_words
+        As for :func:`text_html`.
+    width : float, default 8.0
+        Width of the figure in inches; the height follows from the number of lines.
+    fontsize : float, default 12.0
+        Font size in points.
+    legend : bool, default True
+        Add a horizontal colour bar labelled with relevance values under the text.
+    path : path-like, optional
+        Also save the figure there (format from the suffix, see :func:`save_figure`).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    raw, laid_out, s, special = _prepare_text(tokens, scores, special_tokens, special_mask, subword_style,
+                                              merge_words)
+    colours, scale = _text_colours(s, special, cmap, vmax, clip_percentile)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.font_manager import FontProperties
+
+    fig = Figure(figsize=(width, 1.0))
+    canvas = FigureCanvasAgg(fig)
+    renderer = canvas.get_renderer()
+    font = FontProperties(size=fontsize)
+    px_per_pt = fig.dpi / 72.0
+
+    def text_width(text: str) -> float:  # in points
+        w, _, _ = renderer.get_text_width_height_descent(text.replace("$", r"\$"), font, ismath=False)
+        return w / px_per_pt
+
+    pad = 0.25 * fontsize
+    line_height = 2.0 * fontsize
+    margin = 0.5 * fontsize
+    max_x = width * 72.0 - margin
+    space = text_width(" ")
+    placed: list[tuple[float, int, str, bool, Any]] = []  # (x, line, text, special, colour)
+    x, line = margin, 0
+    for (text, space_before, is_special), rgb in zip(laid_out, colours):
+        pieces = text.split("\n")
+        for p_i, piece in enumerate(pieces):
+            if p_i > 0:
+                x, line = margin, line + 1
+            if not piece:
+                continue
+            w = text_width(piece) + 2 * pad
+            gap = space if (space_before and p_i == 0 and x > margin) else 0.0
+            if x + gap + w > max_x and x > margin:
+                x, line, gap = margin, line + 1, 0.0
+            placed.append((x + gap, line, piece, is_special, rgb))
+            x += gap + w
+    n_lines = line + 1
+    title_h = 1.8 * fontsize if title else 0.0
+    legend_h = 3.6 * fontsize if legend else 0.0
+    height_pt = margin * 2 + title_h + n_lines * line_height + legend_h
+    fig.set_size_inches(width, height_pt / 72.0)
+    to_fig = lambda xp, yp: (xp / (width * 72.0), 1.0 - yp / height_pt)  # noqa: E731 - points from top-left
+    if title:
+        fig.text(*to_fig(margin, margin + 0.9 * fontsize), title, fontsize=fontsize * 1.1, fontweight="bold",
+                 va="center", ha="left")
+    for xp, ln, piece, is_special, rgb in placed:
+        y = margin + title_h + (ln + 0.5) * line_height
+        if is_special:
+            box = {"boxstyle": f"square,pad={pad / fontsize:.3f}", "facecolor": "none", "edgecolor": "#888888",
+                   "linestyle": "--", "linewidth": 0.6}
+            colour = "#666666"
+        else:
+            box = {"boxstyle": f"square,pad={pad / fontsize:.3f}", "facecolor": _hex(rgb), "edgecolor": "none"}
+            colour = _hex(_text_colour_for(rgb))
+        fig.text(*to_fig(xp + pad, y), piece, fontsize=fontsize, color=colour, va="center", ha="left",
+                 bbox=box, usetex=False, parse_math=False)
+    if legend:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        bar_w = min(3.0, width * 0.5) * 72.0
+        left, bottom = to_fig(margin, height_pt - margin - 1.4 * fontsize)
+        bar_h = 0.6 * fontsize / height_pt
+        ax = fig.add_axes((left, bottom, bar_w / (width * 72.0), bar_h))
+        safe = scale if scale > 0 else 1.0
+        bar = fig.colorbar(ScalarMappable(norm=Normalize(-safe, safe), cmap=_get_cmap(cmap)), cax=ax,
+                           orientation="horizontal")
+        bar.ax.tick_params(labelsize=fontsize * 0.6)
+        bar.set_label("relevance", fontsize=fontsize * 0.6, labelpad=1)
+        bar.ax.xaxis.set_label_position("top")
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def use_color(stream: Any = None) -> bool:
+    """Whether to write ANSI colour codes to ``stream`` (default ``sys.stdout``).
+
+    ``NO_COLOR`` set to a non-empty value turns colour off (https://no-color.org), ``FORCE_COLOR``
+    set to a non-empty value turns it on; otherwise colour is used only when the stream is a
+    terminal, so that redirected output (``| cat``, ``> file``, a log) has no escape sequences.
+    """
+    import sys
+
+    if os.environ.get("NO_COLOR", ""):
+        return False
+    if os.environ.get("FORCE_COLOR", ""):
+        return True
+    stream = sys.stdout if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except (ValueError, OSError):  # closed or detached stream
+        return False
+
+
 def text_terminal(
     tokens: Sequence[str],
     scores: Any,
@@ -723,6 +1214,7 @@ def text_terminal(
     special_tokens: Iterable[str] | None = None,
     special_mask: Sequence[bool] | None = None,
     subword_style: str = "auto",
+    merge_words: bool = False,
     color: bool | None = None,
     precision: int = 2,
 ) -> str:
@@ -730,11 +1222,12 @@ def text_terminal(
 
     Parameters
     ----------
-    tokens, scores, cmap, vmax, clip_percentile, special_tokens, special_mask, subword_style
+    tokens, scores, cmap, vmax, clip_percentile, special_tokens, special_mask, subword_style, merge_words
         As for :func:`text_html`.
     color : bool, optional
-        Force colour on or off. By default colour is used unless the ``NO_COLOR`` environment
-        variable is set to a non-empty value (https://no-color.org).
+        Force colour on or off. By default (:func:`use_color`) colour is used when standard output
+        is a terminal, unless the ``NO_COLOR`` environment variable is set to a non-empty value
+        (https://no-color.org); ``FORCE_COLOR`` forces it (e.g. in a notebook, which renders it).
     precision : int, default 2
         Significant digits of the values printed in the plain (no colour) fallback.
 
@@ -747,8 +1240,9 @@ def text_terminal(
         needs matplotlib; the plain fallback does not.
     """
     if color is None:
-        color = os.environ.get("NO_COLOR", "") == ""
-    laid_out, s, special = _layout_tokens(tokens, scores, special_tokens, special_mask, subword_style)
+        color = use_color()
+    _, laid_out, s, special = _prepare_text(tokens, scores, special_tokens, special_mask, subword_style,
+                                            merge_words)
     parts: list[str] = []
     if not color:
         for (text, space, is_special), value in zip(laid_out, s):

@@ -508,6 +508,8 @@ _HEAD_MAPPINGS: dict[str, tuple[str, ...]] = {
     "seq2seq_lm": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES"),
     "causal_lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",),
     "sequence_classification": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",),
+    "token_classification": ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",),
+    "question_answering": ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",),
     "image_classification": ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",),
     "audio_classification": ("MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",),
     "ctc": ("MODEL_FOR_CTC_MAPPING_NAMES",),
@@ -536,8 +538,8 @@ def hf_head_for(model_type: str, head: str | None = None) -> str:
     model_type : str
         A transformers model type (``config.model_type``).
     head : str, optional
-        ``"seq2seq_lm"``, ``"causal_lm"``, ``"sequence_classification"``, ``"image_classification"``,
-        ``"audio_classification"``, ``"ctc"``, ``"image_text_to_text"``, ``"masked_lm"``, ``"base"``, or
+        ``"seq2seq_lm"``, ``"causal_lm"``, ``"sequence_classification"``, ``"token_classification"``,
+        ``"question_answering"``, ``"image_classification"``, ``"audio_classification"``, ``"ctc"``, ``"image_text_to_text"``, ``"masked_lm"``, ``"base"``, or
         a transformers class name.  Without it the head is chosen in this order: seq2seq LM (text or
         speech), causal LM for decoder-only models (those without a masked-LM head), sequence
         classification, image classification, audio classification, image-text-to-text, causal LM,
