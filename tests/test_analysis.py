@@ -120,10 +120,7 @@ def test_spray_downsampling_and_errors() -> None:
 
 
 @pytest.mark.slow  # numba compiles UMAP for about a minute
-def test_umap_embedding(request: pytest.FixtureRequest) -> None:
-    expr = request.config.getoption("markexpr") or ""
-    if "slow" not in expr or "not slow" in expr:  # the project's convention: slow tests only with -m slow
-        pytest.skip("slow: select with -m slow")
+def test_umap_embedding() -> None:
     pytest.importorskip("umap")
     maps, _ = _blobs(10)
     threads = torch.get_num_threads()

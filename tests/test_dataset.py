@@ -390,11 +390,8 @@ def test_cli_reports_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 @pytest.mark.slow  # a harness check, not a property: kept out of the default run's time budget
-def test_throughput_benchmark_runs_on_toy_sizes(request: pytest.FixtureRequest) -> None:
+def test_throughput_benchmark_runs_on_toy_sizes() -> None:
     """benchmarks/dataset_throughput.py end to end on a few samples (no timing assertions)."""
-    expr = request.config.getoption("markexpr") or ""
-    if "slow" not in expr or "not slow" in expr:  # the project's convention: slow tests only with -m slow
-        pytest.skip("slow: select with -m slow")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import dataset_throughput as bench

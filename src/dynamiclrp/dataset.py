@@ -879,8 +879,7 @@ def attribute_dataset(model: nn.Module, data: Any, *, rules: Any = None, target:
         Run the ledger (:func:`dynamiclrp.explain`, a second pass that costs 1.5-2.5 explanations) on every
         ``ledger_every``-th batch (batch 0, ``ledger_every``, ...) and store its seed and unaccounted relevance;
         ``1``: every batch, ``0``: never. The stored relevance always comes from
-        :meth:`Explainer.relevance <dynamiclrp.Explainer.relevance>`, equal to
-        ``dynamiclrp.relevance(..., model=model)`` bit for bit.
+        :meth:`~dynamiclrp.Explainer.relevance`, equal to ``dynamiclrp.relevance(..., model=model)`` bit for bit.
     seed : int
         Batch ``i`` runs under ``torch.manual_seed(seed + i)`` in a forked RNG state (the caller's state is
         restored), so models with randomness give the same result on every rank and every resume.
