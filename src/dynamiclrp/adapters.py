@@ -180,7 +180,7 @@ class LRP:
                 raise TypeError(f"the model returned {type(out).__name__}; LRP needs a tensor output (wrap the "
                                 "model so that it returns the logits)")
             selected = _select_targets(out, target)
-        attributions = _relevance(selected, leaves, rules=self.rules)
+        attributions = _relevance(selected, leaves, rules=self.rules, model=self.model)  # frozen biases
         result = attributions if is_tuple else attributions[0]
         if return_convergence_delta:
             return result, self.compute_convergence_delta(result, selected.detach())
