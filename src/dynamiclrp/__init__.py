@@ -8,6 +8,7 @@ from . import presets, rules
 from .adapters import LRP
 from .api import Explainer, explain, relevance
 from .coverage import coverage
+from .dataset import attribute_dataset
 from .errors import (DynamicLRPError, GraphFreedError, RuleError, UnsupportedOperationError,
                      ValueUnavailableError)
 from .results import Explanation, Ledger, Sink
@@ -22,6 +23,6 @@ except _NotFound:  # pragma: no cover - running from a source tree that was neve
 
 __all__ = [
     "DynamicLRPError", "Explainer", "Explanation", "GraphFreedError", "LRP", "Ledger", "RuleError", "RuleSet",
-    "Sink", "UnsupportedOperationError", "ValueUnavailableError", "coverage", "explain", "presets", "relevance",
-    "rules", "__version__",
+    "Sink", "UnsupportedOperationError", "ValueUnavailableError", "attribute_dataset", "coverage", "explain",
+    "presets", "relevance", "rules", "__version__",
 ]

@@ -21,6 +21,7 @@ COMMANDS = {
     "demo": ("dynamiclrp.demo", "train a tiny CNN on scikit-learn's digits, explain test digits, write heatmaps"),
     "explain": ("dynamiclrp.explain_cli", "explain a model's prediction for an image or a text, write a heatmap"),
     "coverage": ("dynamiclrp.coverage", "report which autograd node types of a model have a relevance rule"),
+    "attribute": ("dynamiclrp.attribute_cli", "explain every sample of a dataset into a resumable Zarr store"),
 }
 
 _ROLE = re.compile(r":(?:py:)?(?:func|class|mod|meth|attr|data|exc|obj|ref|doc):`~?([^`<]*?)(?:\s*<[^>]*>)?`")

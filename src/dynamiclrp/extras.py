@@ -25,6 +25,8 @@ EXTRAS: dict[str, tuple[str, str | None]] = {
     "sklearn": ("scikit-learn", "demo"),
     "tqdm": ("tqdm", "progress"),
     "torchvision": ("torchvision", None),
+    "zarr": ("zarr", "data"),
+    "umap": ("umap-learn", "umap"),
 }
 
 
