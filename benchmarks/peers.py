@@ -60,7 +60,7 @@ def _channel_bounds(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
 def our_rules(case: Case, preset: str) -> Any:
     """The ``rules=`` argument for dynamiclrp."""
     from dynamiclrp import presets as P
-    from dynamiclrp.rules import library as L
+    from dynamiclrp import rules as L
 
     if preset in ("epsilon", "attnlrp", "cplrp"):
         return preset

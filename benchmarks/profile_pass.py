@@ -32,7 +32,7 @@ if (HERE.parent / "src").is_dir():
 import torch  # noqa: E402
 
 import dynamiclrp  # noqa: E402
-import dynamiclrp.engine as E  # noqa: E402
+import dynamiclrp.core.run as E  # noqa: E402
 import models as M  # noqa: E402
 import peers as P  # noqa: E402
 from run import PHASES, _silence_fd2, graph_params  # noqa: E402
@@ -45,11 +45,12 @@ def _clock() -> float:
 
 def step_times(case: M.Case, rules, repeats: int) -> list[tuple[str, str, int, float]]:
     """(step class, node type, count, seconds) per (class, type), median over ``repeats`` passes."""
-    orig = E._execute
+    orig = E.propagate
     per: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
     counts: dict[tuple[str, str], int] = {}
 
-    def instrumented(run, planner, *a, **k):
+    def instrumented(run, *a, **k):
+        planner = run.planner
         types = planner.graph.types
         saved = list(planner.steps)
         acc: dict[tuple[str, str], float] = collections.defaultdict(float)
@@ -67,20 +68,20 @@ def step_times(case: M.Case, rules, repeats: int) -> list[tuple[str, str, int, f
                 return res
             planner.steps[i] = wrap
         try:
-            return orig(run, planner, *a, **k)
+            return orig(run, *a, **k)
         finally:
             planner.steps[:] = saved
             for key, v in acc.items():
                 per[key].append(v)
                 counts[key] = cnt[key]
 
-    E._execute = instrumented
+    E.propagate = instrumented
     try:
         for _ in range(repeats):
             y = case.forward()
             dynamiclrp.relevance(y, case.x, rules=rules)
     finally:
-        E._execute = orig
+        E.propagate = orig
     rows = [(k[0], k[1], counts[k], min(v)) for k, v in per.items()]
     rows.sort(key=lambda r: -r[3])
     return rows
@@ -89,10 +90,11 @@ def step_times(case: M.Case, rules, repeats: int) -> list[tuple[str, str, int, f
 def step_memory(case: M.Case, rules, top: int) -> None:
     """Live allocator bytes around every step of one pass: level at entry and transient peak inside."""
     from torch.profiler import ProfilerActivity, profile, record_function
-    orig = E._execute
+    orig = E.propagate
     spans: list[tuple[str, int, int]] = []
 
-    def instrumented(run, planner, *a, **k):
+    def instrumented(run, *a, **k):
+        planner = run.planner
         types = planner.graph.types
         saved = list(planner.steps)
         for i, st in enumerate(saved):
@@ -108,19 +110,19 @@ def step_memory(case: M.Case, rules, top: int) -> None:
                 return res
             planner.steps[i] = wrap
         try:
-            return orig(run, planner, *a, **k)
+            return orig(run, *a, **k)
         finally:
             planner.steps[:] = saved
 
     y = case.forward()
-    E._execute = instrumented
+    E.propagate = instrumented
     try:
         with _silence_fd2():
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 dynamiclrp.relevance(y, case.x, rules=rules)
             evs = prof.profiler.kineto_results.events()
     finally:
-        E._execute = orig
+        E.propagate = orig
     mem = sorted(((e.start_ns(), e.nbytes()) for e in evs if e.name() == "[memory]"))
     steps = sorted(((e.start_ns(), e.end_ns()) for e in evs if e.name() == "step"))
     # pair our perf_counter spans with the profiler's "step" events (same order)
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
     case = M.build(a.model, quick=a.quick, tokens=a.tokens)
     rules = P.our_rules(case, a.preset)
     y = case.forward()
-    nodes = len(dynamiclrp.graph.GraphView([(y.grad_fn, 0)]))
+    nodes = len(dynamiclrp.core.graph.GraphView([(y.grad_fn, 0)]))
     dynamiclrp.relevance(y, case.x, rules=rules)  # warm-up
     params = graph_params(case)
     print(f"# {case.name} ({case.desc}), preset {a.preset}, {nodes} nodes, torch threads {torch.get_num_threads()}")

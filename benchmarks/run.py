@@ -38,8 +38,9 @@ if (ROOT / "src").is_dir():
 import torch  # noqa: E402
 
 import dynamiclrp  # noqa: E402
-import dynamiclrp.engine as _engine  # noqa: E402
-import dynamiclrp.graph as _graph  # noqa: E402
+import dynamiclrp.core.graph as _graphs  # noqa: E402
+import dynamiclrp.core.prepare as _graph  # noqa: E402  (where graph views are built)
+import dynamiclrp.core.run as _engine  # noqa: E402  (where plans are made)
 
 import models as M  # noqa: E402
 import peers as P  # noqa: E402
@@ -55,7 +56,7 @@ SECTIONS = ("main", "plan", "depth", "batch", "threads")
 class PhaseClock:
     """Accumulates wall time spent in ``GraphView(...)`` and ``Planner(...)`` during one explanation.
 
-    Installed by replacing ``dynamiclrp.graph.GraphView`` and ``dynamiclrp.engine.Planner`` with timing
+    Installed by replacing ``dynamiclrp.core.prepare.GraphView`` and ``dynamiclrp.core.run.Planner`` with timing
     subclasses for the lifetime of the benchmark (the engine looks both up at call time). When the engine
     starts caching plans, a cache hit simply shows no planner time.
     """
@@ -135,7 +136,7 @@ def graph_params(case: M.Case) -> list[torch.Tensor]:
     out, seen = [], set()
     for nd, t in zip(g.nodes, g.types):
         if t == "AccumulateGrad":
-            v = _graph.leaf_tensor(nd)
+            v = _graphs.leaf_tensor(nd)
             if isinstance(v, torch.nn.Parameter) and id(v) not in seen:
                 seen.add(id(v))
                 out.append(v)

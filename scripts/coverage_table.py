@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import dynamiclrp
-from dynamiclrp import zoo
+from dynamiclrp.testing import zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def render(rows: list[dict], types: dict, full: list[dict]) -> str:
          "or `dynamiclrp.coverage(outputs, rules)` in Python. Tables generated with " f"{env}.", "",
          "A node is *covered* when its type has a registry row and the rule set's rule compiles for it — an explicit, "
          "tested rule, never a silent fallback (the paper counts nodes that fall back to an equal split as covered). "
-         "Each architecture is a tiny model of the zoo (`dynamiclrp.zoo`: hidden size 32, two layers, random weights, "
+         "Each architecture is a tiny model of the zoo (`dynamiclrp.testing.zoo`: hidden size 32, two layers, random weights, "
          "built offline), traced once per attention implementation; node counts therefore differ from the paper's "
          "full-size checkpoints, but the node *types* are the same. † marks the paper's 15 architectures, with the "
          "coverage the paper reports for them.", ""]
@@ -194,7 +194,7 @@ or, when the rule needs the op's values, an `(OpSpec, Rule)` pair; `"saved_tenso
 
 ```python
 from dynamiclrp.rules import Identity, OpSpec
-from dynamiclrp.rules.kernels import UnaryKernel
+from dynamiclrp.ops import UnaryKernel
 
 kernel = UnaryKernel(lambda node, x: my_activation(x), x_field="saved_tensors.0")
 spec = OpSpec("activation", kernel, inputs_saved=((0, "saved_tensors.0"),), rebuild=kernel.rebuild,

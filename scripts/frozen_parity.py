@@ -18,7 +18,8 @@ import time
 import torch
 
 import dynamiclrp
-from dynamiclrp import presets, zoo
+from dynamiclrp import presets
+from dynamiclrp.testing import zoo
 
 VISION = {"convnext", "resnet", "tv_vgg16", "tv_resnet50", "tv_densenet121", "tv_mobilenet_v3_small",
           "tv_efficientnet_b0", "tv_efficientnet_v2_s", "unet", "cnn_bn"}

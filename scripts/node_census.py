@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Census of the autograd node types produced by the models of :mod:`dynamiclrp.zoo`.
+"""Census of the autograd node types produced by the models of :mod:`dynamiclrp.testing.zoo`.
 
 For every zoo entry (once per supported attention implementation) the script builds the model, runs
 the forward pass of ``ZooEntry.run()``, walks the autograd graph from the outputs' ``grad_fn``
@@ -44,7 +44,7 @@ if str(ROOT / "src") not in sys.path:
 
 import torch  # noqa: E402
 
-from dynamiclrp import zoo  # noqa: E402
+from dynamiclrp.testing import zoo
 
 MAX_EXAMPLES = 4
 

@@ -6,7 +6,7 @@ same blocks written as ordinary torch modules (``nn.Linear`` projections, explic
 ``F.scaled_dot_product_attention`` on the CPU-flash and math backends, additive masks with ``-inf`` entries, causal
 masking, grouped-query attention, gated and plain MLPs, RMSNorm/LayerNorm, a pre-norm layer).
 
-Stabilisers: the ``attnlrp``/``cplrp`` presets use LXT's convention, ε = 0 on linear layers (LRP-0, bias as a sink)
+Stabilizers: the ``attnlrp``/``cplrp`` presets use LXT's convention, ε = 0 on linear layers (LRP-0, bias as a sink)
 and exact (ε = 0) rules on normalisers, products and sums, i.e. ``Eps(linear=0, norm=0, product=0, add=0)`` in the
 reference; ``attnlrp(epsilon=1e-6)`` is checked against ``Eps(linear=1e-6, ...)``. CP-LRP: ``presets.cplrp()`` treats the activated gate of a gated MLP as a constant, as LXT's CP-LRP does
 (``cp_gated_mlp_forward`` detaches the gate projection; ``docs/dev/lxt-notes.md``), which is the reference's default
@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dynamiclrp
-from dynamiclrp import presets, zoo
+from dynamiclrp import presets
+from dynamiclrp.testing import zoo
 from reference import attention as at
 
 DT = torch.float64
@@ -316,7 +317,7 @@ def test_hf_bert_layer_equals_reference(impl: str) -> None:
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_cplrp_conserves_on_tiny_hf_models(name: str, impl: str) -> None:
     """CP-LRP is conservative by construction: the ledger accounts for every unit of seed relevance with no
-    non-conservative rule sink (only ε stabilisers, biases and the position/type-embedding tables)."""
+    non-conservative rule sink (only ε stabilizers, biases and the position/type-embedding tables)."""
     pytest.importorskip("transformers")
     entry = zoo.build(name, attn_implementation=impl)
     outputs, inputs = entry.run()
@@ -326,7 +327,7 @@ def test_cplrp_conserves_on_tiny_hf_models(name: str, impl: str) -> None:
     assert abs(led.unaccounted) <= 1e-5 * scale
     assert not led.unmeasured
     assert led.by_kind().get("rule", 0.0) == 0.0
-    assert abs(led.by_kind().get("stabiliser", 0.0)) <= 1e-3 * scale
+    assert abs(led.by_kind().get("stabilizer", 0.0)) <= 1e-3 * scale
     # AttnLRP on the same model: the softmax rule is not conservative, and the ledger names it
     ex_attn = dynamiclrp.explain(outputs, inputs, rules="attnlrp")
     assert abs(ex_attn.ledger.unaccounted) <= 1e-5 * scale

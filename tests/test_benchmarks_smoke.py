@@ -46,9 +46,9 @@ def test_quick_run_prints_every_table(bench, tmp_path, capsys):
     assert ratios and all(math.isfinite(r) and r > 0 for r in ratios)
     assert md.read_text().startswith("## dynamiclrp benchmark")
     # the phase timers are removed again: the engine's classes are the originals
-    import dynamiclrp.engine as E
-    import dynamiclrp.graph as G
-    assert E.Planner.__module__ == "dynamiclrp.engine" and G.GraphView.__module__ == "dynamiclrp.graph"
+    import dynamiclrp.core.prepare as P
+    import dynamiclrp.core.run as E
+    assert E.Planner.__module__ == "dynamiclrp.core.plan" and P.GraphView.__module__ == "dynamiclrp.core.graph"
 
 
 def test_peers_and_memory_on_the_mlp(bench):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from dynamiclrp import cli, presets
-from dynamiclrp.explain_cli import HEADS
+from dynamiclrp.cli.explain import HEADS
 
 PIL = pytest.importorskip("PIL.Image")
 pytest.importorskip("matplotlib")
@@ -285,7 +285,7 @@ def _tiny_tokenizer(folder: Path):
 def test_hf_checkpoint_directory(capsys, tmp_path, monkeypatch):
     """``--hf DIR`` loads what save_pretrained wrote: the model class, its weights and its tokenizer."""
     pytest.importorskip("transformers")
-    from dynamiclrp import zoo
+    from dynamiclrp.testing import zoo
 
     monkeypatch.chdir(tmp_path)
     model = zoo.build_hf("bert", head="sequence_classification", seed=3).model
@@ -420,9 +420,9 @@ def test_help_has_no_rst_markup(command, capsys):
 def test_default_outputs_are_ignored_by_git():
     if not (ROOT / ".git").exists() or subprocess.run(["git", "--version"], capture_output=True).returncode:
         pytest.skip("not a git checkout")
-    from dynamiclrp import demo
-
     import argparse
+
+    from dynamiclrp.cli import demo
 
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)

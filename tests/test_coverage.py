@@ -6,7 +6,7 @@ import torch.nn as nn
 import pytest
 
 import dynamiclrp
-from dynamiclrp import graph as G
+from dynamiclrp.core import graph as G
 from dynamiclrp.cli import main
 from dynamiclrp.coverage import CoverageReport
 

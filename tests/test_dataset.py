@@ -180,7 +180,7 @@ def test_sources_give_the_same_store(tmp_path: Path) -> None:
 
 def test_hf_text_model_is_attributed_to_input_embeddings(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
-    from dynamiclrp import zoo
+    from dynamiclrp.testing import zoo
     model = zoo.build("bert").model.eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 100, (10, 12), generator=gen)

@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dynamiclrp
-from dynamiclrp import presets, zoo
+from dynamiclrp import presets
+from dynamiclrp.testing import zoo
 
 DT = torch.float64
 TOL = 1e-6  # max |frozen - trainable| / max |trainable| in float64 (measured: <= 5e-15, see the sweep)

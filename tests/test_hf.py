@@ -9,7 +9,8 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 import dynamiclrp  # noqa: E402
-from dynamiclrp import hf, zoo  # noqa: E402
+from dynamiclrp import hf  # noqa: E402
+from dynamiclrp.testing import zoo
 
 WORDS = ("the a movie was great terrible good bad plot acting boring fun what is who paris capital of france "
          "really not").split()

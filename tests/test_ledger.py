@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 import dynamiclrp
-from dynamiclrp import presets, zoo
+from dynamiclrp import presets
+from dynamiclrp.testing import zoo
 
 DT = torch.float64
 
@@ -114,7 +115,7 @@ def test_chunked_convolutions_give_the_same_relevance(monkeypatch, rules: str) -
     """Large convolutions are processed in batch chunks (to bound temporaries); with a tiny threshold every
     convolution is chunked, on every path (ε, the non-negative γ/z⁺/α-β path, the general one, the ledger's),
     and nothing changes."""
-    from dynamiclrp.rules import library
+    from dynamiclrp.rules import linear as library
 
     model = cnn()
     x = torch.randn(5, 3, 8, 8, dtype=DT, requires_grad=True)

@@ -24,9 +24,9 @@ import dynamiclrp
 from dynamiclrp import presets
 from dynamiclrp.errors import UnsupportedOperationError
 from dynamiclrp.rules import Gamma, Identity, OpSpec, Routing
-from dynamiclrp.rules.kernels import UnaryKernel
-from dynamiclrp.rules.registry import REGISTRY
-from dynamiclrp.rules.special import lstm_layer_forward
+from dynamiclrp.ops import UnaryKernel
+from dynamiclrp.ops import REGISTRY
+from dynamiclrp.ops.special import lstm_layer_forward
 
 from reference import rules as ref
 
@@ -169,7 +169,7 @@ def test_index_replay_with_unindexed_leading_dims_recovers_the_forward_value():
     h = x * 2
     t = h[:, :, torch.tensor([4, 0, 2])]
     out = (t * randn(1, 1, 3, seed=3, leaf=False)).sum((1, 2))
-    from dynamiclrp.promises import recover_all
+    from dynamiclrp.testing.recover import recover_all
 
     found = {(id(node), nr): v for node, nr, _, v in recover_all(out, (x,))}
     torch.testing.assert_close(found[(id(t.grad_fn), 0)], t.detach())
@@ -177,7 +177,7 @@ def test_index_replay_with_unindexed_leading_dims_recovers_the_forward_value():
 
 def test_as_strided_replay_is_exact_or_declared_unavailable():
     from dynamiclrp.errors import ValueUnavailableError
-    from dynamiclrp.rules.kernels import replay_as_strided
+    from dynamiclrp.ops.routing import replay_as_strided
 
     x = randn(2, 8)
     h = x * 3
@@ -853,7 +853,7 @@ def test_copy_slices_check_also_runs_when_a_cached_plan_is_reused():
 
 
 def test_recurrent_rule_can_use_its_own_inner_rule_set():
-    from dynamiclrp.rules.special import Recurrent
+    from dynamiclrp.rules import Recurrent
 
     lstm = _fused_lstm(seed=9)
     x = torch.randn(4, 2, 3, requires_grad=True)
@@ -861,7 +861,7 @@ def test_recurrent_rule_can_use_its_own_inner_rule_set():
         pytest.skip("nn.LSTM is not fused by oneDNN on this machine")
     out, _ = lstm(x)
     y = out[-1].sum(1)  # only routing and a sum outside the LSTM: the outer rule set does not matter there
-    inner_zero = presets.epsilon(0.5).with_ops({"MkldnnRnnLayerBackward0": Recurrent("zero")})
+    inner_zero = presets.epsilon(0.5).with_ops({"MkldnnRnnLayerBackward0": Recurrent(presets.zero())})
     torch.testing.assert_close(dynamiclrp.relevance(y, x, rules=inner_zero)[0], dynamiclrp.relevance(y, x, rules="zero")[0])
     assert not torch.allclose(dynamiclrp.relevance(y, x, rules=presets.epsilon(0.5))[0],
                               dynamiclrp.relevance(y, x, rules="zero")[0])

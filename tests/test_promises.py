@@ -12,8 +12,8 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 import dynamiclrp
-from dynamiclrp.promises import recover_all
-from dynamiclrp.rules import library as L
+from dynamiclrp.testing.recover import recover_all
+from dynamiclrp import rules as L
 
 
 class Capture(TorchFunctionMode):
@@ -90,7 +90,7 @@ def test_frozen_model_values_come_from_arg_nodes() -> None:
 
 @pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama", "t5", "vit"])
 def test_every_recoverable_value_of_a_transformer_is_exact(model_type: str) -> None:
-    from dynamiclrp import zoo
+    from dynamiclrp.testing import zoo
     entry = zoo.build(model_type, attn_implementation="eager" if model_type != "vit" else None)
     with Capture() as cap:
         outputs, inputs = entry.run()
@@ -161,7 +161,7 @@ def test_values_recovered_upwards_and_on_the_support_are_true_values(with_model:
 
 @pytest.mark.parametrize("model_type", ["bert", "gpt2", "t5"])
 def test_frozen_transformer_values_on_the_support_are_true_values(model_type: str) -> None:
-    from dynamiclrp import zoo
+    from dynamiclrp.testing import zoo
     entry = zoo.build(model_type, attn_implementation="eager")
     entry.model.requires_grad_(False)
     with Capture() as cap:
@@ -210,10 +210,10 @@ def test_residual_diamond_resolves_without_deadlock() -> None:
         d = e.flip(1)                          # D: pass-through to E
         a = b + d                              # A: needs both operands (a promise)
         y = (a + a * 0.5).sum(1)
-    rules = dynamiclrp.presets.epsilon().with_families(add=L.Norm(1e-6))  # stabilised sum rule needs z = b + d
+    rules = dynamiclrp.presets.epsilon().with_families(add=L.Norm(1e-6))  # stabilized sum rule needs z = b + d
     ex = dynamiclrp.explain(y, x, rules=rules, trace_promises=True)
     recovered = {(id(p.node), p.output_nr): p for p in ex.promises}
-    assert recovered, "the stabilised sum rule needs the adds' outputs"
+    assert recovered, "the stabilized sum rule needs the adds' outputs"
     # the branch to E passes a node that two consumers share: the paper's pre-promise site
     assert any(p.pre_promises for p in ex.promises)
     assert max(p.depth for p in ex.promises) >= 2
@@ -221,15 +221,15 @@ def test_residual_diamond_resolves_without_deadlock() -> None:
         ref = cap.values.get(key)
         if ref is not None:
             assert torch.allclose(p.value, ref, rtol=1e-6, atol=1e-7)
-    # the ε-stabilised rule changes relevance by O(ε) only
+    # the ε-stabilized rule changes relevance by O(ε) only
     (r0,) = dynamiclrp.relevance(y, x)
     assert torch.allclose(ex.relevance[0], r0, rtol=1e-4, atol=1e-5)
 
 
 def test_aggregation_computes_a_shared_value_once() -> None:
     """Two promises on the same slot share one retrieval."""
-    from dynamiclrp import graph as G
-    from dynamiclrp.promises import PromiseResolver, ValueStore
+    from dynamiclrp.core import graph as G
+    from dynamiclrp.core.promises import PromiseResolver, ValueStore
 
     torch.manual_seed(4)
     x = torch.randn(3, 4, requires_grad=True)

@@ -116,7 +116,7 @@ RULE_CASES: list[tuple[str, Callable[[Tensor], object], Callable[..., Tensor]]] 
 @pytest.mark.parametrize("layer", list(LAYERS))
 def test_rule_matches_zennit(layer: str, bias: bool, rule_id: str, zrule, ref) -> None:
     for seed in range(3):
-        # LRP-0: Zennit divides by z unstabilised, so avoid inputs that make some z_j exactly 0
+        # LRP-0: Zennit divides by z unstabilized, so avoid inputs that make some z_j exactly 0
         module, x, R = _layer_case(layer, bias, seed, zeros=rule_id != "lrp0")
         w, b, op = rr.from_module(module)
         expected = zennit_single(module, zrule(x), x, R)
@@ -192,7 +192,7 @@ def test_gamma_nobias_branch_uses_biased_output() -> None:
     w, b, op = rr.from_module(lin)
     ref = rr.gamma(w, b, op, x, R, gamma=0.5, zero_params="bias")
     assert_close(ref, zennit_single(lin, zrules.Gamma(0.5, zero_params=["bias"]), x, R))
-    # negative branch: numerators z + γ z⁻ = [3, -1.5], denominator 1.5 (bias zeroed), stabilised to 1.5 + eps
+    # negative branch: numerators z + γ z⁻ = [3, -1.5], denominator 1.5 (bias zeroed), stabilized to 1.5 + eps
     # (the positive branch would give [4.5, -1] / 3.5)
     assert_close(ref, torch.tensor([[3.0, -1.5]], dtype=DT) / (1.5 + 1e-6))
 

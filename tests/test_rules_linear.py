@@ -7,11 +7,11 @@ strided, padded, dilated and grouped) explained through :func:`dynamiclrp.explai
 * the input relevance against the dense-matrix reference (which builds ``Z = M ⊙ x`` explicitly and never uses
   gradients), for several seeds and with exact zeros in the input;
 * the rule's non-conserved share: ``Σ R_out − Σ R_in`` of the reference must equal the total of the ledger's sinks
-  (biases, stabilisers, rule residuals), and the ledger must account for everything (``unaccounted ≈ 0``).
+  (biases, stabilizers, rule residuals), and the ledger must account for everything (``unaccounted ≈ 0``).
 
 References: Bach et al. 2015 (ε, α-β); Montavon et al. 2017 (z⁺, z^B, w²); Montavon et al. 2019 and Andéol et al.
 2021 (generalised γ); Lapuschkin et al. 2019 (flat); Zennit 0.5.1 (``zennit.rules``) for the exact conventions
-(signed stabiliser with ``sign(0) = +1``, bias handling per rule), which ``tests/test_reference_vs_zennit.py`` checks.
+(signed stabilizer with ``sign(0) = +1``, bias handling per rule), which ``tests/test_reference_vs_zennit.py`` checks.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ SEEDS = (0, 1)
 
 
 def _callable_eps(z: Tensor) -> Tensor:
-    """A user stabiliser: ``z + 0.01·sign(z)`` written as a callable (equals ``Epsilon(0.01)``)."""
+    """A user stabilizer: ``z + 0.01·sign(z)`` written as a callable (equals ``Epsilon(0.01)``)."""
     return z + 0.01 * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
 
 
@@ -139,8 +139,8 @@ def test_relevance_without_ledger_and_with_frozen_parameters(rule_name: str, lay
     _assert_close(ours, reference(weight, b, op, x, Rout, extra))
 
 
-def test_ledger_splits_bias_and_stabiliser_shares() -> None:
-    """ε on a dense layer: the bias sink is Σ_j b_j R_j / stab(z_j), the stabiliser sink the rest."""
+def test_ledger_splits_bias_and_stabilizer_shares() -> None:
+    """ε on a dense layer: the bias sink is Σ_j b_j R_j / stab(z_j), the stabilizer sink the rest."""
     module, x, Rout, _ = _case("linear", True, 5)
     eps = 0.05
     xi = x.clone().requires_grad_(True)
@@ -151,14 +151,14 @@ def test_ledger_splits_bias_and_stabiliser_shares() -> None:
     x_share = float(ex.relevance[0].sum())
     kinds = ex.ledger.by_kind()
     assert kinds["bias"] == pytest.approx(bias_share, rel=1e-10, abs=1e-12)
-    assert kinds["stabiliser"] == pytest.approx(float(Rout.sum()) - x_share - bias_share, rel=1e-9, abs=1e-12)
+    assert kinds["stabilizer"] == pytest.approx(float(Rout.sum()) - x_share - bias_share, rel=1e-9, abs=1e-12)
     # zero_params drops the bias from the rule: no bias sink at all
     ex0 = dynamiclrp.explain(module(xi), xi, Rout, rules=_ruleset(R.Epsilon(eps, zero_params=("bias",))))
     assert "bias" not in ex0.ledger.by_kind() or ex0.ledger.by_kind()["bias"] == 0.0
 
 
 def test_conservative_rules_conserve_exactly_without_bias() -> None:
-    """Flat, w², z^B, z⁺ and γ redistribute all relevance when there is no bias (no sink but ~ε stabiliser)."""
+    """Flat, w², z^B, z⁺ and γ redistribute all relevance when there is no bias (no sink but ~ε stabilizer)."""
     for rule in (R.Flat(), R.WSquare(), R.ZBox(-4.0, 4.0), R.Gamma(0.5, 0.0), R.ZPlus(0.0)):
         module, x, Rout, _ = _case("conv2d", False, 7)
         x = x.abs() + 0.1  # positive inputs: z⁺/γ denominators are non-zero
@@ -250,14 +250,14 @@ def test_pass_hands_relevance_through_activations_and_unmerged_batchnorm() -> No
     (lambda: R.AlphaBeta(0.5, -0.5), r"alpha and beta must both be >= 0"),
     (lambda: R.Gamma(-0.1), r"gamma must be a number >= 0"),
     (lambda: R.Gamma("big"), r"gamma must be a number >= 0"),
-    (lambda: R.Epsilon(-1e-6), r"stabiliser must be >= 0"),
-    (lambda: R.Epsilon(float("nan")), r"stabiliser must be >= 0"),
+    (lambda: R.Epsilon(-1e-6), r"stabilizer must be >= 0"),
+    (lambda: R.Epsilon(float("nan")), r"stabilizer must be >= 0"),
     (lambda: R.Epsilon("tiny"), r"a float >= 0 or a callable"),
     (lambda: R.ZPlus(zero_params=("weight",)), r"zero_params may only contain 'bias'"),
     (lambda: R.ZBox(1.0, -1.0), r"low <= high"),
     (lambda: R.ZBox(torch.zeros(1, 3, 1, 1), torch.tensor([1.0, -1.0, 1.0]).reshape(1, 3, 1, 1)), r"low <= high"),
     (lambda: R.ZBox("0", 1.0), r"must be a number or a tensor"),
-    (lambda: R.MagnitudeSplit(-1.0), r"stabiliser must be >= 0"),
+    (lambda: R.MagnitudeSplit(-1.0), r"stabilizer must be >= 0"),
     (lambda: R.CPLRP(gate_constant="yes"), r"gate_constant must be True or False"),
 ])
 def test_invalid_rule_parameters(make: Callable[[], R.Rule], message: str) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dynamiclrp
-from dynamiclrp import zoo
+from dynamiclrp.testing import zoo
 
 MODELS = ["bert", "gpt2", "llama", "t5", "vit"]
 

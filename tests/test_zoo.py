@@ -1,4 +1,4 @@
-"""Tests of the tiny-model zoo (:mod:`dynamiclrp.zoo`)."""
+"""Tests of the tiny-model zoo (:mod:`dynamiclrp.testing.zoo`)."""
 from __future__ import annotations
 
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from dynamiclrp import zoo
+from dynamiclrp.testing import zoo
 
 REPRESENTATIVE = ["mlp", "cnn_bn", "bert", "gpt2", "llama", "t5", "vit", "lstm", "unet"]
 NEEDS_TRANSFORMERS = {"bert", "gpt2", "llama", "t5", "vit"}
@@ -136,7 +136,7 @@ def test_build_hf_generic(spec: str) -> None:
 def test_import_without_optional_dependencies() -> None:
     code = (
         "import sys; sys.modules['transformers'] = None; sys.modules['torchvision'] = None\n"
-        "from dynamiclrp import zoo\n"
+        "from dynamiclrp.testing import zoo\n"
         "out, inp = zoo.build('cnn_bn').run(); assert out.shape == (2,)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import dynamiclrp
-from dynamiclrp import presets, zoo
+from dynamiclrp import presets
+from dynamiclrp.testing import zoo
 
 pytest.importorskip("transformers")
 pytest.importorskip("torchvision")
@@ -27,7 +28,7 @@ KNOWN: dict[tuple[str, str | None, str | None], tuple[str, str]] = {
     ("tv_efficientnet_v2_s", None, "paper"): ("unaccounted", "paper preset: as tv_mobilenet_v3_small"),
 }
 
-#: presets whose rule for additions needs the sum's value (Zennit's stabilised Norm, the paper's magnitude split):
+#: presets whose rule for additions needs the sum's value (Zennit's stabilized Norm, the paper's magnitude split):
 #: with an attention mask added as a constant (not kept by autograd) that value is not in the graph
 VALUE_NEEDING_ADD = ("paper", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat")
 
@@ -88,7 +89,7 @@ def check(name: str, impl: str | None, preset: str) -> None:
     assert rel.shape == inputs.shape and torch.isfinite(rel).all()
     L = ex.ledger
     if abs(L.seed_total) > 1e-4:
-        # an output that is not negligible next to the stabiliser must send some relevance to the input
+        # an output that is not negligible next to the stabilizer must send some relevance to the input
         assert rel.abs().sum() > 0
     scale = abs(L.seed_total) + sum(abs(s.total) for s in L.sinks) + sum(abs(v) for v in L.inputs.values())
     if known is not None and known[0] == "ledger":  # what cannot be measured is not booked: it is unaccounted too

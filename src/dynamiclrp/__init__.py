@@ -11,7 +11,8 @@ from .coverage import coverage
 from .dataset import attribute_dataset
 from .errors import (DynamicLRPError, GraphFreedError, RuleError, UnsupportedOperationError,
                      ValueUnavailableError)
-from .results import Explanation, Ledger, Sink
+from .core.ledger import Ledger, Sink
+from .core.results import Explanation
 from .rules import RuleSet
 
 try:  # the version lives in one place, pyproject.toml; installed metadata carries it here

@@ -144,7 +144,7 @@ class LRP:
             Extra arguments passed to the model after the inputs (a tuple for several); not attributed.
         return_convergence_delta : bool, default False
             Also return ``output - sum(attributions)`` per example (the relevance absorbed by biases and
-            stabilisers; see :func:`dynamiclrp.explain` for a full account).
+            stabilizers; see :func:`dynamiclrp.explain` for a full account).
         verbose : bool, default False
             Print the rule set used.
 

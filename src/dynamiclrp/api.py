@@ -1,19 +1,23 @@
 """The two entry points: :func:`relevance` and :func:`explain`."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
-from .engine import PlanCache, compute
-from .results import Explanation
-from .rules.ruleset import resolve_rules
+from .core.plan import PlanCache
+from .core.results import Explanation
+from .core.run import compute
+from .presets import Rules, resolve
+
 
 Tensor = torch.Tensor
+#: a tensor whose relevance is wanted: a tensor of the graph, or an autograd graph edge
+InputLike = Tensor | torch.autograd.graph.GradientEdge
 
 
-def relevance(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor],
-              seeds: Tensor | Sequence[Tensor | None] | None = None, *, rules: Any = None,
+def relevance(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[InputLike],
+              seeds: Tensor | Sequence[Tensor | None] | None = None, *, rules: Rules = None,
               model: torch.nn.Module | None = None) -> tuple[Tensor, ...]:
     """Layer-wise Relevance Propagation relevance of ``inputs`` for ``outputs``, like ``torch.autograd.grad``.
 
@@ -67,13 +71,13 @@ def relevance(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tens
     >>> r.shape
     torch.Size([4, 3])
     """
-    return compute(outputs, inputs, seeds, rules=rules, ledger=False, model=model).relevance
+    return compute(outputs, inputs, seeds, rules=resolve(rules), ledger=False, model=model).relevance
 
 
-def explain(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor],
-            seeds: Tensor | Sequence[Tensor | None] | None = None, *, rules: Any = None, ledger: bool = True,
+def explain(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[InputLike],
+            seeds: Tensor | Sequence[Tensor | None] | None = None, *, rules: Rules = None, ledger: bool = True,
             model: torch.nn.Module | None = None, trace_promises: bool = False) -> Explanation:
-    """Like :func:`relevance`, returning an :class:`~dynamiclrp.results.Explanation` with the ledger.
+    """Like :func:`relevance`, returning an :class:`~dynamiclrp.core.results.Explanation` with the ledger.
 
     Parameters
     ----------
@@ -81,7 +85,7 @@ def explain(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor
         As in :func:`relevance`.
     ledger : bool, optional
         Account for every unit of seed relevance: requested inputs, or named sinks (biases, unrequested leaves,
-        constants, stabilisers, non-conservative rules). Propagates through the whole graph, so it costs more
+        constants, stabilizers, non-conservative rules). Propagates through the whole graph, so it costs more
         than :func:`relevance`. ``ex.unaccounted`` is ≈ 0.
     model : torch.nn.Module, optional
         As in :func:`relevance`; also names parameters in the ledger.
@@ -92,7 +96,8 @@ def explain(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor
     -------
     Explanation
     """
-    return compute(outputs, inputs, seeds, rules=rules, ledger=ledger, model=model, trace_promises=trace_promises)
+    return compute(outputs, inputs, seeds, rules=resolve(rules), ledger=ledger, model=model,
+                   trace_promises=trace_promises)
 
 
 class Explainer:
@@ -123,18 +128,18 @@ class Explainer:
     2
     """
 
-    def __init__(self, rules: Any = None, *, model: torch.nn.Module | None = None, cache_size: int = 16):
-        self.rules = resolve_rules(rules)
+    def __init__(self, rules: Rules = None, *, model: torch.nn.Module | None = None, cache_size: int = 16):
+        self.rules = resolve(rules)
         self.model = model
         self._cache = PlanCache(cache_size)
 
-    def relevance(self, outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor],
+    def relevance(self, outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[InputLike],
                   seeds: Tensor | Sequence[Tensor | None] | None = None) -> tuple[Tensor, ...]:
         """:func:`relevance` with this explainer's rules and plan cache."""
         return compute(outputs, inputs, seeds, rules=self.rules, ledger=False, model=self.model,
                        cache=self._cache).relevance
 
-    def explain(self, outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor],
+    def explain(self, outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[InputLike],
                 seeds: Tensor | Sequence[Tensor | None] | None = None, *, ledger: bool = True,
                 trace_promises: bool = False) -> Explanation:
         """:func:`explain` with this explainer's rules and plan cache."""

@@ -67,7 +67,7 @@ import torch
 from torch import Tensor, nn
 
 from .api import Explainer
-from .errors import DynamicLRPError
+from .errors import StoreError
 
 __all__ = ["attribute_dataset", "open_store", "AttributionSummary", "StoreError", "FORMAT", "FORMAT_VERSION",
            "reduce_relevance"]
@@ -88,9 +88,6 @@ _CHUNK_SAMPLES = 512  # default chunk: about this many samples ...
 _CHUNK_BYTES = 32 << 20  # ... but at most this much uncompressed relevance (and at least one batch)
 _MIN_BLOCKS = 16  # ... and at least this many blocks, when the data has a length
 
-
-class StoreError(DynamicLRPError):
-    """The output store cannot be used for this job (written by a different job, not a relevance store...)."""
 
 
 # ==============================================================================================================

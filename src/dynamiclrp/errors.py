@@ -24,3 +24,33 @@ class ValueUnavailableError(DynamicLRPError):
 
 class RuleError(DynamicLRPError):
     """A rule, rule set or preset was configured with invalid values or keys."""
+
+
+class UsageError(DynamicLRPError):
+    """A problem with the command line: reported without a traceback, exit code 2."""
+
+
+class SpecError(UsageError, ValueError):
+    """A ``module:function`` or ``file.py:function`` spec could not be resolved; the message says why."""
+
+
+class TargetError(DynamicLRPError):
+    """A coverage or explain target (a model type, a zoo entry, a function) could not be resolved or built."""
+
+
+class StoreError(DynamicLRPError):
+    """A relevance store cannot be used for this job (written by a different job, not a relevance store...)."""
+
+
+class MissingExtraError(DynamicLRPError, ImportError):
+    """An optional dependency is not installed. ``str(err)`` is one line that says what to install.
+
+    Attributes
+    ----------
+    extra : str or None
+        The extra of dynamiclrp that installs the missing package (``"viz"``, ``"hf"``, ``"demo"``...).
+    """
+
+    def __init__(self, message: str, *, name: str | None = None, extra: str | None = None) -> None:
+        ImportError.__init__(self, message, name=name)
+        self.extra = extra

@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from .errors import MissingExtraError
+
 __all__ = ["EXTRAS", "MissingExtraError", "install_hint", "missing_extra_message", "require"]
 
 #: top-level module -> (distribution name, extra that installs it; ``None``: in no user-facing extra)
@@ -29,19 +31,6 @@ EXTRAS: dict[str, tuple[str, str | None]] = {
     "umap": ("umap-learn", "umap"),
 }
 
-
-class MissingExtraError(ImportError):
-    """An optional dependency is not installed. ``str(err)`` is one line that says what to install.
-
-    Attributes
-    ----------
-    extra : str or None
-        The extra of dynamiclrp that installs the missing package (``"viz"``, ``"hf"``, ``"demo"``...).
-    """
-
-    def __init__(self, message: str, *, name: str | None = None, extra: str | None = None) -> None:
-        super().__init__(message, name=name)
-        self.extra = extra
 
 
 def install_hint(extra: str) -> str:

@@ -48,7 +48,7 @@ linear layers). Pass ``rules="cplrp"`` to treat attention weights as constants, 
 :class:`~dynamiclrp.rules.RuleSet`.
 
 Relevance that does not reach the token embeddings — position and token-type embeddings, biases, the
-ε-stabiliser — is booked in the ledger: pass ``ledger=True`` and read ``ex.ledger.summary()``.
+ε-stabilizer — is booked in the ledger: pass ``ledger=True`` and read ``ex.ledger.summary()``.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ import torch
 from torch import Tensor, nn
 
 from .api import explain as _explain
-from .results import Ledger
+from .core.ledger import Ledger
 
 __all__ = [
     "DEFAULT_RULES",
@@ -473,7 +473,7 @@ def _embedding_module(model: nn.Module) -> nn.Module:
 def _embedding_edges(outputs: Any, weight: Tensor, ids: Sequence[Tensor]) -> list[Any]:
     """The graph edges where ``weight`` was looked up with each of ``ids`` (in order), or ``[]`` (reads the
     autograd graph of ``outputs``; no hooks, nothing modified)."""
-    from .graph import find_lookups
+    from .core.graph import find_lookups
 
     roots = _tensors(outputs)
     found = []

@@ -21,11 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import SpecError
+
 __all__ = ["SpecError", "is_file_spec", "import_path", "load_attribute", "on_sys_path"]
 
-
-class SpecError(ValueError):
-    """A ``module:function`` spec could not be resolved; the message says why and what to check."""
 
 
 @contextlib.contextmanager

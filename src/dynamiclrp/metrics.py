@@ -930,7 +930,7 @@ def linear_model_check(
     For ``f(x) = W x + b`` the LRP-0 relevance of input ``i`` for output ``t``, seeded with
     ``f_t(x)`` (or, in the modified-gradient view, with a unit seed), is ``W[t, i] * x_i``: the
     bias keeps its own share and every rule of the LRP-0/epsilon family must reproduce this (up
-    to the stabiliser epsilon). See Samek et al. (2017) and Montavon et al. (2019), "Layer-wise
+    to the stabilizer epsilon). See Samek et al. (2017) and Montavon et al. (2019), "Layer-wise
     relevance propagation: an overview".
 
     Parameters

@@ -21,7 +21,7 @@ The Zennit composites carry Zennit's registry names, parameters and defaults (``
 ``stabilizer=1e-6``, ``gamma=0.25``, ``zero_params``) and give Zennit's numbers without a canonizer.
 
 Why ε is the default: it is the standard LRP rule (Bach et al. 2015) and it applies to every architecture
-(no input bounds, no image-specific assumptions); it is conservative up to its bias and stabiliser sinks, which
+(no input bounds, no image-specific assumptions); it is conservative up to its bias and stabilizer sinks, which
 the ledger names; on bias-free ReLU networks it is gradient × input, so it never invents structure the model does
 not have; and together with the identity rule for element-wise non-linearities, the normaliser held constant,
 the uniform rule for products of activations and the softmax rule it is AttnLRP on transformers (Achtibat et al.
@@ -37,28 +37,28 @@ from typing import Callable
 import torch
 
 from .errors import RuleError
-from .rules import library as L
-from .rules.ruleset import RuleSet
+from .rules import (CPLRP, AlphaBeta, AttnLRP, Epsilon, Flat, Gamma, Identity, Leaf, MagnitudeSplit, Norm,
+                    NormConstant, Pass, Product, Routing, RuleSet, Softmax, Sum, Uniform, ZBox, ZPlus)
 
 Tensor = torch.Tensor
 
 
 def _base(**over) -> dict:
     fam = {
-        "linear": L.Epsilon(1e-6),
-        "conv": L.Epsilon(1e-6),
-        "matmul": L.Uniform(),
-        "product": L.Product(),
-        "add": L.Sum(),
-        "reduce": L.Sum(),
-        "pool": L.Sum(),
-        "activation": L.Identity(),
-        "norm": L.NormConstant(),
-        "softmax": L.Softmax(),
-        "attention": L.AttnLRP(),
-        "routing": L.Routing(),
-        "embedding": L.Routing(),
-        "leaf": L.Leaf(),
+        "linear": Epsilon(1e-6),
+        "conv": Epsilon(1e-6),
+        "matmul": Uniform(),
+        "product": Product(),
+        "add": Sum(),
+        "reduce": Sum(),
+        "pool": Sum(),
+        "activation": Identity(),
+        "norm": NormConstant(),
+        "softmax": Softmax(),
+        "attention": AttnLRP(),
+        "routing": Routing(),
+        "embedding": Routing(),
+        "leaf": Leaf(),
     }
     fam.update(over)
     return fam
@@ -68,12 +68,12 @@ def epsilon(epsilon: float = 1e-6) -> RuleSet:
     """LRP-ε on every linear, convolution and weight matmul (ε = 1e-6, sign-aware, bias as a sink); the sum
     rule on additions, reductions and average pooling; identity on element-wise non-linearities; normalisers
     held constant; uniform rule on products of two activations; AttnLRP's softmax rule. The default."""
-    return RuleSet(_base(linear=L.Epsilon(epsilon), conv=L.Epsilon(epsilon)), name="epsilon")
+    return RuleSet(_base(linear=Epsilon(epsilon), conv=Epsilon(epsilon)), name="epsilon")
 
 
 def zero() -> RuleSet:
     """LRP-0: :func:`epsilon` with ε = 0. On bias-free piecewise-linear graphs it equals gradient × input."""
-    return RuleSet(_base(linear=L.Epsilon(0.0), conv=L.Epsilon(0.0)), name="zero")
+    return RuleSet(_base(linear=Epsilon(0.0), conv=Epsilon(0.0)), name="zero")
 
 
 def default() -> RuleSet:
@@ -94,8 +94,8 @@ def attnlrp(epsilon: float = 0.0) -> RuleSet:
         rule is ε → 0, 0/0 := 0); ``epsilon=1e-6`` is this library's earlier default and the ``"epsilon"``
         preset's value. With ε = 0 the rule needs no layer output, so frozen models need no ``model=``.
     """
-    return RuleSet(_base(linear=L.Epsilon(epsilon), conv=L.Epsilon(epsilon), matmul=L.AttnLRP(),
-                         product=L.AttnLRP(), attention=L.AttnLRP()), name="attnlrp")
+    return RuleSet(_base(linear=Epsilon(epsilon), conv=Epsilon(epsilon), matmul=AttnLRP(),
+                         product=AttnLRP(), attention=AttnLRP()), name="attnlrp")
 
 
 def cplrp(epsilon: float = 0.0, gate_constant: bool = True) -> RuleSet:
@@ -110,8 +110,8 @@ def cplrp(epsilon: float = 0.0, gate_constant: bool = True) -> RuleSet:
         Treat the activated gate of gated MLPs as a constant too (LXT's CP-LRP, the default); ``False`` keeps
         AttnLRP's uniform rule there. See :class:`~dynamiclrp.rules.CPLRP`.
     """
-    cp = L.CPLRP(gate_constant)
-    return RuleSet(_base(linear=L.Epsilon(epsilon), conv=L.Epsilon(epsilon), matmul=cp, product=cp,
+    cp = CPLRP(gate_constant)
+    return RuleSet(_base(linear=Epsilon(epsilon), conv=Epsilon(epsilon), matmul=cp, product=cp,
                          attention=cp, softmax=cp), name="cplrp")
 
 
@@ -122,7 +122,7 @@ _ZENNIT_DOC = """
     epsilon : float or callable
         ε of the :class:`~dynamiclrp.rules.Epsilon` rule on dense layers (Zennit default 1e-6).
     stabilizer : float or callable
-        Stabiliser of every other rule, including the ``Norm`` rule on additions, sums and average pooling
+        Stabilizer of every other rule, including the ``Norm`` rule on additions, sums and average pooling
         (Zennit default 1e-6).
     zero_params : sequence of str, optional
         ``("bias",)`` drops the biases of linear and convolution layers from their rules, as Zennit's
@@ -150,8 +150,8 @@ _ZENNIT_DOC = """
 def _zennit(name: str, conv, first=None, kind: str = "linear-type", epsilon: float = 1e-6,
             stabilizer: float = 1e-6, zero_params=None) -> RuleSet:
     zp = _zero_params(zero_params)
-    fam = _base(linear=L.Epsilon(epsilon, zp), conv=conv, add=L.Norm(stabilizer), pool=L.Norm(stabilizer),
-                reduce=L.Norm(stabilizer), norm=L.Pass())
+    fam = _base(linear=Epsilon(epsilon, zp), conv=conv, add=Norm(stabilizer), pool=Norm(stabilizer),
+                reduce=Norm(stabilizer), norm=Pass())
     return RuleSet(fam, name=name, first_layer=first, first_layer_kind=kind)
 
 
@@ -173,28 +173,28 @@ def epsilon_gamma_box(low: float | Tensor, high: float | Tensor, epsilon: float 
     convolution" is only marked when a convolution matches).
     """
     zp = _zero_params(zero_params)
-    return _zennit("epsilon_gamma_box", L.Gamma(gamma, stabilizer, zp), L.ZBox(low, high, stabilizer, zp), "conv",
+    return _zennit("epsilon_gamma_box", Gamma(gamma, stabilizer, zp), ZBox(low, high, stabilizer, zp), "conv",
                    epsilon, stabilizer, zp)
 
 
 def epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params=None) -> RuleSet:
     """Zennit's ``EpsilonPlus`` composite: z⁺ on convolutions, ε on dense layers."""
     zp = _zero_params(zero_params)
-    return _zennit("epsilon_plus", L.ZPlus(stabilizer, zp), None, "linear-type", epsilon, stabilizer, zp)
+    return _zennit("epsilon_plus", ZPlus(stabilizer, zp), None, "linear-type", epsilon, stabilizer, zp)
 
 
 def epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params=None) -> RuleSet:
     """Zennit's ``EpsilonPlusFlat`` composite: flat on the first linear-type layer (convolution or dense), z⁺ on
     convolutions, ε on dense layers."""
     zp = _zero_params(zero_params)
-    return _zennit("epsilon_plus_flat", L.ZPlus(stabilizer, zp), L.Flat(stabilizer), "linear-type", epsilon,
+    return _zennit("epsilon_plus_flat", ZPlus(stabilizer, zp), Flat(stabilizer), "linear-type", epsilon,
                    stabilizer, zp)
 
 
 def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params=None) -> RuleSet:
     """Zennit's ``EpsilonAlpha2Beta1`` composite: α2β1 on convolutions, ε on dense layers (Bach et al. 2015)."""
     zp = _zero_params(zero_params)
-    return _zennit("epsilon_alpha2_beta1", L.AlphaBeta(2.0, 1.0, stabilizer, zp), None, "linear-type", epsilon,
+    return _zennit("epsilon_alpha2_beta1", AlphaBeta(2.0, 1.0, stabilizer, zp), None, "linear-type", epsilon,
                    stabilizer, zp)
 
 
@@ -202,7 +202,7 @@ def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, z
     """Zennit's ``EpsilonAlpha2Beta1Flat`` composite: flat on the first linear-type layer, α2β1 on convolutions,
     ε on dense layers."""
     zp = _zero_params(zero_params)
-    return _zennit("epsilon_alpha2_beta1_flat", L.AlphaBeta(2.0, 1.0, stabilizer, zp), L.Flat(stabilizer),
+    return _zennit("epsilon_alpha2_beta1_flat", AlphaBeta(2.0, 1.0, stabilizer, zp), Flat(stabilizer),
                    "linear-type", epsilon, stabilizer, zp)
 
 
@@ -227,9 +227,9 @@ def paper(epsilon: float = 1e-11) -> RuleSet:
     ``docs/rules.md``. They need the operands of additions, which autograd does not keep: the Promise System
     recovers them.
     """
-    return RuleSet(_base(linear=L.Epsilon(epsilon), conv=L.Epsilon(epsilon), add=L.MagnitudeSplit(epsilon),
-                         reduce=L.MagnitudeSplit(epsilon), product=L.MagnitudeSplit(epsilon), norm=L.Pass(),
-                         matmul=L.AttnLRP(), attention=L.AttnLRP()), name="paper")
+    return RuleSet(_base(linear=Epsilon(epsilon), conv=Epsilon(epsilon), add=MagnitudeSplit(epsilon),
+                         reduce=MagnitudeSplit(epsilon), product=MagnitudeSplit(epsilon), norm=Pass(),
+                         matmul=AttnLRP(), attention=AttnLRP()), name="paper")
 
 
 _PRESETS: dict[str, Callable[[], RuleSet]] = {
@@ -352,3 +352,20 @@ def by_name(name: str) -> RuleSet:
     if name == "epsilon_gamma_box":
         raise RuleError(f"{_BOUNDS_HINT}; valid names are: {', '.join(_PRESETS)}")
     return parse(name)
+
+
+#: what ``rules=`` accepts: ``None`` (the default preset), a preset name or spec (see :func:`parse`), a rule set
+Rules = RuleSet | str | None
+
+
+def resolve(rules: Rules) -> RuleSet:
+    """Turn the ``rules=`` argument into a :class:`~dynamiclrp.rules.RuleSet`: ``None`` -> :func:`default`, a name
+    or spec -> :func:`parse`, a rule set as it is."""
+    if rules is None:
+        return default()
+    if isinstance(rules, RuleSet):
+        return rules
+    if isinstance(rules, str):
+        return by_name(rules)
+    raise RuleError(f"rules must be None, a preset name ({', '.join(names())}) or a RuleSet, "
+                    f"got {type(rules).__name__}")

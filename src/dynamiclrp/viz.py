@@ -1317,7 +1317,7 @@ def ledger_table(
         Relevance injected at the outputs; percentages are relative to it. If omitted it is the sum
         of the rows plus ``unaccounted``.
     unaccounted : float, optional
-        Relevance not attributed to any row (absorbed by biases, stabilisers, dropped branches).
+        Relevance not attributed to any row (absorbed by biases, stabilizers, dropped branches).
         If omitted it is ``seed_total - sum(rows)``.
     title : str or None, default "Relevance ledger"
         First line of the table.

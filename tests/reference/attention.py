@@ -6,7 +6,7 @@ exactly as the rules are written in the papers (no gradient tricks):
 * **Linear layers** — ε-rule with the bias as a sink (Bach et al. 2015; AttnLRP Eq. 8):
   :math:`R_i = x_i \sum_j w_{ji} R_j / \operatorname{stab}(z_j)`, :math:`z = Wx + b`,
   :math:`\operatorname{stab}(z) = z + \varepsilon\,\mathrm{sgn}_0(z)` with :math:`\mathrm{sgn}_0(0) = +1`
-  (Zennit's stabiliser). With ε = 0, :math:`n/0 := 0`.
+  (Zennit's stabilizer). With ε = 0, :math:`n/0 := 0`.
 * **Element-wise non-linearities** (SiLU, GELU, …) — identity rule, :math:`R_{in} = R_{out}` (AttnLRP Eq. 9).
 * **Normalisation** — the normaliser (mean and standard deviation for LayerNorm, rms for RMSNorm) is a
   constant (AttnLRP Prop. 3.4; Ali et al. 2022 §3). LayerNorm becomes the affine map
@@ -94,7 +94,7 @@ Mode = Literal["attnlrp", "cplrp"]
 
 @dataclass(frozen=True)
 class Eps:
-    """Stabilisers (signed, ``z + eps*sgn0(z)``) per op family.
+    """Stabilizers (signed, ``z + eps*sgn0(z)``) per op family.
 
     Attributes
     ----------
@@ -115,7 +115,7 @@ class Eps:
 
     @classmethod
     def zero(cls) -> "Eps":
-        """All stabilisers 0 (exact rules with ``n/0 := 0``)."""
+        """All stabilizers 0 (exact rules with ``n/0 := 0``)."""
         return cls(0.0, 0.0, 0.0, 0.0)
 
 
@@ -148,7 +148,7 @@ class Relevances:
 # Per-op rules
 # --------------------------------------------------------------------------------------------------------------
 def ratio(R: Tensor, z: Tensor, eps: float) -> Tensor:
-    """``R / stab(z)`` with the signed stabiliser; ``n/0 := 0`` (only reachable for ``eps == 0``)."""
+    """``R / stab(z)`` with the signed stabilizer; ``n/0 := 0`` (only reachable for ``eps == 0``)."""
     return safe_divide(R, stabilize(z, eps))
 
 
@@ -166,7 +166,7 @@ def linear_relevance(x: Tensor, weight: Tensor, bias: Optional[Tensor], R: Tenso
     R : Tensor
         ``(..., out)``.
     eps : float
-        Stabiliser.
+        Stabilizer.
 
     Returns
     -------
@@ -481,7 +481,7 @@ def attention_relevance(x: Tensor, w: AttentionWeights, R_out: Tensor, mode: Mod
     mode : {"attnlrp", "cplrp"}
         Rule set.
     eps : Eps
-        Stabilisers.
+        Stabilizers.
     attn_mask, causal
         As in :func:`attention_forward`.
 

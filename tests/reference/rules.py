@@ -12,7 +12,7 @@ math on the dense contribution matrix of a single layer, in float64, one sample 
 * Contributions: ``Z[j, i] = M[j, i] * x[i]`` and ``z[j] = sum_i Z[j, i] + b[j]`` (``b`` broadcast to the output).
   ``Z^+ = max(Z, 0)`` and ``Z^- = min(Z, 0)``; note ``Z^+ = x^+ w^+ + x^- w^-`` and ``Z^- = x^+ w^- + x^- w^+``,
   which is how Zennit builds them from clamped inputs and clamped weights.
-* Stabiliser (Zennit 0.5.1, ``zennit.core.stabilize``): ``stab(d) = d + eps * sgn0(d)`` with ``sgn0(d) = +1``
+* Stabilizer (Zennit 0.5.1, ``zennit.core.stabilize``): ``stab(d) = d + eps * sgn0(d)`` with ``sgn0(d) = +1``
   for ``d >= 0`` and ``-1`` otherwise (so ``sign(0) = +1``). With ``eps = 0`` this reference defines
   ``0/0 := 0`` (any ``n/0 := 0``); Zennit itself returns ``inf``/``nan`` there.
 
@@ -259,7 +259,7 @@ def bias_vector(op: Op, bias: Optional[Tensor], out_shape: Sequence[int]) -> Ten
 
 
 def stabilize(d: Tensor, eps: float) -> Tensor:
-    """Zennit's default stabiliser ``d + eps * sgn0(d)`` with ``sgn0(0) = +1``.
+    """Zennit's default stabilizer ``d + eps * sgn0(d)`` with ``sgn0(0) = +1``.
 
     Source: ``zennit.core.stabilize`` (``clip=False, norm_scale=False``).
 
@@ -268,12 +268,12 @@ def stabilize(d: Tensor, eps: float) -> Tensor:
     d : Tensor
         Denominator.
     eps : float
-        Stabiliser.
+        Stabilizer.
 
     Returns
     -------
     Tensor
-        Stabilised denominator.
+        Stabilized denominator.
     """
     return d + eps * torch.where(d >= 0, torch.ones_like(d), -torch.ones_like(d))
 
@@ -344,7 +344,7 @@ def epsilon(weight: Optional[Tensor], bias: Optional[Tensor], op: Op, x: Tensor,
     R : Tensor
         Output relevance ``(B, *out_shape)``.
     epsilon : float
-        Stabiliser ε (signed, ``sign(0)=+1``).
+        Stabilizer ε (signed, ``sign(0)=+1``).
     zero_params : str or list of str, optional
         Parameters set to zero (Zennit semantics).
 
@@ -395,7 +395,7 @@ def gamma(weight: Optional[Tensor], bias: Optional[Tensor], op: Op, x: Tensor, R
     gamma : float
         γ ≥ 0.
     stabilizer : float
-        Signed stabiliser of both denominators.
+        Signed stabilizer of both denominators.
 
     Returns
     -------
@@ -432,7 +432,7 @@ def zplus(weight: Optional[Tensor], bias: Optional[Tensor], op: Op, x: Tensor, R
     weight, bias, op, x, R, zero_params
         See :func:`epsilon`.
     stabilizer : float
-        Signed stabiliser.
+        Signed stabilizer.
 
     Returns
     -------
@@ -457,7 +457,7 @@ def alpha_beta(weight: Optional[Tensor], bias: Optional[Tensor], op: Op, x: Tens
                         - \beta \frac{Z^-_{ij}}{\operatorname{stab}(\sum_k Z^-_{kj} + b'^-_j)}\Big) R_j
 
     Both branches are normalised separately; the positive bias part joins the positive denominator and the
-    negative part the negative one. A negative denominator is stabilised to ``d - eps``; a zero negative
+    negative part the negative one. A negative denominator is stabilized to ``d - eps``; a zero negative
     denominator (no negative contributions) to ``+eps`` with a zero numerator, i.e. it contributes nothing.
     Zennit additionally requires ``alpha - beta == 1`` and ``alpha, beta >= 0``; this reference does not.
 
@@ -468,7 +468,7 @@ def alpha_beta(weight: Optional[Tensor], bias: Optional[Tensor], op: Op, x: Tens
     alpha, beta : float
         Weights of the positive and negative branch.
     stabilizer : float
-        Signed stabiliser.
+        Signed stabilizer.
 
     Returns
     -------
@@ -521,7 +521,7 @@ def zbox(weight: Optional[Tensor], bias: Optional[Tensor], op: Op, x: Tensor, R:
     low, high : float or Tensor
         Input bounds.
     stabilizer : float
-        Signed stabiliser.
+        Signed stabilizer.
 
     Returns
     -------
@@ -553,7 +553,7 @@ def wsquare(weight: Optional[Tensor], bias: Optional[Tensor], op: Op, x: Tensor,
     weight, bias, op, x, R, zero_params
         See :func:`epsilon`.
     stabilizer : float
-        Signed stabiliser.
+        Signed stabilizer.
 
     Returns
     -------
@@ -582,7 +582,7 @@ def flat(weight: Optional[Tensor], bias: Optional[Tensor], op: Op, x: Tensor, R:
     weight, bias, op, x, R, zero_params
         See :func:`epsilon` (``zero_params`` is irrelevant: all weights become ones, the bias zero).
     stabilizer : float
-        Signed stabiliser.
+        Signed stabilizer.
 
     Returns
     -------
@@ -626,7 +626,7 @@ def norm(weight: Optional[Tensor], bias: Optional[Tensor], op: Op, x: Tensor, R:
     weight, bias, op, x, R
         See :func:`epsilon`.
     stabilizer : float
-        Signed stabiliser.
+        Signed stabilizer.
 
     Returns
     -------
@@ -637,7 +637,7 @@ def norm(weight: Optional[Tensor], bias: Optional[Tensor], op: Op, x: Tensor, R:
 
 
 def non_conserved(R_out: Tensor, R_in: Tensor) -> Tensor:
-    """Per-sample ledger entry ``sum(R_out) - sum(R_in)`` (relevance absorbed by biases/stabilisers).
+    """Per-sample ledger entry ``sum(R_out) - sum(R_in)`` (relevance absorbed by biases/stabilizers).
 
     Parameters
     ----------

@@ -6,7 +6,7 @@ composite presets are compared against.
 Seed
 ----
 :func:`zennit_attribution` seeds the backward pass with ``logit * one_hot(target)`` (Zennit's ``attr_output``),
-so the returned input relevance sums to the explained logit minus whatever biases, stabilisers and
+so the returned input relevance sums to the explained logit minus whatever biases, stabilizers and
 non-conservative rules (γ, α-β, flat) absorb or add.
 
 Composites (Zennit defaults ``epsilon=1e-6``, ``stabilizer=1e-6``, ``gamma=0.25``)

@@ -13,50 +13,27 @@ Rule sets are immutable: every ``with_*`` method returns a new one.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 
-from .. import graph as G
+from ..core.graph import node_type
+from ..core.spec import OpSpec
+from ..core.step import Site
 from ..errors import RuleError
-from .base import OpSpec, Rule, Site
-from .registry import REGISTRY
+from ..ops.registry import REGISTRY
+from . import select
+from .base import Rule
+from .select import FIRST_LAYER_KINDS, NodeInfo
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..engine import Planner
+__all__ = ["FAMILIES", "FIRST_LAYER_KINDS", "NodeInfo", "RuleSet"]
+
 
 #: families every complete rule set must map
 FAMILIES = ("linear", "conv", "matmul", "product", "add", "reduce", "pool", "activation", "norm", "softmax",
             "attention", "routing", "embedding", "leaf")
-
-#: ops that may carry a first-layer rule (Zennit's "linear-type" layers)
-FIRST_LAYER_KINDS = {"conv": ("conv",), "linear": ("linear",), "linear-type": ("linear", "conv")}
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """What a per-node override sees about a node.
-
-    Attributes
-    ----------
-    type : str
-        Autograd class name, e.g. ``"AddmmBackward0"``.
-    family : str
-        Its rule family (``"linear"``, ``"matmul"``...).
-    module : str or None
-        Name of the module owning its parameters (when the rule set has a model), else ``None``.
-    node : Any
-        The autograd node itself.
-    index : int
-        Its position in this graph's discovery order.
-    """
-
-    type: str
-    family: str
-    module: str | None
-    node: Any
-    index: int
 
 
 @dataclass(frozen=True)
@@ -130,7 +107,6 @@ class RuleSet:
             names = {n for n, _ in self.model.named_modules()}
             bad = [k for k in self.layers if k not in names]
             if bad:
-                import difflib
                 ordered = [n for n, _ in self.model.named_modules() if n]
                 close = {k: difflib.get_close_matches(k, ordered, n=3) for k in bad}
                 hints = "; ".join(f"{k!r}: did you mean {v}?" for k, v in close.items() if v)
@@ -204,7 +180,7 @@ class RuleSet:
                 raise RuleError(f"with_nodes keys must be autograd nodes (tensor.grad_fn) or tensors computed with "
                                 f"grad enabled, got {type(k).__name__}" + (" without a grad_fn (a leaf or a tensor "
                                 "computed under no_grad)" if isinstance(k, torch.Tensor) else ""))
-            _check_rule(v, f"nodes[{G.node_type(node)}]")
+            _check_rule(v, f"nodes[{node_type(node)}]")
             keep.append(node)  # hold the nodes so their ids stay theirs
             table[id(node)] = v
         previous = self.override
@@ -225,8 +201,9 @@ class RuleSet:
         merged.update(ops)
         return replace(self, ops=merged)
 
-    # -- used by the planner -----------------------------------------------------------------------------------
+    # -- used by the planner (the rule-choosing logic itself is in dynamiclrp.rules.select) -----------------
     def spec_for(self, node_type: str) -> OpSpec | None:
+        """The registry row of ``node_type`` (an ``ops`` entry of this rule set first)."""
         val = self.ops.get(node_type)
         if val is not None:
             if isinstance(val, tuple):
@@ -235,87 +212,9 @@ class RuleSet:
             return base if base is not None else OpSpec("custom")
         return REGISTRY.get(node_type)
 
-    def family_of(self, site: Site) -> str:
-        spec = site.spec
-        return spec.family_of(site) if spec.family_of is not None else spec.family
-
     def rule_for(self, site: Site) -> Rule:
-        """The rule for the node of ``site``: an op rule, a per-node override, a per-layer rule, the first-layer
-        rule or the family rule, in that order. An eval-mode batch norm merged into the op before it (see
-        :attr:`merge_batchnorm`) gets :class:`~dynamiclrp.rules.library.MergedBatchNorm` instead of its family
-        rule."""
-        rule, source = self._chosen(site)
-        if source == "family" and site.index in self.batchnorm_merges(site.planner).op_of:
-            from .library import MergedBatchNorm
-            return MergedBatchNorm()
-        return rule
-
-    def _chosen(self, site: Site) -> tuple[Rule, str]:
-        val = self.ops.get(site.type)
-        if val is not None:
-            return (val[1] if isinstance(val, tuple) else val), "op"
-        family = self.family_of(site)
-        planner = site.planner
-        if self.override is not None:
-            got = self.override(NodeInfo(site.type, family, _module_of(planner, self, site.index), site.node,
-                                         site.index))
-            if got is not None:
-                _check_rule(got, "override(...)")
-                return got, "override"
-        if self.layers:
-            _check_layers(planner, self)
-            mod = _module_of(planner, self, site.index)
-            if mod is not None:
-                best = None
-                for key, rule in self.layers.items():
-                    if not _handles(rule, family):
-                        continue  # e.g. a conv rule given to "features" does not apply to its batch norms
-                    if mod == key or mod.startswith(key + ".") or key == "":
-                        if best is None or len(key) > len(best):
-                            best = key
-                if best is not None:
-                    return self.layers[best], "layer"
-        if self.first_layer is not None and family in FIRST_LAYER_KINDS[self.first_layer_kind]:
-            if site.index in _first_layer_nodes(planner, self):
-                return self.first_layer, "first_layer"
-        rule = self.families.get(family)
-        if rule is None:  # registry rows outside FAMILIES (fused recurrent layers, weight norm) carry their rule
-            rule = getattr(site.spec.kernel, "rule", None)
-            if rule is None:
-                raise RuleError(f"rule set {self.name!r} has no rule for family {family!r} ({site.describe()})")
-        return rule, "family"
-
-    def batchnorm_merges(self, planner: "Planner"):
-        """Which batch norms of ``planner``'s graph are merged into the op before them (memoised per plan).
-
-        Returns
-        -------
-        dynamiclrp.rules.structure.BatchNormMerges
-        """
-        key = ("batchnorm_merges", id(self))
-        got = planner.structure_cache.get(key)
-        if got is not None:
-            return got
-        from .library import _LinearRule
-        from .structure import BatchNormMerges, batchnorm_merges
-
-        if not self.merge_batchnorm:
-            got = BatchNormMerges({})
-        else:
-            def chosen(i: int) -> tuple[Rule, str]:
-                spec = planner.specs[i]
-                site = Site(planner, i, spec, tuple(e >= 0 and planner.active[e] for e in planner.graph.edges[i]))
-                return self._chosen(site)
-
-            def linear_rule(i: int) -> Rule | None:
-                rule = chosen(i)[0]
-                return rule if isinstance(rule, _LinearRule) else None
-
-            def family_ruled(i: int) -> bool:  # a batch norm given its own rule explicitly is left alone
-                return chosen(i)[1] == "family"
-            got = batchnorm_merges(planner, linear_rule, family_ruled)
-        planner.structure_cache[key] = got
-        return got
+        """The rule for the node of ``site`` (:func:`dynamiclrp.rules.select.rule_for`)."""
+        return select.rule_for(self, site)
 
     def __repr__(self) -> str:
         fams = ", ".join(f"{k}={v!r}" for k, v in self.families.items()
@@ -329,8 +228,14 @@ def _handles(rule: Rule, family: str) -> bool:
 
 
 def _rule_names() -> str:
-    from . import library
-    return ", ".join(sorted(n for n in library.__all__))
+    names: set[str] = set()
+    todo = list(Rule.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if not cls.__name__.startswith("_") and cls.__module__.startswith("dynamiclrp."):
+            names.add(cls.__name__)
+    return ", ".join(sorted(names))
 
 
 def _check_rule(rule: Any, where: str) -> None:
@@ -339,165 +244,3 @@ def _check_rule(rule: Any, where: str) -> None:
             rule, Rule) else ""
         raise RuleError(f"{where} must be a dynamiclrp Rule instance{hint}, got {rule!r}; the rules in "
                         f"dynamiclrp.rules are: {_rule_names()}")
-
-
-# -----------------------------------------------------------------------------------------------------------
-# module resolution through parameter identity
-# -----------------------------------------------------------------------------------------------------------
-_THROUGH = frozenset({"TBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
-                      "ExpandBackward0", "PermuteBackward0", "TransposeBackward0", "ToCopyBackward0",
-                      "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "CloneBackward0",
-                      "AliasBackward0"})
-
-
-def _param_owner(planner: "Planner", rules: RuleSet) -> dict[int, str]:
-    cache = planner.structure_cache
-    key = ("param_owner", id(rules.model))
-    got = cache.get(key)
-    if got is None:
-        got = {}
-        if rules.model is not None:
-            for mname, mod in rules.model.named_modules():
-                for _, p in mod.named_parameters(recurse=False):
-                    got.setdefault(id(p), mname)
-        cache[key] = got
-    return got
-
-
-def node_params(planner: "Planner", index: int) -> list[torch.Tensor]:
-    """Parameter leaves feeding node ``index`` directly or through transposes/views/casts."""
-    g = planner.graph
-    out = []
-    for e in g.edges[index]:
-        hops = 0
-        while e >= 0 and hops < 4:
-            j = g.slot_node[e]
-            t = g.types[j]
-            if t == "AccumulateGrad":
-                out.append(G.leaf_tensor(g.nodes[j]))
-                break
-            if t not in _THROUGH:
-                break
-            edges = [x for x in g.edges[j] if x >= 0]
-            if len(edges) != 1:
-                break
-            e = edges[0]
-            hops += 1
-    return out
-
-
-def _module_of(planner: "Planner", rules: RuleSet, index: int) -> str | None:
-    if rules.model is None:
-        return None
-    owners = _param_owner(planner, rules)
-    for p in node_params(planner, index):
-        name = owners.get(id(p))
-        if name is not None:
-            return name
-    return None
-
-
-def _check_layers(planner: "Planner", rules: RuleSet) -> None:
-    """Every per-layer rule must apply to some op of its layer (when the layer takes part in this graph)."""
-    key = ("layers_checked", id(rules))
-    if planner.structure_cache.get(key):
-        return
-    planner.structure_cache[key] = True
-    fams: dict[str, set[str]] = {}
-    g = planner.graph
-    for i in range(len(g)):
-        spec = planner.specs[i]
-        mod = _module_of(planner, rules, i) if spec is not None else None
-        if mod is None:
-            continue
-        site = Site(planner, i, spec, tuple(e >= 0 and planner.active[e] for e in g.edges[i]))
-        fam = spec.family_of(site) if spec.family_of is not None else spec.family
-        for k in rules.layers:
-            if mod == k or mod.startswith(k + ".") or k == "":
-                fams.setdefault(k, set()).add(fam)
-    for k, rule in rules.layers.items():
-        seen = fams.get(k)
-        if seen and not any(_handles(rule, f) for f in seen):
-            raise RuleError(f"layers[{k!r}] = {rule!r} applies to families {sorted(rule.families)}, but the ops of "
-                            f"layer {k!r} in this graph are of families {sorted(seen)}; choose a rule for one of "
-                            "those (e.g. Epsilon() for linear/conv)")
-
-
-def _first_layer_nodes(planner: "Planner", rules: RuleSet) -> frozenset[int]:
-    key = ("first_layer", id(rules))
-    cache = planner.structure_cache
-    got = cache.get(key)
-    if got is not None:
-        return got
-    kinds = FIRST_LAYER_KINDS[rules.first_layer_kind]
-    g = planner.graph
-    by = rules.first_layer_by
-    if by == "auto":
-        by = "module" if rules.model is not None else "graph"
-    result: set[int] = set()
-    if by == "module":
-        module_types = {"conv": (torch.nn.modules.conv._ConvNd,), "linear": (torch.nn.Linear,),
-                        "linear-type": (torch.nn.modules.conv._ConvNd, torch.nn.Linear)}[rules.first_layer_kind]
-        first = None
-        for name, mod in rules.model.named_modules():
-            if isinstance(mod, module_types):
-                first = name
-                break
-        if first is not None:
-            for i in range(len(g)):
-                spec = planner.specs[i]
-                if spec is None:
-                    continue
-                fam = spec.family_of(Site(planner, i, spec, tuple(
-                    e >= 0 and planner.active[e] for e in g.edges[i]))) if spec.family_of else spec.family
-                if fam in kinds and _module_of(planner, rules, i) == first:
-                    result.add(i)
-    else:
-        # the matching ops nearest the activation sources: no other matching op between them and the input
-        result = _nearest_input_ops(planner, kinds)
-    frozen = frozenset(result)
-    cache[key] = frozen
-    return frozen
-
-
-def _nearest_input_ops(planner: "Planner", kinds: Sequence[str]) -> set[int]:
-    g = planner.graph
-    n = len(g)
-    # below[i]: some matching op (or a fused layer with weights, e.g. an LSTM) lies strictly below node i on a
-    # path to an activation source
-    below = [False] * n
-    is_match = [False] * n
-    is_layer = [False] * n
-    for i in reversed(g.order):
-        spec = planner.specs[i]
-        if spec is not None:
-            site_active = tuple(e >= 0 and planner.active[e] for e in g.edges[i])
-            fam = spec.family_of(Site(planner, i, spec, site_active)) if spec.family_of else spec.family
-            is_match[i] = fam in kinds
-            is_layer[i] = is_match[i] or fam in ("linear", "conv", "recurrent")
-        b = False
-        for e in g.edges[i]:
-            if e >= 0 and planner.active[e]:
-                c = g.slot_node[e]
-                if is_layer[c] or below[c]:
-                    b = True
-                    break
-        below[i] = b
-    return {i for i in range(n) if is_match[i] and not below[i]
-            and any(e >= 0 and planner.active[e] for e in g.edges[i])}
-
-
-# -----------------------------------------------------------------------------------------------------------
-def resolve_rules(rules: Any) -> RuleSet:
-    """Turn the ``rules=`` argument into a :class:`RuleSet` (``None`` -> the default preset, a name -> that
-    preset)."""
-    from .. import presets
-
-    if rules is None:
-        return presets.default()
-    if isinstance(rules, RuleSet):
-        return rules
-    if isinstance(rules, str):
-        return presets.by_name(rules)
-    raise RuleError(f"rules must be None, a preset name ({', '.join(presets.names())}) or a RuleSet, "
-                    f"got {type(rules).__name__}")

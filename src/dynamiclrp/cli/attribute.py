@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
+
 __all__ = ["add_arguments", "run", "load_object"]
 
 
@@ -67,9 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar and summary")
 
 
-class UsageError(Exception):
-    """A problem with the command line: reported without a traceback, exit code 2."""
-
 
 def load_object(spec: str, what: str) -> Any:
     """``module:name`` or ``file.py:name`` (:mod:`dynamiclrp.loading`) -> the object, called if it is a function
@@ -82,7 +81,8 @@ def load_object(spec: str, what: str) -> Any:
     """
     import inspect
 
-    from .loading import SpecError, load_attribute, on_sys_path
+    from ..errors import SpecError
+    from ..loading import load_attribute, on_sys_path
 
     try:
         obj, where, _ = load_attribute(spec, expect=f"--{what}")
@@ -108,8 +108,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from torch import nn
 
-    from . import DynamicLRPError
-    from .dataset import StoreError, attribute_dataset
+    from .. import DynamicLRPError
+    from ..dataset import attribute_dataset
+    from ..errors import StoreError
 
     try:
         if args.threads is not None:

@@ -22,9 +22,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import GraphFreedError
+from ..errors import GraphFreedError
 
 Node = Any  # torch.autograd.graph.Node; typed loosely because C++ node classes are generated per op
+GradientEdge = torch.autograd.graph.GradientEdge
 
 _FREED_MARKERS = ("backward through the graph a second time", "after they have already been freed")
 _FREED_HELP = (
@@ -59,6 +60,24 @@ def forward_op_name(node: Node) -> str:
             out.append("_")
         out.append(ch.lower())
     return "".join(out)
+
+
+def forward_cls(node: Node) -> type | None:
+    """The ``torch.autograd.Function`` class of a custom Function's node, ``None`` for built-in ops."""
+    return getattr(node, "_forward_cls", None)
+
+
+def view_base(t: torch.Tensor) -> torch.Tensor | None:
+    """The tensor ``t`` is a view of (``None`` when it is not a view)."""
+    return t._base
+
+
+def storage_key(t: torch.Tensor) -> int:
+    """An identifier of ``t``'s storage (tensors that share memory share it)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # pragma: no cover - tensors without storage
+        return -1
 
 
 def is_custom_function(node: Node) -> bool:
@@ -102,11 +121,6 @@ def _signed(v: Any) -> Any:
     if isinstance(v, tuple) and v and isinstance(v[0], int):
         return tuple(_signed(x) for x in v)
     return v
-
-
-def has_saved_field(node: Node, field: str) -> bool:
-    """Whether the node type declares a saved field called ``field`` (saved or not)."""
-    return hasattr(type(node), "_saved_" + field)
 
 
 def custom_saved_tensors(node: Node) -> tuple[torch.Tensor, ...]:
@@ -310,10 +324,6 @@ class GraphView:
         fields = tuple(tuple(_fingerprint(saved(nd, f)) for f in fs) if fs else ()
                        for nd, fs in zip(self.nodes, static)) if static else ()
         return (tuple(self.types), tuple(self.edges), self.out_shapes, leaves, fields, tuple(self.root_slots))
-
-    def index_of(self, node: Node) -> int | None:
-        """Position of ``node`` in :attr:`nodes`, or ``None`` when it is not part of the graph."""
-        return self._index.get(id(node))
 
     def slot_of(self, node: Node, output_nr: int) -> int | None:
         """Slot id of output ``output_nr`` of ``node``, or ``None`` when the node is not in the graph."""

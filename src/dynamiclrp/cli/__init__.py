@@ -14,14 +14,15 @@ import re
 import sys
 from typing import Sequence
 
-from .extras import EXTRAS, MissingExtraError, missing_extra_message
+from ..errors import MissingExtraError
+from ..extras import EXTRAS, missing_extra_message
 
 #: sub-command -> (module, one-line help)
 COMMANDS = {
-    "demo": ("dynamiclrp.demo", "train a tiny CNN on scikit-learn's digits, explain test digits, write heatmaps"),
-    "explain": ("dynamiclrp.explain_cli", "explain a model's prediction for an image or a text, write a heatmap"),
-    "coverage": ("dynamiclrp.coverage", "report which autograd node types of a model have a relevance rule"),
-    "attribute": ("dynamiclrp.attribute_cli", "explain every sample of a dataset into a resumable Zarr store"),
+    "demo": ("dynamiclrp.cli.demo", "train a tiny CNN on scikit-learn's digits, explain test digits, write heatmaps"),
+    "explain": ("dynamiclrp.cli.explain", "explain a model's prediction for an image or a text, write a heatmap"),
+    "coverage": ("dynamiclrp.cli.coverage", "report which autograd node types of a model have a relevance rule"),
+    "attribute": ("dynamiclrp.cli.attribute", "explain every sample of a dataset into a resumable Zarr store"),
 }
 
 _ROLE = re.compile(r":(?:py:)?(?:func|class|mod|meth|attr|data|exc|obj|ref|doc):`~?([^`<]*?)(?:\s*<[^>]*>)?`")
@@ -30,7 +31,7 @@ _ROLE = re.compile(r":(?:py:)?(?:func|class|mod|meth|attr|data|exc|obj|ref|doc):
 def plain(text: str) -> str:
     """Docstring text for a terminal: reStructuredText roles and ``literals`` become plain words.
 
-    ``:func:`~dynamiclrp.hf.text``` becomes ``text``, ``:mod:`dynamiclrp.zoo``` becomes ``dynamiclrp.zoo`` and
+    ``:func:`~dynamiclrp.hf.text``` becomes ``text``, ``:mod:`dynamiclrp.testing.zoo``` becomes ``dynamiclrp.testing.zoo`` and
     double back-quoted literals lose their quotes, so that ``--help`` shows no markup.
     """
     def role(m: re.Match[str]) -> str:
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dynamiclrp",
         description="Layer-wise Relevance Propagation for any PyTorch model, op by op over the autograd graph.")
-    from . import __version__
+    from .. import __version__
     parser.add_argument("--version", action="version", version=f"dynamiclrp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():

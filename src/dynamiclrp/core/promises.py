@@ -55,11 +55,12 @@ from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
 import torch
 
-from . import graph as G
-from .errors import ValueUnavailableError
+from ..errors import ValueUnavailableError
+from .graph import GraphView, call_backward, fit_to, leaf_tensor, output_meta, saved
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .rules.base import OpSpec
+    from .params import ModelParams
+    from .spec import OpSpec
 
 Tensor = torch.Tensor
 Mask = Tensor | None  # positions where a support value is exact; None: everywhere
@@ -315,96 +316,6 @@ class PromiseRecord:
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Parameters of the caller's model (frozen constants autograd does not keep)
-# -----------------------------------------------------------------------------------------------------------
-class ModelParams:
-    """Looks up the parameters and buffers of a model by tensor identity, read-only.
-
-    Used to resolve constants that autograd never keeps — the bias of a frozen linear or convolution layer, the
-    shift of a frozen batch norm — through the module that owns a tensor the node *did* save (its weight, its
-    running mean). Nothing is hooked, patched, re-run or modified.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self._owner: dict[int, tuple[str, str]] | None = None  # built on first use (plans are cached)
-        self._storage: dict[int, list[tuple[torch.Tensor, str, str]]] = {}
-
-    def _index(self) -> dict[int, tuple[str, str]]:
-        if self._owner is None:
-            self._owner = {}
-            for mname, mod in self.model.named_modules():
-                for attr, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
-                    if t is None or id(t) in self._owner:
-                        continue
-                    self._owner[id(t)] = (mname, attr)
-                    if t.device.type != "meta":
-                        self._storage.setdefault(_storage_ptr(t), []).append((t, mname, attr))
-        return self._owner
-
-    def owner(self, t: torch.Tensor) -> tuple[str, str, torch.Tensor] | None:
-        """``(module name, attribute, tensor)`` of the parameter or buffer ``t`` is, or is a view of."""
-        index = self._index()
-        seen = t
-        while seen is not None:
-            got = index.get(id(seen))
-            if got is not None:
-                return got[0], got[1], seen
-            seen = seen._base
-        if t.device.type == "meta":
-            return None
-        for p, mname, attr in self._storage.get(_storage_ptr(t), ()):
-            if p.dtype == t.dtype:
-                return mname, attr, p
-        return None
-
-    def tensor(self, name: str) -> torch.Tensor:
-        """The parameter or buffer called ``name`` (``"features.0.bias"``)."""
-        mname, _, attr = name.rpartition(".")
-        mod = self.model.get_submodule(mname) if mname else self.model
-        return getattr(mod, attr)
-
-    def companion(self, weight: torch.Tensor, out_features: int, old: str, new: str) -> tuple | None:
-        """The ``("param", name, start, length)`` source of the tensor that goes with ``weight`` by PyTorch's
-        naming convention (``weight`` → ``bias``, ``in_proj_weight`` → ``in_proj_bias``, ``running_mean`` →
-        ``bias``...), sliced like ``weight`` when the op used some of its rows. ``None`` when ``weight`` is not
-        one of the model's tensors or no such companion with matching size exists."""
-        got = self.owner(weight)
-        if got is None:
-            return None
-        mname, attr, full = got
-        name = attr.replace(old, new) if old in attr else None
-        if name is None or name == attr:
-            return None
-        mod = self.model.get_submodule(mname) if mname else self.model
-        comp = getattr(mod, name, None)
-        if not isinstance(comp, torch.Tensor):
-            return None
-        qual = f"{mname}.{name}" if mname else name
-        if comp.dim() != 1:
-            return None
-        n = comp.shape[0]
-        if n == out_features and (full is weight or weight.storage_offset() == full.storage_offset()):
-            return ("param", qual, 0, n)
-        # a slice of the full weight (q/k/v rows of a packed projection): find the rows it starts at
-        for d in range(full.dim()):
-            if full.shape[d] != n:
-                continue
-            offset = weight.storage_offset() - full.storage_offset()
-            start = (offset // full.stride(d)) % full.shape[d] if full.stride(d) else 0
-            if start + out_features <= n:
-                return ("param", qual, int(start), int(out_features))
-        return None
-
-
-def _storage_ptr(t: torch.Tensor) -> int:
-    try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # pragma: no cover - tensors without storage
-        return -1
-
-
-# -----------------------------------------------------------------------------------------------------------
 # Plan time: resolving recipes
 # -----------------------------------------------------------------------------------------------------------
 class PromiseResolver:
@@ -421,8 +332,8 @@ class PromiseResolver:
         The caller's model, to resolve frozen constants autograd does not keep.
     """
 
-    def __init__(self, graph: G.GraphView, specs: Sequence["OpSpec | None"], known: dict[int, int],
-                 params: ModelParams | None = None):
+    def __init__(self, graph: GraphView, specs: Sequence["OpSpec | None"], known: dict[int, int],
+                 params: "ModelParams | None" = None):
         self.graph = graph
         self.specs = specs
         self.known = known
@@ -485,7 +396,7 @@ class PromiseResolver:
             return []
         if spec is not None:
             for out_nr, fld in spec.results:
-                if out_nr == nr and G.saved(node, fld) is not None:
+                if out_nr == nr and saved(node, fld) is not None:
                     self.recipes[s] = Saved(s, node_i, fld)
                     return []
         for cons_i, pos in g.consumers[s]:
@@ -493,7 +404,7 @@ class PromiseResolver:
             if cspec is None:
                 continue
             for in_pos, fld in cspec.inputs_saved:
-                if in_pos == pos and G.saved(g.nodes[cons_i], fld) is not None:
+                if in_pos == pos and saved(g.nodes[cons_i], fld) is not None:
                     self.recipes[s] = Saved(s, cons_i, fld)
                     return []
         if spec is None:
@@ -568,7 +479,7 @@ class PromiseResolver:
         if spec is None:
             return Unavailable(("const", node_i, pos), f"{where} has no registry entry")
         for in_pos, fld in spec.inputs_saved:
-            if in_pos == pos and G.saved(node, fld) is not None:
+            if in_pos == pos and saved(node, fld) is not None:
                 return Const(node_i, pos, ("saved", fld))
         kernel = spec.kernel
         absent = getattr(kernel, "absent", None)
@@ -655,7 +566,7 @@ class PromiseResolver:
                     return Unavailable(key, f"{where} <- {up.reason}")
                 ups.append(up)
             return SelectPart(slot, c, pos, tuple(ups))
-        if getattr(kernel, "from_output", None) is not None and G.saved(g.nodes[c], kernel.y_field) is not None:
+        if getattr(kernel, "from_output", None) is not None and saved(g.nodes[c], kernel.y_field) is not None:
             return InversePart(slot, c, pos)
         edges = g.edges[c]
         role = getattr(kernel, "support_role", None)
@@ -690,7 +601,7 @@ class PromiseResolver:
             return Unavailable(("const", c, pos), f"{g.describe(c)} has no input {pos}")
         spec = self.specs[c]
         for in_pos, fld in spec.inputs_saved:
-            if in_pos == pos and G.saved(g.nodes[c], fld) is not None:
+            if in_pos == pos and saved(g.nodes[c], fld) is not None:
                 return Const(c, pos, ("saved", fld))
         return self.recipe(edges[pos]) if edges[pos] >= 0 else self.const(c, pos)
 
@@ -733,8 +644,8 @@ class ValueStore:
         Keep a :class:`PromiseRecord` for every value obtained through a branch (tests, debugging).
     """
 
-    def __init__(self, graph: G.GraphView, specs, resolver: PromiseResolver, tensors: Sequence[torch.Tensor | None],
-                 params: ModelParams | None = None, trace: bool = False):
+    def __init__(self, graph: GraphView, specs, resolver: PromiseResolver, tensors: Sequence[torch.Tensor | None],
+                 params: "ModelParams | None" = None, trace: bool = False):
         self.graph = graph
         self.specs = specs
         self.resolver = resolver
@@ -828,9 +739,9 @@ class ValueStore:
         if isinstance(rec, Known):
             return self.tensors[rec.index].detach()
         if isinstance(rec, Leaf):
-            return G.leaf_tensor(g.nodes[rec.node]).detach()
+            return leaf_tensor(g.nodes[rec.node]).detach()
         if isinstance(rec, Saved):
-            return G.saved(g.nodes[rec.node], rec.field).detach()
+            return saved(g.nodes[rec.node], rec.field).detach()
         if isinstance(rec, Const):
             return self._const(rec)
         if isinstance(rec, Rebuild):
@@ -870,7 +781,7 @@ class ValueStore:
             return None
         node = self.graph.nodes[rec.node]
         if kind == "saved":
-            v = G.saved(node, rec.source[1])
+            v = saved(node, rec.source[1])
             if v is not None and not isinstance(v, torch.Tensor):
                 v = torch.tensor(v, dtype=torch.float64) if isinstance(v, float) else torch.tensor(v)
             return v.detach() if isinstance(v, torch.Tensor) else v
@@ -887,7 +798,7 @@ class ValueStore:
         meta = g.meta(rec.slot)
         shape, dtype = torch.Size(meta[0]), meta[1]
         if isinstance(rec, SelectPart):
-            metas = G.output_meta(node)
+            metas = output_meta(node)
             vals, masks = [], []
             for up, m in zip(ups, metas):
                 if up is None:
@@ -898,12 +809,12 @@ class ValueStore:
                 v, mk = up
                 vals.append(v.to(m.dtype))
                 masks.append(torch.ones(m.shape, dtype=m.dtype, device=m.device) if mk is None else mk.to(m.dtype))
-            num = G.call_backward(node, [v * mk if mk is not None else v for v, mk in zip(vals, masks)])[rec.pos]
-            cnt = G.call_backward(node, masks)[rec.pos]
+            num = call_backward(node, [v * mk if mk is not None else v for v, mk in zip(vals, masks)])[rec.pos]
+            cnt = call_backward(node, masks)[rec.pos]
             return _masked_mean(num, cnt, shape, dtype)
         if isinstance(rec, InversePart):
             kernel = self.specs[rec.node].kernel
-            x, mask = kernel.from_output(node, G.saved(node, kernel.y_field))
+            x, mask = kernel.from_output(node, saved(node, kernel.y_field))
             return torch.where(mask, x, 0).to(dtype), mask
         (total, tmask), other = ups[0], ups[1]
         if isinstance(rec, SumPart):
@@ -922,10 +833,10 @@ class ValueStore:
         ov = other[0] if other is not None else kernel.operand(node, 1)
         if isinstance(rec, WeightedSumPart):
             red = g.nodes[rec.reducer]
-            w = torch.broadcast_to(ov, G.output_meta(node)[0].shape).to(total.dtype)
+            w = torch.broadcast_to(ov, output_meta(node)[0].shape).to(total.dtype)
             chosen = (w != 0).to(total.dtype)
-            (back,) = G.call_backward(red, [self.specs[rec.reducer].kernel.forward(red, [chosen], 0)])[:1]
-            (tb,) = G.call_backward(red, [_masked(total, tmask)])[:1]
+            (back,) = call_backward(red, [self.specs[rec.reducer].kernel.forward(red, [chosen], 0)])[:1]
+            (tb,) = call_backward(red, [_masked(total, tmask)])[:1]
             if bool(((chosen != 0) & (back > 1)).any()):
                 raise ValueUnavailableError(
                     f"The value of output {g.slot_nr[rec.slot]} of {g.describe(g.slot_node[rec.slot])} cannot be "
@@ -935,7 +846,7 @@ class ValueStore:
                     "that does not need this value.")
             ok = (chosen != 0) & (back == 1)
             if tmask is not None:
-                (mb,) = G.call_backward(red, [tmask.to(total.dtype)])[:1]
+                (mb,) = call_backward(red, [tmask.to(total.dtype)])[:1]
                 ok = ok & (mb != 0)
             v = torch.where(ok, tb / torch.where(ok, w, 1), 0)
             return _masked_mean(v, ok.to(v.dtype), shape, dtype)
@@ -1022,8 +933,8 @@ def _ones_or(mask: Mask, like: Tensor) -> Tensor:
 def _masked_mean(num: Tensor, cnt: Tensor, shape: torch.Size, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Values summed over copies (``num``) divided by their number (``cnt``), reduced to ``shape`` the way a
     broadcast is: ``(value, mask)`` with the value 0 where nothing was known."""
-    num = G.fit_to(num, shape)
-    cnt = G.fit_to(cnt.expand_as(num) if cnt.shape != num.shape else cnt, shape)
+    num = fit_to(num, shape)
+    cnt = fit_to(cnt.expand_as(num) if cnt.shape != num.shape else cnt, shape)
     ok = cnt > 0
     v = torch.where(ok, num / torch.where(ok, cnt, 1), 0)
     return v.to(dtype), ok
@@ -1041,64 +952,6 @@ def _combine(parts: list[tuple[Tensor, Mask]], meta: tuple) -> tuple[Tensor, Mas
         v = torch.where(m, v, pv)
         m = m | pm
     return v, m
-
-
-def recover_all(outputs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.Tensor] = (),
-                rules: Any = None, model: torch.nn.Module | None = None,
-                support: bool = False) -> list[tuple[Any, int, str, torch.Tensor]]:
-    """Recover the forward value of every slot of the graph that the Promise System can recover.
-
-    A diagnostic (and the basis of the tests that check recovered values against the true forward values).
-
-    Parameters
-    ----------
-    outputs : Tensor or sequence of Tensor
-        Outputs whose graph to walk.
-    inputs : sequence of Tensor
-        Tensors the caller holds (known values), as in :func:`dynamiclrp.relevance`.
-    rules : optional
-        A rule set whose ``with_ops`` rows extend the registry.
-    model : torch.nn.Module, optional
-        Resolve frozen constants through it.
-    support : bool
-        Also return values known only on their support, as ``(value, mask)`` pairs with ``how == "support"``.
-
-    Returns
-    -------
-    list of (node, output_nr, how, value)
-        ``how`` is the recipe kind at the top of the branch (``"saved"``, ``"rebuild"``, ``"replay"``,
-        ``"leaf"``, ``"known"``, ``"support"``).
-    """
-    from .rules.ruleset import resolve_rules
-
-    outs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
-    rule_set = resolve_rules(rules)
-    graph = G.GraphView([(o.grad_fn, o.output_nr) for o in outs])
-    held = list(outs) + list(inputs)
-    known: dict[int, int] = {}
-    for k, o in enumerate(outs):
-        known.setdefault(graph.root_slots[k], k)
-    for k, t in enumerate(inputs):
-        edge = G.gradient_edge(t)
-        slot = None if edge is None else graph.slot_of(*edge)
-        if slot is not None:
-            known.setdefault(slot, len(outs) + k)
-    specs = [rule_set.spec_for(t) for t in graph.types]
-    params = ModelParams(model) if model is not None else None
-    resolver = PromiseResolver(graph, specs, known, params)
-    store = ValueStore(graph, specs, resolver, held, params)
-    found = []
-    with torch.no_grad():
-        for slot in range(len(graph.slot_node)):
-            recipe = resolver.support(slot) if support else resolver.recipe(slot)
-            if isinstance(recipe, Unavailable):
-                continue
-            node, nr = graph.nodes[graph.slot_node[slot]], graph.slot_nr[slot]
-            if recipe.support:
-                found.append((node, nr, "support", store.get_support(slot)))
-            else:
-                found.append((node, nr, type(recipe).__name__.lower(), store.get(slot)))
-    return found
 
 
 def _count_nested(recipes: Sequence[Recipe]) -> int:

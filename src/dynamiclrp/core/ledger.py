@@ -1,21 +1,37 @@
-"""What an explanation returns: the relevance tensors and the ledger of where every unit of relevance ended."""
+"""The ledger: where every unit of seed relevance ended, and the observer that keeps it during a run.
+
+With ``explain(..., ledger=True)`` the run propagates through the whole graph, and after each step the
+:class:`LedgerObserver` compares the relevance that arrived at the node (reported by its consumers, or measured
+from the output's value) with what the step sent to each input (``Step.input_totals``, measured from the inputs'
+values). Conservative rules book only the share of constant inputs; an input total that cannot be measured is
+derived from exact conservation when it is the only unknown, and a constant share that cannot be measured where it
+leaves travels inside that derived total and is booked, measured, at the next node whose inputs are all known.
+Non-conservative rules book their residual under their sink kind. So ``unaccounted = seed − inputs − sinks`` ≈ 0
+checks the rules' claims. The propagation loop itself knows nothing of this: it calls the observer's hooks.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import ValueUnavailableError
+from .messages import UNKNOWN, Msg
+
 if TYPE_CHECKING:  # pragma: no cover
-    from .graph import GraphView
-    from .promises import PromiseRecord
+    from .run import Run
+    from .step import Step
+
+Tensor = torch.Tensor
+
 
 #: Sink categories, in the order ledgers are printed.
 SINK_KINDS = {
     "bias": "bias terms of linear, convolution and normalisation ops (the ε rule's bias sink)",
     "leaf": "leaves that were not requested: parameters, buffers that require grad, unrequested inputs",
     "constant": "operands that do not require grad (masks, scalars, frozen tensors)",
-    "stabiliser": "the ε stabiliser of z-rules (relevance absorbed by z + ε·sign(z))",
+    "stabilizer": "the ε stabilizer of z-rules (relevance absorbed by z + ε·sign(z))",
     "rule": "rules that do not conserve by design (softmax rule, identity rule at a zero input, γ/α-β...)",
     "conversion": "explicit relevance on a zero activation, which gradient form cannot carry",
 }
@@ -50,7 +66,7 @@ class Ledger:
     Totals are accumulated as 0-dim tensors during the pass and read once at the end.
     """
 
-    def __init__(self, graph: "GraphView | None" = None):
+    def __init__(self) -> None:
         self._pending: list[tuple[str, str, torch.Tensor, str]] = []
         self._inputs: list[tuple[str, torch.Tensor]] = []
         self._seed: torch.Tensor | None = None
@@ -155,36 +171,111 @@ class Ledger:
                 f"sinks={self.sink_total:.6g}, unaccounted={self.unaccounted:.3g})")
 
 
-@dataclass
-class Explanation:
-    """Result of :func:`dynamiclrp.explain`.
+def settle(step: "Step", run: "Run", t_out: Any, t_ins: list[Any], outs: list[Msg | None],
+           conservative: bool) -> list[Any]:
+    """Book one step's sinks given the relevance that arrived (``t_out``) and what it sent on (``t_ins``).
 
-    Attributes
-    ----------
-    relevance : tuple of torch.Tensor
-        One tensor per requested input, same shape, dtype and device (as :func:`dynamiclrp.relevance`).
-    ledger : Ledger or None
-        Where the seed relevance ended (``None`` when ``ledger=False``).
-    promises : list of PromiseRecord
-        Values recovered by the Promise System (only with ``trace_promises=True``).
+    Conservative steps book only the share of constant inputs; an input total that could not be measured is
+    derived from exact conservation when it is the only unknown. Non-conservative steps book their residual under
+    their ``sink_kind``. Returns the (possibly completed) input totals.
     """
+    book = run.ledger
+    assert book is not None
+    where = run.planner.label(step.index)
+    unknown = [k for k, t in enumerate(t_ins) if t is UNKNOWN]
+    known = None
+    for t in t_ins:
+        if isinstance(t, torch.Tensor):
+            known = t if known is None else known + t
+    has_const = any(e < 0 for e in step.in_edges) and not step.constant_share_zero(run, outs)
+    carried = run.carried  # upstream constants whose shares are included in t_out (see below)
+    label = where if not carried else f"{where} (incl. constants of {', '.join(carried)})"
+    if t_out is UNKNOWN:
+        if unknown or has_const or carried or not conservative:
+            book.unmeasurable(where, "the forward value of this node's output is not in the graph")
+        return t_ins
+    if conservative:
+        if not unknown:
+            if has_const or carried:
+                book.book("constant", label, t_out if known is None else t_out - known)
+        elif len(unknown) == 1:
+            # the one input we cannot measure gets what exact conservation leaves; if this node also sent
+            # relevance to constants, that share travels inside the derived total and is booked, measured,
+            # at the next node whose inputs are all known (the constants are named there)
+            t_ins = list(t_ins)
+            t_ins[unknown[0]] = t_out if known is None else t_out - known
+            book.derived += 1
+            if has_const or carried:
+                run.carry_out[unknown[0]] = list(carried) + ([where] if has_const else [])
+        else:
+            book.unmeasurable(where, "several inputs whose forward values are not in the graph")
+        return t_ins
+    if unknown:
+        book.unmeasurable(where, "an input whose forward value is not in the graph")
+        return t_ins
+    book.book(step.sink_kind, label, t_out if known is None else t_out - known)
+    return t_ins
 
-    relevance: tuple[torch.Tensor, ...]
-    ledger: Ledger | None = None
-    promises: list["PromiseRecord"] = field(default_factory=list)
 
-    @property
-    def unaccounted(self) -> float:
-        """Σ seeds − Σ requested-input relevance − Σ sinks (≈ 0 for every graph)."""
-        if self.ledger is None:
-            raise ValueError("this explanation was computed with ledger=False; call explain(..., ledger=True)")
-        return self.ledger.unaccounted
+class LedgerObserver:
+    """Keeps the ledger during a run: the relevance total delivered into every slot so far, and the constants
+    whose shares ride inside a derived total. The run loop calls :meth:`seeded`, :meth:`skipped`,
+    :meth:`before` and :meth:`after`."""
 
-    def __iter__(self) -> Any:
-        return iter(self.relevance)
+    def __init__(self, run: "Run"):
+        self.run = run
+        self.arrived: dict[int, Any] = {}  # slot -> relevance total delivered into it so far
+        self.carry: dict[int, list[str]] = {}  # slot -> constants whose shares its arrived total includes
 
-    def __getitem__(self, k: int) -> torch.Tensor:
-        return self.relevance[k]
+    def seeded(self, slot: int, seed: Tensor) -> None:
+        prev = self.arrived.get(slot)
+        self.arrived[slot] = seed.sum() if prev is None else prev + seed.sum()
 
-    def __len__(self) -> int:
-        return len(self.relevance)
+    def skipped(self, base: int, k: int) -> None:
+        for j in range(k):
+            self.arrived.pop(base + j, None)
+
+    def before(self, base: int, k: int, outs: list[Msg | None]) -> Any:
+        """The relevance that arrived at a node (its consumers' totals, measured from the output's value where a
+        consumer could not report one); resets the step's local bookings."""
+        run = self.run
+        total = None
+        for j in range(k):
+            m = outs[j]
+            t = self.arrived.pop(base + j, None)
+            if m is None:
+                continue
+            if t is None or t is UNKNOWN:
+                try:
+                    t = run.total(base + j, m)
+                except ValueUnavailableError:
+                    t = run.shifted_total(base + j, m)
+                    if t is None:
+                        total = UNKNOWN
+                        break
+            total = t if total is None else total + t
+        run.carried = []
+        for j in range(k):
+            run.carried += self.carry.pop(base + j, [])
+        run.local = None
+        return total
+
+    def after(self, i: int, step: "Step", outs: list[Msg | None], ins: list[Msg | None], t_out: Any) -> None:
+        run = self.run
+        if t_out is not UNKNOWN and t_out is not None and run.local is not None:
+            t_out = t_out - run.local
+        run.carry_out = {}
+        t_ins = step.book(run, t_out, step.input_totals(run, ins), outs)
+        edges = run.graph.edges[i]
+        for pos, names in run.carry_out.items():
+            if edges[pos] >= 0:
+                self.carry.setdefault(edges[pos], []).extend(names)
+        for s_in, t in zip(edges, t_ins):
+            if s_in >= 0 and t is not None:
+                prev = self.arrived.get(s_in)
+                if prev is None:
+                    self.arrived[s_in] = t
+                elif prev is UNKNOWN or t is UNKNOWN:
+                    self.arrived[s_in] = UNKNOWN
+                else:
+                    self.arrived[s_in] = prev + t

@@ -35,8 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .extras import MissingExtraError, require
-from .loading import SpecError, is_file_spec, load_attribute, on_sys_path
+from ..errors import MissingExtraError, SpecError, UsageError
+from ..extras import require
+from ..loading import is_file_spec, load_attribute, on_sys_path
 
 __all__ = ["HEADS", "add_arguments", "run", "load_model", "WordTokenizer"]
 
@@ -45,16 +46,13 @@ HEADS = ("sequence_classification", "token_classification", "question_answering"
          "masked_lm", "image_classification")
 
 
-class UsageError(Exception):
-    """A problem with the command line: reported without a traceback, exit code 2."""
-
 
 # ==============================================================================================================
 # arguments
 # ==============================================================================================================
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dynamiclrp explain``."""
-    from .cli import plain
+    from . import plain
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = plain(__doc__.split("\n\n", 1)[1]) if __doc__ else None
@@ -275,7 +273,7 @@ def _load_hf(args: argparse.Namespace) -> _Loaded:
     if path.suffix or "/" in args.hf or "\\" in args.hf or args.hf.startswith("."):
         raise UsageError(f"--hf: no such directory: {args.hf} (give a save_pretrained directory or a model type "
                          "such as bert)")
-    from . import zoo
+    from ..testing import zoo
 
     overrides = {} if args.num_labels is None else {"num_labels": args.num_labels}
     head = args.head
@@ -297,7 +295,7 @@ def _load_hf_dir(args: argparse.Namespace, path: Path) -> _Loaded:
     except (OSError, ValueError) as err:
         raise UsageError(f"--hf: {path} is not a transformers checkpoint ({_first_line(err)})") from None
     if args.head is not None:
-        from . import zoo
+        from ..testing import zoo
 
         try:
             class_name = zoo.hf_head_for(config.model_type, args.head)
@@ -438,8 +436,8 @@ def _parse_target(value: str | None) -> Any:
 
 
 def _rules(spec: str | None, default: str, low: Any = None, high: Any = None) -> Any:
-    from . import presets
-    from .errors import RuleError
+    from .. import presets
+    from ..errors import RuleError
 
     try:
         return presets.parse(spec or default, low=low, high=high)
@@ -487,7 +485,7 @@ def _pixel_bounds(x: torch.Tensor, mean: Any, std: Any) -> tuple[Any, Any]:
 
 
 def _explain_image(args: argparse.Namespace, loaded: _Loaded) -> int:
-    from . import hf, viz
+    from .. import hf, viz
 
     model = loaded.model
     cfg = getattr(model, "config", None)
@@ -561,7 +559,7 @@ def _image_generic(model: nn.Module, x: torch.Tensor, target: Any, rules: Any, l
                    labels: list[str] | None) -> Any:
     """Like :func:`dynamiclrp.hf.image_classification` for a model called as ``model(x)``."""
     import dynamiclrp
-    from . import hf
+    from .. import hf
 
     params = [p for p in model.parameters() if p.is_floating_point()]
     dtype = params[0].dtype if params else x.dtype
@@ -628,7 +626,7 @@ def _task(model: nn.Module) -> str:
 
 
 def _explain_text(args: argparse.Namespace, loaded: _Loaded) -> int:
-    from . import hf
+    from .. import hf
 
     if not args.text.strip():
         raise UsageError("--text is empty")
@@ -698,7 +696,7 @@ def _check_writable(out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``dynamiclrp explain``; returns the exit code."""
-    from .errors import DynamicLRPError
+    from ..errors import DynamicLRPError
 
     try:
         if args.image is not None and not args.image.is_file():

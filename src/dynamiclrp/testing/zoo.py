@@ -5,7 +5,7 @@ dimensions (hidden size 32, two layers, four heads, eight tokens, batch two, voc
 images) so that a forward pass takes milliseconds on a CPU.
 
 The optional dependencies (``transformers``, ``torchvision``) are imported lazily, inside the builders
-that need them, so ``import dynamiclrp.zoo`` only requires :mod:`torch`.
+that need them, so ``import dynamiclrp.testing.zoo`` only requires :mod:`torch`.
 
 Conventions shared by all entries
 ---------------------------------

@@ -1,0 +1,144 @@
+"""Preparing a call: outputs, inputs and seeds checked and mapped onto the graph's slots, once.
+
+Everything the planner and the run need to know about the caller's tensors: the graph reachable from the outputs,
+the seeds (default: the outputs' own values), the slots of the requested inputs, which of them are activation
+sources, and every tensor the caller holds (the Promise System's ``Known`` values).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import DynamicLRPError
+from .graph import GradientEdge, GraphView, gradient_edge
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Prepared:
+    """A call mapped onto its graph.
+
+    Attributes
+    ----------
+    outputs, inputs : tuple
+        The explained outputs; the requested inputs (tensors or ``GradientEdge`` objects).
+    seeds : list of Tensor
+        One starting relevance per output, detached, in the output's dtype and device.
+    graph : GraphView
+    held : list of Tensor or None
+        Tensors the caller holds, outputs first, then inputs (``None`` for a ``GradientEdge``).
+    known : dict
+        ``slot -> index into held`` of every held tensor that is in the graph.
+    requested : dict
+        ``slot -> index into held`` of the requested inputs in the graph.
+    sources : set of int
+        Requested slots that are activation sources (not parameters).
+    input_slots : list of int or None
+        The slot of each input (``None``: not in the graph).
+    """
+
+    outputs: tuple[Tensor, ...]
+    inputs: tuple[Any, ...]
+    seeds: list[Tensor]
+    graph: GraphView
+    held: list[Tensor | None]
+    known: dict[int, int]
+    requested: dict[int, int]
+    sources: set[int]
+    input_slots: list[int | None]
+
+
+def as_tuple(x: Any, what: str, edges_ok: bool = False) -> tuple[Any, ...]:
+    """``x`` as a non-empty tuple of tensors (or ``GradientEdge`` objects where ``edges_ok``)."""
+    if isinstance(x, torch.Tensor) or (edges_ok and isinstance(x, GradientEdge)):
+        return (x,)
+    if isinstance(x, (list, tuple)):
+        out = tuple(x)
+        for k, t in enumerate(out):
+            if not (isinstance(t, torch.Tensor) or (edges_ok and isinstance(t, GradientEdge))):
+                kinds = "a torch.Tensor or a torch.autograd.graph.GradientEdge" if edges_ok else "a torch.Tensor"
+                raise TypeError(f"{what}[{k}] is a {type(t).__name__}, expected {kinds}")
+        if not out:
+            raise ValueError(f"{what} is empty: pass at least one tensor")
+        return out
+    raise TypeError(f"{what} must be a tensor or a sequence of tensors, got {type(x).__name__}")
+
+
+def prepare(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any) -> Prepared:
+    """Check the arguments of a relevance call and map them onto the graph of ``outputs``."""
+    outs = as_tuple(outputs, "outputs")
+    ins = as_tuple(inputs, "inputs", edges_ok=True)
+    for k, o in enumerate(outs):
+        if o.grad_fn is None:
+            raise DynamicLRPError(_no_graph_message(k, o))
+    seed_tensors = _seeds(outs, seeds)
+    graph = GraphView([(o.grad_fn, o.output_nr) for o in outs])
+    held: list[Tensor | None] = [o for o in outs] + [None if isinstance(t, GradientEdge) else t for t in ins]
+    known: dict[int, int] = {}
+    for k, o in enumerate(outs):
+        known.setdefault(graph.root_slots[k], k)
+    requested: dict[int, int] = {}
+    sources: set[int] = set()
+    input_slots: list[int | None] = []
+    for k, t in enumerate(ins):
+        if isinstance(t, GradientEdge):
+            slot = graph.slot_of(t.node, t.output_nr)
+            input_slots.append(slot)
+            if slot is not None:
+                requested.setdefault(slot, len(outs) + k)
+                sources.add(slot)
+            continue
+        edge = gradient_edge(t)
+        slot = None if edge is None else graph.slot_of(*edge)
+        if edge is None and not t.requires_grad:
+            raise DynamicLRPError(
+                f"inputs[{k}] does not require grad and is not produced by the graph, so no relevance can reach "
+                "it. Call .requires_grad_() on it before the forward pass, or pass a tensor computed in the "
+                "forward pass (e.g. the input embeddings).")
+        input_slots.append(slot)
+        if slot is not None:
+            requested.setdefault(slot, len(outs) + k)
+            known[slot] = len(outs) + k
+            if not isinstance(t, torch.nn.Parameter):
+                sources.add(slot)
+    return Prepared(outs, ins, seed_tensors, graph, held, known, requested, sources, input_slots)
+
+
+def _seeds(outs: tuple[Tensor, ...], seeds: Any) -> list[Tensor]:
+    if seeds is None:
+        seed_list: list[Any] = [None] * len(outs)
+    elif isinstance(seeds, torch.Tensor):
+        seed_list = [seeds]
+    else:
+        seed_list = list(seeds)
+    if len(seed_list) != len(outs):
+        raise ValueError(f"got {len(seed_list)} seeds for {len(outs)} outputs; pass one seed per output "
+                         "(or None for the default, the output's own value)")
+    out: list[Tensor] = []
+    for k, (o, s) in enumerate(zip(outs, seed_list)):
+        if s is None:
+            s = o.detach()
+        else:
+            if not isinstance(s, torch.Tensor):
+                raise TypeError(f"seeds[{k}] must be a tensor or None")
+            if s.shape != o.shape:
+                raise ValueError(f"seeds[{k}] has shape {tuple(s.shape)} but outputs[{k}] has shape "
+                                 f"{tuple(o.shape)}; a seed is the starting relevance of every output element")
+            s = s.detach().to(dtype=o.dtype, device=o.device)
+        out.append(s)
+    return out
+
+
+def _no_graph_message(k: int, out: Tensor) -> str:
+    fix = ("Run the forward pass again with grad enabled and the input requiring grad: x.requires_grad_() before "
+           "the forward (for token inputs, embeddings = model.get_input_embeddings()(ids).detach().requires_grad_() "
+           "passed as inputs_embeds=). The model can stay frozen (model.requires_grad_(False)) and in eval(); that "
+           "is the recommended way to explain it.")
+    if out.is_inference():
+        return (f"outputs[{k}] was computed under torch.inference_mode(), which records no autograd graph, so there "
+                f"is nothing to explain. {fix}")
+    return (f"outputs[{k}] has no grad_fn, so there is no autograd graph to explain: it was computed under "
+            f"torch.no_grad(), or nothing it depends on requires grad. {fix}")

@@ -1,0 +1,19 @@
+"""Softmax and fused scaled-dot-product attention."""
+from __future__ import annotations
+
+
+class SoftmaxKernel:
+    """``softmax`` / ``log_softmax`` along ``dim`` (the output is saved as ``result``)."""
+
+    def __init__(self, log: bool = False):
+        self.log = log
+
+
+class AttentionKernel:
+    """Fused ``scaled_dot_product_attention`` nodes (CPU flash, math-free CUDA flash/efficient/cuDNN).
+
+    Inputs are ``(query, key, value[, attn_mask/bias])``; the node's own backward gives gradients that the
+    AttnLRP and CP-LRP rules rescale.
+    """
+
+    output_field = "output"

@@ -1,0 +1,132 @@
+"""Normalisation layers (layer, batch, group norm) with their statistics saved."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..core.graph import saved
+
+Tensor = torch.Tensor
+
+
+class NormKernel:
+    """Normalisation ``y = (x - mean) * rstd * weight + bias`` with its statistics saved.
+
+    ``kind`` is ``"layer"``, ``"batch"`` or ``"group"``. :meth:`grad_const` is the gradient with the
+    normaliser (``rstd``, and for batch norm in eval mode also the mean) held constant; :meth:`shift` is the
+    per-element additive term (``bias`` minus the scaled running mean) that the rule books as a bias sink.
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    # -- statistics broadcast to x ------------------------------------------------------------------------
+    def _layer_stats(self, node):
+        x = saved(node, "input")
+        nshape = saved(node, "normalized_shape")
+        k = len(nshape)
+        mean, rstd = saved(node, "result1"), saved(node, "result2")
+        return x, k, mean, rstd
+
+    def grad_const(self, node: Any, g: Tensor) -> Tensor:
+        if self.kind == "layer":
+            x, k, _, rstd = self._layer_stats(node)
+            w = saved(node, "weight")
+            gw = g * w if w is not None else g
+            dims = tuple(range(-k, 0))
+            return rstd * (gw - gw.mean(dim=dims, keepdim=True))
+        if self.kind == "batch":
+            x = saved(node, "input")
+            w = saved(node, "weight")
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            if saved(node, "training"):
+                invstd = saved(node, "result2").reshape(shape)
+                gw = g * w.reshape(shape) if w is not None else g
+                dims = (0,) + tuple(range(2, x.dim()))
+                return invstd * (gw - gw.mean(dim=dims, keepdim=True))
+            invstd = torch.rsqrt(saved(node, "running_var") + saved(node, "eps")).reshape(shape)
+            scale = invstd * w.reshape(shape) if w is not None else invstd
+            return g * scale
+        if self.kind == "group":
+            x = saved(node, "input")
+            w = saved(node, "weight")
+            n = x.shape[0]
+            groups = saved(node, "group")
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            gw = g * w.reshape(shape) if w is not None else g
+            gg = gw.reshape(n, groups, -1)
+            rstd = saved(node, "result2").reshape(n, groups, 1)
+            out = rstd * (gg - gg.mean(dim=-1, keepdim=True))
+            return out.reshape(x.shape)
+        raise ValueError(self.kind)  # pragma: no cover
+
+    def forward(self, node: Any) -> Tensor:
+        """The op's output from its saved tensors (an Arg Node)."""
+        x = saved(node, "input")
+        if self.kind == "layer":
+            _, k, mean, rstd = self._layer_stats(node)
+            y = (x - mean) * rstd
+            w, b = saved(node, "weight"), saved(node, "bias")
+        elif self.kind == "batch":
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            if saved(node, "training"):
+                mean = saved(node, "result1").reshape(shape)
+                invstd = saved(node, "result2").reshape(shape)
+            else:
+                mean = saved(node, "running_mean").reshape(shape)
+                invstd = torch.rsqrt(saved(node, "running_var") + saved(node, "eps")).reshape(shape)
+            y = (x - mean) * invstd
+            w, b = saved(node, "weight"), None
+            if w is not None:
+                w = w.reshape(shape)
+        else:
+            n, groups = x.shape[0], saved(node, "group")
+            mean = saved(node, "result1").reshape(n, groups, 1)
+            rstd = saved(node, "result2").reshape(n, groups, 1)
+            y = ((x.reshape(n, groups, -1) - mean) * rstd).reshape(x.shape)
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            w, b = saved(node, "weight"), None
+            if w is not None:
+                w = w.reshape(shape)
+        if w is not None:
+            y = y * w
+        if b is not None:
+            y = y + b
+        return y
+
+    def absent(self, node: Any, pos: int) -> bool:
+        """An affine parameter the op did not have (batch/group norm without ``affine``, layer norm without
+        bias)."""
+        if pos == 1:
+            return saved(node, "weight") is None
+        if pos == 2:
+            return saved(node, "bias" if self.kind == "layer" else "weight") is None
+        return False
+
+    def companion(self, node: Any, pos: int) -> tuple | None:
+        """The shift of a frozen batch or group norm sits next to its running mean or weight in the model."""
+        if pos != 2 or self.kind == "layer":
+            return None
+        if self.kind == "batch" and saved(node, "running_mean") is not None:
+            rm = saved(node, "running_mean")
+            return (rm, rm.shape[0], "running_mean", "bias")
+        w = saved(node, "weight")
+        return None if w is None else (w, w.shape[0], "weight", "bias")
+
+    def rebuild(self, node, nr):
+        if nr != 0 or saved(node, "input") is None:
+            return None
+        if self.kind != "layer":
+            return None  # batch/group norm do not save their bias: rebuilt with the bias via replay
+        return self.forward(node)
+
+    def can_rebuild(self, node, nr):
+        return nr == 0 and self.kind == "layer" and saved(node, "input") is not None
+
+    def replay(self, node, xs, nr):
+        """Output from the saved statistics plus the bias value (input 2) where the bias is not saved."""
+        y = self.forward(node)
+        if self.kind in ("batch", "group") and len(xs) > 2 and xs[2] is not None:
+            y = y + xs[2].reshape((1, -1) + (1,) * (y.dim() - 2))
+        return y

@@ -1,0 +1,344 @@
+"""The registry: one row per autograd node type, with its traits (in the spirit of PyTorch's ``derivatives.yaml``).
+
+Each row (:class:`~dynamiclrp.core.spec.OpSpec`) says which *family* of rules handles the node (a rule set maps
+families to rules), which kernel describes the op, which forward inputs/outputs autograd saved and under which
+field, how to rebuild or replay the node's output for the Promise System, and the op's structural traits (a view,
+a selection, a reduction, element-wise, a gate...) that rules and the Promise System ask about. Adding an op is one
+row here (plus a kernel in this package when no existing one describes it). Node types not in this table are
+unsupported: the planner raises :class:`~dynamiclrp.errors.UnsupportedOperationError` before any relevance is
+computed.
+
+Families
+--------
+``linear``, ``conv`` (activation × weight), ``matmul`` (activation × activation), ``product`` (element-wise
+``*`` and ``/``), ``add``, ``reduce``, ``pool``, ``activation``, ``norm``, ``softmax``, ``attention``,
+``routing``, ``embedding``, ``leaf``; and ``recurrent``, ``parametrization``, ``inplace``, ``custom`` for the
+special ops of :mod:`dynamiclrp.ops.special`.
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..core.graph import saved
+from ..core.spec import OpSpec
+from ..core.step import Site
+from . import routing as R
+from .attention import AttentionKernel, SoftmaxKernel
+from .elementwise import BLOOM_GELU, PRELU, RG_SQRT, UNARY, NegKernel, ProductKernel, binary_rebuild
+from .linear import (AddmmKernel, BaddbmmKernel, BmmKernel, ConvKernel, GroupedMmFallbackKernel, GroupedMmKernel,
+                     LinearKernel, MmKernel, MvKernel)
+from .norm import NormKernel
+from .reduce import (VECTOR_NORM, SumKernel, _adaptive_avg_pool_nd, _alpha, _avg_pool2d, _avg_pool3d, add_forward,
+                     avg_pool_rebuild, cumsum_forward, mean_forward, nll_forward, rsub_forward, sub_forward,
+                     sum_forward, upsample_forward, vector_norm_forward)
+from .special import CopySlicesKernel, LeafKernel, RecurrentKernel, WeightNormKernel, function_family
+
+#: element-wise non-linearities used as activation functions (the activated operand of a gated MLP)
+_ACTIVATIONS = frozenset({
+    "ReluBackward0", "GeluBackward0", "SiluBackward0", "MishBackward0", "TanhBackward0", "SigmoidBackward0",
+    "SoftplusBackward0", "EluBackward0", "LeakyReluBackward0", "HardswishBackward0", "HardsigmoidBackward0",
+    "HardtanhBackward0", "ThresholdBackward0",
+})
+#: gates: a signal multiplied by one of these takes all the relevance (LSTM/GRU, squeeze-excitation)
+_GATES = frozenset({"SigmoidBackward0", "HardsigmoidBackward0"})
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Row builders
+# -----------------------------------------------------------------------------------------------------------
+def _family_of_linear(site: Site) -> str:
+    return site.spec.kernel.family(site.active)
+
+
+def _linear(kernel: LinearKernel, inputs_saved: tuple[tuple[int, str], ...], **traits: Any) -> OpSpec:
+    return OpSpec("linear", kernel, inputs_saved=inputs_saved, rebuild=kernel.rebuild, replay=_linear_replay(kernel),
+                  family_of=_family_of_linear, **traits)
+
+
+def _linear_replay(kernel: LinearKernel) -> Callable:
+    """``alpha·f(a, b) + beta·bias`` from the inputs' values (constant operands are read by the Promise System
+    from saved fields or, for a frozen bias, from the model; an absent bias is ``None``)."""
+    def replay(node: Any, xs: Any, nr: int) -> torch.Tensor:
+        a, b = xs[kernel.operands[0]], xs[kernel.operands[1]]
+        z = kernel.alpha(node) * kernel.f(node, a, b)
+        if kernel.bias_pos is not None and len(xs) > kernel.bias_pos and xs[kernel.bias_pos] is not None:
+            z = z + kernel.beta(node) * kernel.bias_view(node, xs[kernel.bias_pos], z.shape)
+        return z
+    return replay
+
+
+def _routing(replay: Callable | None = None, replay_inputs: Any = None, inputs_saved: tuple = (),
+             selection: bool = True, **traits: Any) -> OpSpec:
+    """A routing row; ``selection=False`` for routing ops that add copies (scatter-add, index-add, fold) or scale
+    them (dropout), whose input is not a copy of their output."""
+    return OpSpec("routing", R.RoutingKernel(replay), replay=replay, replay_inputs=replay_inputs,
+                  inputs_saved=inputs_saved, selection=selection, **traits)
+
+
+def _view(replay: Callable, reshape: bool = False) -> OpSpec:
+    """A view, copy or cast: the output *is* the input rearranged (``reshape``: in the same element order)."""
+    return _routing(replay, view=True, reshape=reshape)
+
+
+def _unary(name: str) -> OpSpec:
+    k = UNARY[name]
+    results = ((0, k.y_field),) if k.y_field else ()
+    inputs_saved = ((0, k.x_field),) if k.x_field else ()
+    return OpSpec("activation", k, results=results, inputs_saved=inputs_saved, rebuild=k.rebuild,
+                  replay=k.replay, elementwise="unary", activation=name in _ACTIVATIONS, gate=name in _GATES)
+
+
+def _sum(forward: Callable | None, coefficients: Callable | None = None, rebuild: Callable | None = None,
+         inputs_saved: tuple = (), replay_inputs: Any = None, family: str = "add", **traits: Any) -> OpSpec:
+    return OpSpec(family, SumKernel(forward, coefficients, rebuild), rebuild=rebuild, replay=forward,
+                  replay_inputs=replay_inputs, inputs_saved=inputs_saved, **traits)
+
+
+def _add_coefs(node: Any) -> tuple[float, ...]:
+    return (1.0, _alpha(node))
+
+
+def _sub_coefs(node: Any) -> tuple[float, ...]:
+    return (1.0, -_alpha(node))
+
+
+def _rsub_coefs(node: Any) -> tuple[float, ...]:
+    return (-_alpha(node), 1.0)
+
+
+def _product(divide: bool, scalar: bool = False) -> OpSpec:
+    k = ProductKernel(divide=divide, scalar=scalar)
+    inputs_saved: tuple = () if scalar else ((0, "self"), (1, "other"))
+    return OpSpec("product", k, inputs_saved=inputs_saved, rebuild=k.rebuild, replay=k.replay,
+                  replay_inputs=(0,) if scalar else None, elementwise="unary" if scalar else "binary")
+
+
+def _max_pool_rebuild(fn: Callable) -> Callable:
+    def rebuild(node: Any, nr: int) -> torch.Tensor | None:
+        x = saved(node, "self")
+        if x is None or nr != 0:
+            return None
+        return fn(node, x)
+    return rebuild
+
+
+def _mp2d(node: Any, x: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(x, saved(node, "kernel_size"), saved(node, "stride") or None, saved(node, "padding"),
+                        saved(node, "dilation"), saved(node, "ceil_mode"))
+
+
+def _mp3d(node: Any, x: torch.Tensor) -> torch.Tensor:
+    return F.max_pool3d(x, saved(node, "kernel_size"), saved(node, "stride") or None, saved(node, "padding"),
+                        saved(node, "dilation"), saved(node, "ceil_mode"))
+
+
+def _embedding_replay(node: Any, xs: Any, nr: int) -> torch.Tensor:
+    return F.embedding(saved(node, "indices"), xs[0], saved(node, "padding_idx"))
+
+
+def _norm(kind: str) -> OpSpec:
+    k = NormKernel(kind)
+    inputs_saved: tuple = ((0, "input"),) + (((1, "weight"),) if kind in ("layer", "batch", "group") else ())
+    if kind == "layer":
+        inputs_saved = inputs_saved + ((2, "bias"),)
+    return OpSpec("norm", k, inputs_saved=inputs_saved, rebuild=k.rebuild, replay=k.replay,
+                  replay_inputs=(2,) if kind != "layer" else (),
+                  static_fields=("training",) if kind == "batch" else ())
+
+
+def _function(kernel: Any, module: str, qualname: str, family: str) -> OpSpec:
+    """A known custom ``autograd.Function`` (element-wise, its input in ``ctx.saved_tensors[0]``), matched by node
+    class name and checked against the Function's class."""
+    return OpSpec(family, kernel, inputs_saved=((0, "saved_tensors.0"),), rebuild=kernel.rebuild, replay=kernel.replay,
+                  family_of=function_family(family), function=(module, qualname))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The rows
+# -----------------------------------------------------------------------------------------------------------
+def _routing_rows() -> dict[str, OpSpec]:
+    rows: dict[str, OpSpec] = {}
+    for name in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0",
+                 "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "SqueezeBackward4",
+                 "UnsqueezeBackward0", "UnsqueezeBackward1", "FlattenBackward0", "UnflattenBackward0"):
+        rows[name] = _view(R.replay_reshape, reshape=True)
+    for name in ("CloneBackward0", "AliasBackward0", "ContiguousBackward0", "LiftFreshBackward0", "DetachBackward0"):
+        rows[name] = _view(R.replay_identity, reshape=True)
+    rows["ViewAsRealBackward0"] = _routing(R.replay_identity)
+    rows["ToCopyBackward0"] = _view(R.replay_to_copy, reshape=True)
+    rows["TBackward0"] = _view(R.replay_t)
+    rows["TransposeBackward0"] = _view(R.replay_transpose)
+    rows["TransposeBackward1"] = _view(R.replay_transpose)
+    rows["PermuteBackward0"] = _view(R.replay_permute)
+    rows["ExpandBackward0"] = _view(R.replay_expand)
+    rows["RepeatBackward0"] = _view(R.replay_repeat)
+    rows["SliceBackward0"] = _routing(R.replay_slice)
+    rows["SelectBackward0"] = _routing(R.replay_select)
+    rows["SelectBackward1"] = _routing(R.replay_select)
+    rows["IndexBackward0"] = _routing(R.replay_index)
+    rows["IndexSelectBackward0"] = _routing(R.replay_index_select)
+    rows["GatherBackward0"] = _routing(R.replay_gather)
+    rows["CatBackward0"] = _routing(R.replay_cat)
+    rows["StackBackward0"] = _routing(R.replay_stack)
+    for name in ("SplitBackward0", "SplitBackward1", "SplitWithSizesBackward0", "SplitWithSizesBackward1",
+                 "UnsafeSplitBackward0", "UnsafeSplitWithSizesBackward0"):
+        rows[name] = _routing(R.replay_split)
+    rows["UnbindBackward0"] = _routing(R.replay_unbind)
+    rows["FlipBackward0"] = _routing(R.replay_flip)
+    rows["RollBackward0"] = _routing(R.replay_roll)
+    rows["WhereBackward0"] = _routing(R.replay_where, replay_inputs=(0, 1))
+    rows["ConstantPadNdBackward0"] = _routing(R.replay_constant_pad)
+    rows["MaskedFillBackward0"] = _routing()
+    rows["MaskedFillBackward1"] = _routing()
+    rows["IndexPutBackward0"] = _routing(selection=False)  # index_put_(accumulate=True) adds
+    rows["ScatterBackward0"] = _routing()
+    rows["ScatterBackward1"] = _routing()
+    rows["ScatterAddBackward0"] = _routing(selection=False)
+    rows["IndexAddBackward0"] = _routing(selection=False)
+    rows["NativeDropoutBackward0"] = _routing(selection=False, view=True)
+    rows["UnfoldBackward0"] = _routing()
+    rows["Im2ColBackward0"] = _routing()
+    rows["Col2ImBackward0"] = _routing(selection=False)
+    for name in ("PixelShuffleBackward0", "PixelUnshuffleBackward0", "UpsampleNearest1DBackward0",
+                 "UpsampleNearest2DBackward0", "UpsampleNearest3DBackward0", "UpsampleNearestExact1DBackward0",
+                 "UpsampleNearestExact2DBackward0", "UpsampleNearestExact3DBackward0", "ReflectionPad1DBackward0",
+                 "ReflectionPad2DBackward0", "ReplicationPad1DBackward0", "ReplicationPad2DBackward0"):
+        rows[name] = _routing()
+    for name in ("TopkBackward0", "SortBackward0", "KthvalueBackward0"):
+        rows[name] = _routing(R.replay_take_indices)
+    for name in ("AsStridedBackward0", "AsStridedBackward1"):
+        rows[name] = _routing(R.replay_as_strided)
+    # winner-take-all maxima: the gradient routes everything to the arg-max
+    rows["MaxBackward0"] = _routing()
+    rows["MinBackward0"] = _routing()
+    for name in ("MaxBackward1", "MinBackward1", "AmaxBackward0", "AminBackward0"):  # they keep their result
+        rows[name] = OpSpec("routing", R.RoutingKernel(), results=((0, "result"),), inputs_saved=((0, "self"),),
+                            selection=True, reduction=name in ("MaxBackward1", "AmaxBackward0"))
+    for name, fn in (("MaximumBackward0", torch.maximum), ("MinimumBackward0", torch.minimum),
+                     ("FmaxBackward0", torch.fmax), ("FminBackward0", torch.fmin)):
+        rows[name] = OpSpec("routing", R.RoutingKernel(), inputs_saved=((0, "self"), (1, "other")),
+                            rebuild=binary_rebuild(fn), selection=True)
+    rows["MaxPool2DWithIndicesBackward0"] = OpSpec(
+        "routing", R.RoutingKernel(), inputs_saved=((0, "self"),), rebuild=_max_pool_rebuild(_mp2d), selection=True)
+    rows["MaxPool3DWithIndicesBackward0"] = OpSpec(
+        "routing", R.RoutingKernel(), inputs_saved=((0, "self"),), rebuild=_max_pool_rebuild(_mp3d), selection=True)
+    for name in ("AdaptiveMaxPool2DBackward0", "AdaptiveMaxPool3DBackward0"):
+        rows[name] = OpSpec("routing", R.RoutingKernel(R.replay_take_flat_indices), inputs_saved=((0, "self"),),
+                            rebuild=R.rebuild_take_flat_indices, replay=R.replay_take_flat_indices, selection=True)
+    rows["EmbeddingBackward0"] = OpSpec("embedding", R.EmbeddingKernel(), replay=_embedding_replay,
+                                        replay_inputs=(0,), selection=True, data_lookup=True)
+    # in-place writes into views: routing, after a plan-time check of the wrapped op (family "inplace")
+    rows["CopySlices"] = OpSpec("inplace", CopySlicesKernel())
+    return rows
+
+
+def _build() -> Mapping[str, OpSpec]:
+    t: dict[str, OpSpec] = {}
+    t["AccumulateGrad"] = OpSpec("leaf", LeafKernel())
+    # linear algebra
+    t["MmBackward0"] = _linear(MmKernel(), ((0, "self"), (1, "mat2")), merges_batchnorm=True)
+    t["BmmBackward0"] = _linear(BmmKernel(), ((0, "self"), (1, "mat2")))
+    t["AddmmBackward0"] = _linear(AddmmKernel(), ((1, "mat1"), (2, "mat2")), merges_batchnorm=True)
+    t["BaddbmmBackward0"] = _linear(BaddbmmKernel(), ((1, "batch1"), (2, "batch2")))
+    t["MvBackward0"] = _linear(MvKernel(), ((0, "self"), (1, "vec")))
+    t["ConvolutionBackward0"] = OpSpec("conv", ConvKernel(), inputs_saved=((0, "input"), (1, "weight")),
+                                       replay=_linear_replay(ConvKernel()), family_of=_family_of_linear,
+                                       static_fields=("bias_sym_sizes_opt",), merges_batchnorm=True)
+    # MoE experts (torch._grouped_mm): a linear op with weights
+    t["GroupedMmBackward0"] = _linear(GroupedMmKernel(), ((0, "self"), (1, "mat2")))
+    t["GeneratedBackwardFor_transformers_grouped_mm_fallback_defaultBackward"] = _linear(
+        GroupedMmFallbackKernel(), ((0, "saved_tensors.0"), (1, "saved_tensors.1")))
+    # sums
+    t["AddBackward0"] = _sum(add_forward, _add_coefs, replay_inputs=(0, 1), elementwise="binary")
+    t["AddBackward1"] = _sum(None, lambda n: (1.0,), elementwise="unary")
+    t["SubBackward0"] = _sum(sub_forward, _sub_coefs, replay_inputs=(0, 1), elementwise="binary")
+    t["SubBackward1"] = _sum(None, lambda n: (1.0,), elementwise="unary")
+    t["RsubBackward0"] = _sum(rsub_forward, _rsub_coefs, replay_inputs=(0, 1), elementwise="binary")
+    t["RsubBackward1"] = _sum(None, lambda n: (-_alpha(n),), elementwise="unary")
+    for name in ("SumBackward0", "SumBackward1"):
+        t[name] = _sum(sum_forward, family="reduce", reduction=True)
+    for name in ("MeanBackward0", "MeanBackward1"):
+        t[name] = _sum(mean_forward, family="reduce", reduction=True)
+    t["CumsumBackward0"] = _sum(cumsum_forward, family="reduce")
+    # a loss as the explained output: nll_loss (cross_entropy = log_softmax + nll_loss) is linear in its input
+    for name in ("NllLossBackward0", "NllLoss2DBackward0"):
+        t[name] = _sum(nll_forward, inputs_saved=((0, "self"),), family="reduce")
+    t["AvgPool2DBackward0"] = _sum(lambda n, xs, nr: _avg_pool2d(n, xs[0]), rebuild=avg_pool_rebuild(_avg_pool2d),
+                                   inputs_saved=((0, "self"),), family="pool")
+    t["AvgPool3DBackward0"] = _sum(lambda n, xs, nr: _avg_pool3d(n, xs[0]), rebuild=avg_pool_rebuild(_avg_pool3d),
+                                   inputs_saved=((0, "self"),), family="pool")
+    for name in ("AdaptiveAvgPool2DBackward0", "AdaptiveAvgPool3DBackward0"):
+        t[name] = _sum(lambda n, xs, nr: _adaptive_avg_pool_nd(n, xs[0]),
+                       rebuild=avg_pool_rebuild(_adaptive_avg_pool_nd), inputs_saved=((0, "self"),), family="pool")
+    # interpolation: linear maps with constant weights -> the sum rule (family "pool", like average pooling)
+    for name, kind in (("UpsampleLinear1DBackward0", "linear1d"), ("UpsampleBilinear2DBackward0", "bilinear2d"),
+                       ("UpsampleBicubic2DBackward0", "bicubic2d"), ("UpsampleTrilinear3DBackward0", "trilinear3d"),
+                       ("UpsampleBilinear2DAaBackward0", "bilinear2d_aa"),
+                       ("UpsampleBicubic2DAaBackward0", "bicubic2d_aa")):
+        t[name] = _sum(upsample_forward(kind), family="pool")
+    # vector norms (F.normalize, cosine attention, GRN): homogeneous of degree 1 -> the sum rule is conservative
+    t["LinalgVectorNormBackward0"] = OpSpec("reduce", VECTOR_NORM, results=((0, "result"),),
+                                            inputs_saved=((0, "self"),), rebuild=VECTOR_NORM.rebuild,
+                                            replay=vector_norm_forward, reduction=True)
+    # products
+    t["MulBackward0"] = _product(divide=False)
+    t["MulBackward1"] = _product(divide=False, scalar=True)
+    t["DivBackward0"] = _product(divide=True)
+    t["DivBackward1"] = _product(divide=True, scalar=True)
+    t["NegBackward0"] = OpSpec("product", NegKernel(), replay=NegKernel().replay, elementwise="unary")
+    # element-wise non-linearities
+    for name in UNARY:
+        t[name] = _unary(name)
+    # PReLU: piecewise-linear activation with a learned slope (identity rule on x, nothing to the slope)
+    t["PreluKernelBackward0"] = OpSpec("activation", PRELU, inputs_saved=((0, "self"),), rebuild=PRELU.rebuild,
+                                       replay=PRELU.replay, replay_inputs=(0,))
+    # normalisation
+    t["NativeLayerNormBackward0"] = _norm("layer")
+    t["NativeBatchNormBackward0"] = _norm("batch")
+    t["NativeGroupNormBackward0"] = _norm("group")
+    # softmax and attention
+    t["SoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(), results=((0, "result"),))
+    t["SafeSoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(), results=((0, "result"),))
+    t["LogSoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(log=True), results=((0, "result"),))
+    for name in ("ScaledDotProductFlashAttentionForCpuBackward0", "ScaledDotProductEfficientAttentionBackward0",
+                 "ScaledDotProductFlashAttentionBackward0", "ScaledDotProductCudnnAttentionBackward0"):
+        t[name] = OpSpec("attention", AttentionKernel(), results=((0, "output"),),
+                         inputs_saved=((0, "query"), (1, "key"), (2, "value")))
+    t.update(_routing_rows())
+    # fused oneDNN LSTM layer (nn.LSTM on CPU): re-expressed with primitive ops, explained with the rule set
+    rnn = RecurrentKernel()
+    t["MkldnnRnnLayerBackward0"] = OpSpec(
+        "recurrent", rnn, results=((0, "result0"), (1, "result1"), (2, "result2")),
+        inputs_saved=((0, "input"), (1, "weight0"), (2, "weight1"), (5, "hx_"), (6, "cx_")), rebuild=rnn.rebuild,
+        static_fields=("mode", "has_biases", "batch_sizes"))
+    # weight normalisation (wav2vec2's positional convolution)
+    wn = WeightNormKernel()
+    t["WeightNormInterfaceBackward0"] = OpSpec("parametrization", wn, inputs_saved=((0, "v"), (1, "g")),
+                                               rebuild=wn.rebuild)
+    # known custom autograd Functions
+    t["GeLUFunctionBackward"] = _function(BLOOM_GELU, "transformers.models.bloom.modeling_bloom", "GeLUFunction",
+                                          "activation")
+    t["SqrtBoundDerivativeBackward"] = _function(
+        RG_SQRT, "transformers.models.recurrent_gemma.modeling_recurrent_gemma", "SqrtBoundDerivative", "activation")
+    return MappingProxyType(t)
+
+
+#: node type -> OpSpec. Read-only; extend per rule set with ``RuleSet.with_ops``.
+REGISTRY: Mapping[str, OpSpec] = _build()
+
+
+def families() -> frozenset[str]:
+    """Every family some registry row uses."""
+    return frozenset(spec.family for spec in REGISTRY.values()) | {"matmul"}
+
+
+def describe(name: str) -> dict[str, Any]:
+    """A readable summary of one row (used by the coverage report)."""
+    spec = REGISTRY.get(name)
+    if spec is None:
+        return {"node": name, "covered": False}
+    return {"node": name, "covered": True, "family": spec.family, "kernel": type(spec.kernel).__name__}

@@ -1,0 +1,207 @@
+"""Element-wise non-linearities (identity rule, Zennit's ``Pass``, gradient × input) and normalisation layers with
+the normaliser held constant (AttnLRP)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..core.graph import call_backward, saved
+from ..core.messages import Msg, gmsg
+from ..core.step import Site, Step
+from ..ops.elementwise import UnaryKernel
+from ..ops.norm import NormKernel
+from .base import Rule, _child_meta, _fit, _wrong_family
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
+
+Tensor = torch.Tensor
+
+
+class IdentityStep(Step):
+    """``R_x = R_y``; in gradient form ``G_x = G_y · y / x``."""
+
+    __slots__ = ("kernel", "meta", "limit", "need_x_value", "f0", "conservative")
+    handles_r = True
+
+    def __init__(self, site: Site):
+        super().__init__(site)
+        self.kernel: UnaryKernel = site.spec.kernel
+        self.meta = _child_meta(site)
+        lim = self.kernel.limit_ratio
+        self.limit = lim
+        f0 = self.kernel.f0
+        self.f0 = f0
+        # identity is exact except where x == 0 but f(0) != 0 (that relevance cannot be passed to x)
+        self.conservative = (f0(None) if callable(f0) else f0) == 0
+        k = self.kernel
+        self.need_x_value = (k._ratio is None and (k.x_field is None or saved(site.node, k.x_field) is None)
+                             and k.inverse is not None and k.y_field is not None and site.edges[0] >= 0
+                             and site.type in ("TanhBackward0", "SigmoidBackward0"))
+        if self.need_x_value:
+            site.planner.need_value(site.edges[0])
+
+    def _xy(self, run, node) -> tuple[Tensor | None, Tensor | None]:
+        k = self.kernel
+        x = saved(node, k.x_field) if k.x_field else None
+        y = saved(node, k.y_field) if k.y_field else None
+        if x is None and y is None:
+            x = run.value(self.in_edges[0], run.graph.describe(self.index))
+        if y is None and x is not None:
+            y = k.f(node, x)
+        if x is None:
+            if self.need_x_value:
+                try:
+                    x = run.value(self.in_edges[0], run.graph.describe(self.index))
+                except Exception:  # noqa: BLE001 - fall back to the inverse map
+                    x = k.inverse(node, y)
+            elif k.inverse is not None:
+                x = k.inverse(node, y)
+        return x, y
+
+    def ratio(self, run, node) -> Tensor:
+        k = self.kernel
+        x, y = self._xy(run, node) if k._ratio is None or k.x_field is not None else (None, saved(node, k.y_field))
+        if k._ratio is not None:
+            if x is None and k.x_field is not None:
+                x = saved(node, k.x_field)
+            return k._ratio(node, x, y)
+        lim = self.limit(node) if callable(self.limit) else self.limit
+        zero = x == 0
+        r = y / torch.where(zero, 1, x)
+        r = torch.where(zero, torch.as_tensor(lim, dtype=r.dtype, device=r.device), r)
+        return torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def g(self, run, gs):
+        node = run.graph.nodes[self.index]
+        if self.kernel.identity_is_gradient:
+            (gx,) = call_backward(node, gs)[:1]
+            return [Msg(g=_fit(gx, self.meta[0]))]
+        return [Msg(g=_fit(gs[0] * self.ratio(run, node), self.meta[0]))]
+
+    def r(self, run, rs):
+        return [Msg(r=_fit(rs[0], self.meta[0]))]
+
+
+class Identity(Rule):
+    """Identity rule for element-wise non-linearities (AttnLRP; Zennit's ``Pass``): ``R_x = R_y``."""
+
+    families = frozenset({"activation"})
+
+    def bind(self, site):
+        if not isinstance(site.spec.kernel, UnaryKernel):
+            raise _wrong_family(self, site, site.spec.family)
+        return IdentityStep(site)
+
+
+class PassStep(Step):
+    """``R_x = R_y`` for a shape-preserving op that is not element-wise (a normalisation layer): the relevance
+    itself is handed through, in explicit form (gradient-form input is converted with the output's value)."""
+
+    __slots__ = ("meta",)
+    handles_r = True
+    conservative = True
+
+    def __init__(self, site: Site):
+        super().__init__(site)
+        self.meta = _child_meta(site)
+        site.planner.need_support(self.out_slots[0])
+
+    def g(self, run, gs):
+        # R = G·y needs y only where G is non-zero: the output's value on its support
+        y = run.support(self.out_slots[0], run.graph.describe(self.index))
+        return [Msg(r=_fit(gs[0] * y, self.meta[0]))] + [None] * (self.n_in - 1)
+
+    def r(self, run, rs):
+        return [Msg(r=_fit(rs[0], self.meta[0]))] + [None] * (self.n_in - 1)
+
+
+class Pass(Identity):
+    """Zennit's ``Pass`` rule: the output relevance is handed to the input unchanged, ``R_x = R_y``.
+
+    On element-wise non-linearities it is the :class:`Identity` rule (Achtibat et al. 2024); on normalisation
+    layers (Zennit gives ``BatchNorm`` the ``Pass`` rule when it is not merged into the layer before it) the
+    whole layer, affine part and bias included, passes relevance through. Conservative.
+    """
+
+    families = frozenset({"activation", "norm"})
+
+    def bind(self, site):
+        if isinstance(site.spec.kernel, NormKernel):
+            return PassStep(site)
+        return super().bind(site)
+
+
+class GradientStep(Step):
+    """Relevance as gradient × input through this node: ``G_x = Jᵀ G`` (the node's own backward)."""
+
+    __slots__ = ("meta",)
+
+    def __init__(self, site):
+        super().__init__(site)
+        self.meta = _child_meta(site)
+
+    def g(self, run, gs):
+        node = run.graph.nodes[self.index]
+        return [gmsg(_fit(t, m)) for t, m in zip(call_backward(node, gs), self.meta)]
+
+    conservative = False
+
+
+class Gradient(Rule):
+    """Treat the node like plain gradient × input (``G_x = Jᵀ G``). Not conservative in general; for piecewise
+    linear homogeneous ops (ReLU, LeakyReLU, max) it equals the identity rule."""
+
+    families = frozenset({"activation", "any", "norm", "softmax", "product", "matmul", "routing"})
+
+    def bind(self, site):
+        return GradientStep(site)
+
+
+class NormStep(Step):
+    """LayerNorm / BatchNorm / GroupNorm with the normaliser held constant (AttnLRP, Achtibat et al. 2024).
+
+    The remaining map ``y = (x - μ) · rstd · γ + β`` is linear in ``x``; the z-rule on it gives
+    ``G_x = rstd · (γG − mean(γG))`` (no centring for batch norm in eval mode, whose mean is a constant) and
+    books ``β`` (minus the scaled running mean) as a bias sink.
+    """
+
+    __slots__ = ("kernel", "meta")
+
+    def __init__(self, site):
+        super().__init__(site)
+        self.kernel: NormKernel = site.spec.kernel
+        self.meta = _child_meta(site)
+        if len(site.edges) > 2 and site.edges[2] >= 0:
+            site.planner.mark_bias(site.edges[2])
+
+    def g(self, run, gs):
+        node = run.graph.nodes[self.index]
+        gx = self.kernel.grad_const(node, gs[0])
+        res: list[Msg | None] = [Msg(g=_fit(gx, self.meta[0]))] + [None] * (self.n_in - 1)
+        # the bias (input 2) is a sink: route its share (G summed to its shape) so a requested bias sees it
+        if self.n_in > 2 and self.in_edges[2] >= 0 and self.meta[2] is not None:
+            res[2] = Msg(g=_fit(_per_channel(gs[0], self.kernel, node), self.meta[2]))
+        return res
+
+    conservative = False
+    sink_kind = "bias"  # batch norm's running-mean shift, or a bias that does not require grad
+
+
+def _per_channel(g: Tensor, kernel: NormKernel, node: Any) -> Tensor:
+    if kernel.kind == "layer":
+        return g
+    dims = (0,) + tuple(range(2, g.dim()))
+    return g.sum(dim=dims)
+
+
+class NormConstant(Rule):
+    """Normalisation layers with the normaliser (mean / variance / rms statistics) treated as a constant."""
+
+    families = frozenset({"norm"})
+
+    def bind(self, site):
+        if not isinstance(site.spec.kernel, NormKernel):
+            raise _wrong_family(self, site, site.spec.family)
+        return NormStep(site)
