@@ -14,13 +14,8 @@ from .errors import (DynamicLRPError, GraphFreedError, RuleError, UnsupportedOpe
 from .core.ledger import Ledger, Sink
 from .core.results import Explanation
 from .rules import RuleSet
+from .version import __version__
 
-try:  # the version lives in one place, pyproject.toml; installed metadata carries it here
-    from importlib.metadata import PackageNotFoundError as _NotFound, version as _version
-
-    __version__: str = _version("dynamiclrp")
-except _NotFound:  # pragma: no cover - running from a source tree that was never installed
-    __version__ = "0+unknown"
 
 __all__ = [
     "DynamicLRPError", "Explainer", "Explanation", "GraphFreedError", "LRP", "Ledger", "RuleError", "RuleSet",

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .core.graph import GraphView, forward_op_name, gradient_edge, is_custom_function
+from .core.graph import GraphView, forward_cls, forward_op_name, gradient_edge, is_custom_function
 from .core.plan import Planner
 from .errors import DynamicLRPError
 from .presets import Rules, resolve
@@ -189,7 +189,7 @@ def _uncovered_note(graph: GraphView, i: int) -> str:
     node = graph.nodes[i]
     t = graph.types[i]
     if is_custom_function(node):
-        cls = node._forward_cls
+        cls = forward_cls(node)
         return (f"custom torch.autograd.Function {cls.__module__}.{cls.__qualname__} has no rule; register one with "
                 f"rules.with_ops({{'{t}': dynamiclrp.rules.Routing()}}) (or another rule, or an (OpSpec, Rule) "
                 "pair; see dynamiclrp.rules.special)")

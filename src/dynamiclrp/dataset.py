@@ -623,7 +623,7 @@ class _Group:
 # the store
 # ==============================================================================================================
 def _versions(model: nn.Module) -> dict:
-    from . import __version__
+    from .version import __version__
     v = {"dynamiclrp": __version__, "torch": torch.__version__, "numpy": np.__version__,
          "python": platform.python_version()}
     try:

@@ -25,6 +25,7 @@ EXTRAS: dict[str, tuple[str, str | None]] = {
     "PIL": ("Pillow", "viz"),
     "transformers": ("transformers", "hf"),
     "sklearn": ("scikit-learn", "demo"),
+    "scipy": ("scipy", "metrics"),
     "tqdm": ("tqdm", "progress"),
     "torchvision": ("torchvision", None),
     "zarr": ("zarr", "data"),

@@ -38,6 +38,8 @@ from typing import Any, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .extras import require
 from torch import Tensor, nn
 
 __all__ = [
@@ -1100,13 +1102,6 @@ def input_invariance_check(
     )
 
 
-def _average_ranks(v: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties sharing their average rank."""
-    _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return (ends - (counts - 1) / 2.0)[inverse.reshape(-1)]
-
-
 def spearman_rank_correlation(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> np.ndarray:
     """Spearman rank correlation per sample.
 
@@ -1124,14 +1119,13 @@ def spearman_rank_correlation(a: Tensor | np.ndarray, b: Tensor | np.ndarray) ->
     y = b.detach().cpu().double().numpy() if isinstance(b, Tensor) else np.asarray(b, dtype=np.float64)
     if x.shape != y.shape:
         raise ValueError(f"shapes differ: {x.shape} vs {y.shape}")
-    x, y = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
-    out = np.empty(x.shape[0])
-    for i in range(x.shape[0]):
-        rx, ry = _average_ranks(x[i]), _average_ranks(y[i])
-        rx, ry = rx - rx.mean(), ry - ry.mean()
-        den = math.sqrt(float(rx @ rx) * float(ry @ ry))
-        out[i] = float(rx @ ry) / den if den > 0 else math.nan
-    return out
+    stats = require("scipy.stats", "Spearman rank correlation")
+    rx = stats.rankdata(x.reshape(x.shape[0], -1), axis=1)  # ties share their average rank
+    ry = stats.rankdata(y.reshape(y.shape[0], -1), axis=1)
+    rx, ry = rx - rx.mean(1, keepdims=True), ry - ry.mean(1, keepdims=True)
+    den = np.sqrt((rx * rx).sum(1) * (ry * ry).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (rx * ry).sum(1) / np.where(den > 0, den, 1.0), math.nan)
 
 
 @dataclass(frozen=True, eq=False)

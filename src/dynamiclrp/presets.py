@@ -32,18 +32,20 @@ faithfulness for sharper, more readable heatmaps on CNNs (γ, α-β, flat — Mo
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .errors import RuleError
-from .rules import (CPLRP, AlphaBeta, AttnLRP, Epsilon, Flat, Gamma, Identity, Leaf, MagnitudeSplit, Norm,
+from .rules import (CPLRP, AlphaBeta, Rule, AttnLRP, Epsilon, Flat, Gamma, Identity, Leaf, MagnitudeSplit, Norm,
                     NormConstant, Pass, Product, Routing, RuleSet, Softmax, Sum, Uniform, ZBox, ZPlus)
 
 Tensor = torch.Tensor
+#: Zennit's ``zero_params``: parameter names dropped from the rules (``"bias"``)
+ZeroParams = str | Sequence[str] | None
 
 
-def _base(**over) -> dict:
+def _base(**over: Rule) -> dict[str, Rule]:
     fam = {
         "linear": Epsilon(1e-6),
         "conv": Epsilon(1e-6),
@@ -147,15 +149,15 @@ _ZENNIT_DOC = """
 """
 
 
-def _zennit(name: str, conv, first=None, kind: str = "linear-type", epsilon: float = 1e-6,
-            stabilizer: float = 1e-6, zero_params=None) -> RuleSet:
+def _zennit(name: str, conv: Rule, first: Rule | None = None, kind: str = "linear-type", epsilon: float = 1e-6,
+            stabilizer: float = 1e-6, zero_params: ZeroParams = None) -> RuleSet:
     zp = _zero_params(zero_params)
     fam = _base(linear=Epsilon(epsilon, zp), conv=conv, add=Norm(stabilizer), pool=Norm(stabilizer),
                 reduce=Norm(stabilizer), norm=Pass())
     return RuleSet(fam, name=name, first_layer=first, first_layer_kind=kind)
 
 
-def _zero_params(zero_params) -> tuple[str, ...]:
+def _zero_params(zero_params: ZeroParams) -> tuple[str, ...]:
     if zero_params is None:
         return ()
     if isinstance(zero_params, str):
@@ -164,7 +166,7 @@ def _zero_params(zero_params) -> tuple[str, ...]:
 
 
 def epsilon_gamma_box(low: float | Tensor, high: float | Tensor, epsilon: float = 1e-6, gamma: float = 0.25,
-                      stabilizer: float = 1e-6, zero_params=None) -> RuleSet:
+                      stabilizer: float = 1e-6, zero_params: ZeroParams = None) -> RuleSet:
     """Zennit's ``EpsilonGammaBox`` composite: z^B(low, high) on the first convolution, γ on the other
     convolutions (and transposed convolutions), ε on dense layers (Montavon et al. 2017, 2019; Anders et al. 2021).
 
@@ -177,13 +179,13 @@ def epsilon_gamma_box(low: float | Tensor, high: float | Tensor, epsilon: float 
                    epsilon, stabilizer, zp)
 
 
-def epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params=None) -> RuleSet:
+def epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params: ZeroParams = None) -> RuleSet:
     """Zennit's ``EpsilonPlus`` composite: z⁺ on convolutions, ε on dense layers."""
     zp = _zero_params(zero_params)
     return _zennit("epsilon_plus", ZPlus(stabilizer, zp), None, "linear-type", epsilon, stabilizer, zp)
 
 
-def epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params=None) -> RuleSet:
+def epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params: ZeroParams = None) -> RuleSet:
     """Zennit's ``EpsilonPlusFlat`` composite: flat on the first linear-type layer (convolution or dense), z⁺ on
     convolutions, ε on dense layers."""
     zp = _zero_params(zero_params)
@@ -191,14 +193,14 @@ def epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_para
                    stabilizer, zp)
 
 
-def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params=None) -> RuleSet:
+def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params: ZeroParams = None) -> RuleSet:
     """Zennit's ``EpsilonAlpha2Beta1`` composite: α2β1 on convolutions, ε on dense layers (Bach et al. 2015)."""
     zp = _zero_params(zero_params)
     return _zennit("epsilon_alpha2_beta1", AlphaBeta(2.0, 1.0, stabilizer, zp), None, "linear-type", epsilon,
                    stabilizer, zp)
 
 
-def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params=None) -> RuleSet:
+def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params: ZeroParams = None) -> RuleSet:
     """Zennit's ``EpsilonAlpha2Beta1Flat`` composite: flat on the first linear-type layer, α2β1 on convolutions,
     ε on dense layers."""
     zp = _zero_params(zero_params)
@@ -320,7 +322,7 @@ def parse(spec: str, *, low: float | Tensor | None = None, high: float | Tensor 
         raise RuleError(f"unknown preset {name!r}; valid names are: {', '.join(_PRESETS)}, epsilon_gamma_box "
                         "(with bounds: 'epsilon_gamma_box:low=L,high=H')")
     accepted = list(inspect.signature(fn).parameters)
-    kwargs: dict = {}
+    kwargs: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in params.split(","))):
         key, eq, value = item.partition("=")
         key = key.strip()

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dynamiclrp",
         description="Layer-wise Relevance Propagation for any PyTorch model, op by op over the autograd graph.")
-    from .. import __version__
+    from ..version import __version__
     parser.add_argument("--version", action="version", version=f"dynamiclrp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():

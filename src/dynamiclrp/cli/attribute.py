@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from torch import nn
 
-    from .. import DynamicLRPError
+    from ..errors import DynamicLRPError
     from ..dataset import attribute_dataset
     from ..errors import StoreError
 

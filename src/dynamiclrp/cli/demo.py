@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..demo import VOCAB, encode_words, load_digits_split, make_reviews, train_digits_cnn, train_sentiment
+from ..api import explain, relevance
 
 __all__ = ["add_arguments", "run"]
 
@@ -61,11 +62,10 @@ def _rules(spec: str) -> Any:
 
 
 def _explain_digits(model: nn.Module, x: Tensor, target: Tensor, rules: Any, ledger: bool = False) -> Any:
-    import dynamiclrp
 
     x = x.clone().requires_grad_(True)
     logits = model(x)
-    return dynamiclrp.explain(logits.gather(1, target[:, None]).squeeze(1), x, rules=rules, ledger=ledger,
+    return explain(logits.gather(1, target[:, None]).squeeze(1), x, rules=rules, ledger=ledger,
                               model=model)
 
 
@@ -177,7 +177,6 @@ def _curves_figure(results: dict[str, Any]) -> Any:
 
 
 def _sentiment_part(out: Path, seed: int, progress: bool) -> Path:
-    import dynamiclrp
     from .. import viz
 
     model = train_sentiment(seed=seed, progress=progress)
@@ -195,7 +194,7 @@ def _sentiment_part(out: Path, seed: int, progress: bool) -> Path:
     emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     logits = model(inputs_embeds=emb, attention_mask=mask)
     pred = logits.argmax(1)
-    (rel,) = dynamiclrp.relevance(logits.gather(1, pred[:, None]).squeeze(1), emb, rules="attnlrp")
+    (rel,) = relevance(logits.gather(1, pred[:, None]).squeeze(1), emb, rules="attnlrp")
     scores = rel.sum(-1).masked_fill(mask == 0, 0)
     vmax = float(scores.abs().max())  # one colour scale for all reviews, so that the single legend is right
     parts = []

@@ -38,6 +38,7 @@ from torch import nn
 from ..errors import MissingExtraError, SpecError, UsageError
 from ..extras import require
 from ..loading import is_file_spec, load_attribute, on_sys_path
+from ..api import explain
 
 __all__ = ["HEADS", "add_arguments", "run", "load_model", "WordTokenizer"]
 
@@ -558,7 +559,6 @@ def _label_ids(target: Any, n_classes: int, labels: list[str] | None, default: t
 def _image_generic(model: nn.Module, x: torch.Tensor, target: Any, rules: Any, ledger: bool, mean: Any, std: Any,
                    labels: list[str] | None) -> Any:
     """Like :func:`dynamiclrp.hf.image_classification` for a model called as ``model(x)``."""
-    import dynamiclrp
     from .. import hf
 
     params = [p for p in model.parameters() if p.is_floating_point()]
@@ -577,7 +577,7 @@ def _image_generic(model: nn.Module, x: torch.Tensor, target: Any, rules: Any, l
         else:
             tgt = _label_ids(target, logits.shape[1], labels, pred.detach())
         value = logits[:, int(tgt[0])]  # one image, one class
-    ex = dynamiclrp.explain(value, leaf, rules=rules, ledger=ledger, model=model)
+    ex = explain(value, leaf, rules=rules, ledger=ledger, model=model)
     names = [labels[int(t)] for t in tgt] if labels else hf._label_names(model, tgt)
     return hf.ImageExplanation(
         relevance=ex.relevance[0].detach().cpu(), pixel_values=leaf.detach().cpu(), target=tgt.cpu(),

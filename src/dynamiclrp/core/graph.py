@@ -80,6 +80,16 @@ def storage_key(t: torch.Tensor) -> int:
         return -1
 
 
+def is_node(obj: Any) -> bool:
+    """Whether ``obj`` is an autograd node (a ``grad_fn`` or an ``AccumulateGrad``)."""
+    return hasattr(obj, "next_functions")
+
+
+def function_attr(node: Node, name: str) -> Any:
+    """An attribute a custom ``torch.autograd.Function`` stored on its context (``ctx.name = ...``)."""
+    return getattr(node, name)
+
+
 def is_custom_function(node: Node) -> bool:
     """Whether ``node`` belongs to a Python ``torch.autograd.Function``."""
     return getattr(node, "_forward_cls", None) is not None

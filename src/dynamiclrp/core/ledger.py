@@ -101,7 +101,7 @@ class Ledger:
         tensors += [t.double().cpu().reshape(()) for _, t in self._inputs]
         values = torch.stack(tensors).tolist() if tensors else []
         n = len(self._pending)
-        merged: dict[tuple[str, str], list] = {}
+        merged: dict[tuple[str, str], list[Any]] = {}
         for (kind, where, _, note), v in zip(self._pending, values[:n]):
             key = (kind, where)
             if key in merged:

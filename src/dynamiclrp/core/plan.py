@@ -26,8 +26,11 @@ Tensor = torch.Tensor
 class RuleChooser(Protocol):
     """What the planner needs from a rule set (:class:`dynamiclrp.rules.RuleSet` implements it)."""
 
-    model: torch.nn.Module | None
-    override: Any
+    @property
+    def model(self) -> torch.nn.Module | None: ...
+
+    @property
+    def override(self) -> Any: ...
 
     def spec_for(self, node_type: str) -> OpSpec | None: ...
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..core.graph import saved
+from ..core.graph import function_attr, saved
 from .routing import out_shape
 
 Tensor = torch.Tensor
@@ -231,4 +231,4 @@ class GroupedMmFallbackKernel(GroupedMmKernel):
 
     @staticmethod
     def offs(node: Any) -> Tensor:
-        return node.offs
+        return function_attr(node, "offs")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..core.graph import saved
 from ..core.spec import OpSpec
 from ..core.step import Site
-from . import routing as R
+from . import routing
 from .attention import AttentionKernel, SoftmaxKernel
 from .elementwise import BLOOM_GELU, PRELU, RG_SQRT, UNARY, NegKernel, ProductKernel, binary_rebuild
 from .linear import (AddmmKernel, BaddbmmKernel, BmmKernel, ConvKernel, GroupedMmFallbackKernel, GroupedMmKernel,
@@ -75,7 +75,7 @@ def _routing(replay: Callable | None = None, replay_inputs: Any = None, inputs_s
              selection: bool = True, **traits: Any) -> OpSpec:
     """A routing row; ``selection=False`` for routing ops that add copies (scatter-add, index-add, fold) or scale
     them (dropout), whose input is not a copy of their output."""
-    return OpSpec("routing", R.RoutingKernel(replay), replay=replay, replay_inputs=replay_inputs,
+    return OpSpec("routing", routing.RoutingKernel(replay), replay=replay, replay_inputs=replay_inputs,
                   inputs_saved=inputs_saved, selection=selection, **traits)
 
 
@@ -165,33 +165,33 @@ def _routing_rows() -> dict[str, OpSpec]:
     for name in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0",
                  "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "SqueezeBackward4",
                  "UnsqueezeBackward0", "UnsqueezeBackward1", "FlattenBackward0", "UnflattenBackward0"):
-        rows[name] = _view(R.replay_reshape, reshape=True)
+        rows[name] = _view(routing.replay_reshape, reshape=True)
     for name in ("CloneBackward0", "AliasBackward0", "ContiguousBackward0", "LiftFreshBackward0", "DetachBackward0"):
-        rows[name] = _view(R.replay_identity, reshape=True)
-    rows["ViewAsRealBackward0"] = _routing(R.replay_identity)
-    rows["ToCopyBackward0"] = _view(R.replay_to_copy, reshape=True)
-    rows["TBackward0"] = _view(R.replay_t)
-    rows["TransposeBackward0"] = _view(R.replay_transpose)
-    rows["TransposeBackward1"] = _view(R.replay_transpose)
-    rows["PermuteBackward0"] = _view(R.replay_permute)
-    rows["ExpandBackward0"] = _view(R.replay_expand)
-    rows["RepeatBackward0"] = _view(R.replay_repeat)
-    rows["SliceBackward0"] = _routing(R.replay_slice)
-    rows["SelectBackward0"] = _routing(R.replay_select)
-    rows["SelectBackward1"] = _routing(R.replay_select)
-    rows["IndexBackward0"] = _routing(R.replay_index)
-    rows["IndexSelectBackward0"] = _routing(R.replay_index_select)
-    rows["GatherBackward0"] = _routing(R.replay_gather)
-    rows["CatBackward0"] = _routing(R.replay_cat)
-    rows["StackBackward0"] = _routing(R.replay_stack)
+        rows[name] = _view(routing.replay_identity, reshape=True)
+    rows["ViewAsRealBackward0"] = _routing(routing.replay_identity)
+    rows["ToCopyBackward0"] = _view(routing.replay_to_copy, reshape=True)
+    rows["TBackward0"] = _view(routing.replay_t)
+    rows["TransposeBackward0"] = _view(routing.replay_transpose)
+    rows["TransposeBackward1"] = _view(routing.replay_transpose)
+    rows["PermuteBackward0"] = _view(routing.replay_permute)
+    rows["ExpandBackward0"] = _view(routing.replay_expand)
+    rows["RepeatBackward0"] = _view(routing.replay_repeat)
+    rows["SliceBackward0"] = _routing(routing.replay_slice)
+    rows["SelectBackward0"] = _routing(routing.replay_select)
+    rows["SelectBackward1"] = _routing(routing.replay_select)
+    rows["IndexBackward0"] = _routing(routing.replay_index)
+    rows["IndexSelectBackward0"] = _routing(routing.replay_index_select)
+    rows["GatherBackward0"] = _routing(routing.replay_gather)
+    rows["CatBackward0"] = _routing(routing.replay_cat)
+    rows["StackBackward0"] = _routing(routing.replay_stack)
     for name in ("SplitBackward0", "SplitBackward1", "SplitWithSizesBackward0", "SplitWithSizesBackward1",
                  "UnsafeSplitBackward0", "UnsafeSplitWithSizesBackward0"):
-        rows[name] = _routing(R.replay_split)
-    rows["UnbindBackward0"] = _routing(R.replay_unbind)
-    rows["FlipBackward0"] = _routing(R.replay_flip)
-    rows["RollBackward0"] = _routing(R.replay_roll)
-    rows["WhereBackward0"] = _routing(R.replay_where, replay_inputs=(0, 1))
-    rows["ConstantPadNdBackward0"] = _routing(R.replay_constant_pad)
+        rows[name] = _routing(routing.replay_split)
+    rows["UnbindBackward0"] = _routing(routing.replay_unbind)
+    rows["FlipBackward0"] = _routing(routing.replay_flip)
+    rows["RollBackward0"] = _routing(routing.replay_roll)
+    rows["WhereBackward0"] = _routing(routing.replay_where, replay_inputs=(0, 1))
+    rows["ConstantPadNdBackward0"] = _routing(routing.replay_constant_pad)
     rows["MaskedFillBackward0"] = _routing()
     rows["MaskedFillBackward1"] = _routing()
     rows["IndexPutBackward0"] = _routing(selection=False)  # index_put_(accumulate=True) adds
@@ -209,27 +209,27 @@ def _routing_rows() -> dict[str, OpSpec]:
                  "ReflectionPad2DBackward0", "ReplicationPad1DBackward0", "ReplicationPad2DBackward0"):
         rows[name] = _routing()
     for name in ("TopkBackward0", "SortBackward0", "KthvalueBackward0"):
-        rows[name] = _routing(R.replay_take_indices)
+        rows[name] = _routing(routing.replay_take_indices)
     for name in ("AsStridedBackward0", "AsStridedBackward1"):
-        rows[name] = _routing(R.replay_as_strided)
+        rows[name] = _routing(routing.replay_as_strided)
     # winner-take-all maxima: the gradient routes everything to the arg-max
     rows["MaxBackward0"] = _routing()
     rows["MinBackward0"] = _routing()
     for name in ("MaxBackward1", "MinBackward1", "AmaxBackward0", "AminBackward0"):  # they keep their result
-        rows[name] = OpSpec("routing", R.RoutingKernel(), results=((0, "result"),), inputs_saved=((0, "self"),),
+        rows[name] = OpSpec("routing", routing.RoutingKernel(), results=((0, "result"),), inputs_saved=((0, "self"),),
                             selection=True, reduction=name in ("MaxBackward1", "AmaxBackward0"))
     for name, fn in (("MaximumBackward0", torch.maximum), ("MinimumBackward0", torch.minimum),
                      ("FmaxBackward0", torch.fmax), ("FminBackward0", torch.fmin)):
-        rows[name] = OpSpec("routing", R.RoutingKernel(), inputs_saved=((0, "self"), (1, "other")),
+        rows[name] = OpSpec("routing", routing.RoutingKernel(), inputs_saved=((0, "self"), (1, "other")),
                             rebuild=binary_rebuild(fn), selection=True)
     rows["MaxPool2DWithIndicesBackward0"] = OpSpec(
-        "routing", R.RoutingKernel(), inputs_saved=((0, "self"),), rebuild=_max_pool_rebuild(_mp2d), selection=True)
+        "routing", routing.RoutingKernel(), inputs_saved=((0, "self"),), rebuild=_max_pool_rebuild(_mp2d), selection=True)
     rows["MaxPool3DWithIndicesBackward0"] = OpSpec(
-        "routing", R.RoutingKernel(), inputs_saved=((0, "self"),), rebuild=_max_pool_rebuild(_mp3d), selection=True)
+        "routing", routing.RoutingKernel(), inputs_saved=((0, "self"),), rebuild=_max_pool_rebuild(_mp3d), selection=True)
     for name in ("AdaptiveMaxPool2DBackward0", "AdaptiveMaxPool3DBackward0"):
-        rows[name] = OpSpec("routing", R.RoutingKernel(R.replay_take_flat_indices), inputs_saved=((0, "self"),),
-                            rebuild=R.rebuild_take_flat_indices, replay=R.replay_take_flat_indices, selection=True)
-    rows["EmbeddingBackward0"] = OpSpec("embedding", R.EmbeddingKernel(), replay=_embedding_replay,
+        rows[name] = OpSpec("routing", routing.RoutingKernel(routing.replay_take_flat_indices), inputs_saved=((0, "self"),),
+                            rebuild=routing.rebuild_take_flat_indices, replay=routing.replay_take_flat_indices, selection=True)
+    rows["EmbeddingBackward0"] = OpSpec("embedding", routing.EmbeddingKernel(), replay=_embedding_replay,
                                         replay_inputs=(0,), selection=True, data_lookup=True)
     # in-place writes into views: routing, after a plan-time check of the wrapped op (family "inplace")
     rows["CopySlices"] = OpSpec("inplace", CopySlicesKernel())

@@ -9,6 +9,7 @@ import torch
 from ..core.graph import call_backward, saved
 from ..core.messages import Msg, gmsg
 from ..core.step import Site, Step
+from ..errors import ValueUnavailableError
 from ..ops.elementwise import UnaryKernel
 from ..ops.norm import NormKernel
 from .base import Rule, _child_meta, _fit, _wrong_family
@@ -54,7 +55,7 @@ class IdentityStep(Step):
             if self.need_x_value:
                 try:
                     x = run.value(self.in_edges[0], run.graph.describe(self.index))
-                except Exception:  # noqa: BLE001 - fall back to the inverse map
+                except ValueUnavailableError:  # fall back to the inverse map
                     x = k.inverse(node, y)
             elif k.inverse is not None:
                 x = k.inverse(node, y)

@@ -697,14 +697,18 @@ class Epsilon(_LinearRule):
         return (Branch((Term("id", None, _identity),)),)
 
 
-def Zero(zero_params: Sequence[str] = ()) -> Epsilon:
+class Zero(Epsilon):
     """LRP-0: :class:`Epsilon` with ε = 0 (exact zeros give zero relevance, never NaN)."""
-    return Epsilon(0.0, zero_params)
+
+    def __init__(self, zero_params: Sequence[str] = ()):
+        super().__init__(0.0, zero_params)
 
 
-def Norm(stabilizer: Stabilizer = 1e-6) -> Epsilon:
-    """Zennit's ``Norm`` rule: the stabilized sum rule for sum-like ops (ε-rule without parameters)."""
-    return Epsilon(stabilizer)
+class Norm(Epsilon):
+    """Zennit's ``Norm`` rule: the stabilized sum rule for sum-like ops (the ε-rule without parameters)."""
+
+    def __init__(self, stabilizer: Stabilizer = 1e-6):
+        super().__init__(stabilizer)
 
 
 class Gamma(_LinearRule):

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..core.graph import node_type
+from ..core.graph import is_node, node_type
 from ..core.spec import OpSpec
 from ..core.step import Site
 from ..errors import RuleError
@@ -176,7 +176,7 @@ class RuleSet:
         table = {}
         for k, v in nodes.items():
             node = k.grad_fn if isinstance(k, torch.Tensor) else k
-            if node is None or not hasattr(node, "next_functions"):
+            if node is None or not is_node(node):
                 raise RuleError(f"with_nodes keys must be autograd nodes (tensor.grad_fn) or tensors computed with "
                                 f"grad enabled, got {type(k).__name__}" + (" without a grad_fn (a leaf or a tensor "
                                 "computed under no_grad)" if isinstance(k, torch.Tensor) else ""))
