@@ -27,7 +27,7 @@ class _MergedBN:
     ``W' = W·s`` and ``b' = (b − μ)·s + β`` per output channel with ``s = γ / sqrt(running_var + eps)``, exactly the
     parameters Zennit's ``SequentialMergeBatchNorm`` canonizer writes into the model (Anders et al. 2021), so that
     ``W'x + b'`` is the batch norm's output. Which batch norms merge is decided by
-    :func:`dynamiclrp.rules.structure.batchnorm_merges`; the batch norm's own step
+    :func:`batchnorm_merges`; the batch norm's own step
     (:class:`MergedBatchNormStep`) hands its output message to this op unchanged.
     """
 
