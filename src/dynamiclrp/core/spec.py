@@ -54,6 +54,12 @@ class OpSpec:
         dropout): structural questions look through it.
     reshape : bool
         A view that keeps the element order (view, reshape, squeeze, clone, a cast).
+    bijection : bool
+        A one-to-one rearrangement (view, reshape, transpose, permute, clone): the node's backward maps the
+        output's value back onto the input's, exactly. The Promise System recovers an input from its output this way.
+    costly : bool
+        Recomputing the output costs as much as the op itself (a matrix product, a convolution): the Promise
+        System first looks for the value downstream (a consumer that saved it, a sum that saved its total).
     elementwise : str or None
         ``"unary"`` (one tensor operand: a non-linearity, or a scale/shift by a scalar) or ``"binary"`` (``+ - * /``
         of two tensors).
@@ -85,6 +91,8 @@ class OpSpec:
     selection: bool = False
     view: bool = False
     reshape: bool = False
+    bijection: bool = False
+    costly: bool = False
     elementwise: str | None = None
     reduction: bool = False
     activation: bool = False

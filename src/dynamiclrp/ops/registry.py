@@ -56,7 +56,7 @@ def _family_of_linear(site: Site) -> str:
 
 def _linear(kernel: LinearKernel, inputs_saved: tuple[tuple[int, str], ...], **traits: Any) -> OpSpec:
     return OpSpec("linear", kernel, inputs_saved=inputs_saved, rebuild=kernel.rebuild, replay=_linear_replay(kernel),
-                  family_of=_family_of_linear, **traits)
+                  family_of=_family_of_linear, costly=True, **traits)
 
 
 def _linear_replay(kernel: LinearKernel) -> Callable:
@@ -79,9 +79,10 @@ def _routing(replay: Callable | None = None, replay_inputs: Any = None, inputs_s
                   inputs_saved=inputs_saved, selection=selection, **traits)
 
 
-def _view(replay: Callable, reshape: bool = False) -> OpSpec:
-    """A view, copy or cast: the output *is* the input rearranged (``reshape``: in the same element order)."""
-    return _routing(replay, view=True, reshape=reshape)
+def _view(replay: Callable, reshape: bool = False, bijection: bool = True) -> OpSpec:
+    """A view, copy or cast: the output *is* the input rearranged (``reshape``: in the same element order;
+    ``bijection``: one to one, so the input can be read back from the output)."""
+    return _routing(replay, view=True, reshape=reshape, bijection=bijection)
 
 
 def _unary(name: str) -> OpSpec:
@@ -169,13 +170,13 @@ def _routing_rows() -> dict[str, OpSpec]:
     for name in ("CloneBackward0", "AliasBackward0", "ContiguousBackward0", "LiftFreshBackward0", "DetachBackward0"):
         rows[name] = _view(routing.replay_identity, reshape=True)
     rows["ViewAsRealBackward0"] = _routing(routing.replay_identity)
-    rows["ToCopyBackward0"] = _view(routing.replay_to_copy, reshape=True)
+    rows["ToCopyBackward0"] = _view(routing.replay_to_copy, reshape=True, bijection=False)  # a cast may round
     rows["TBackward0"] = _view(routing.replay_t)
     rows["TransposeBackward0"] = _view(routing.replay_transpose)
     rows["TransposeBackward1"] = _view(routing.replay_transpose)
     rows["PermuteBackward0"] = _view(routing.replay_permute)
-    rows["ExpandBackward0"] = _view(routing.replay_expand)
-    rows["RepeatBackward0"] = _view(routing.replay_repeat)
+    rows["ExpandBackward0"] = _view(routing.replay_expand, bijection=False)
+    rows["RepeatBackward0"] = _view(routing.replay_repeat, bijection=False)
     rows["SliceBackward0"] = _routing(routing.replay_slice)
     rows["SelectBackward0"] = _routing(routing.replay_select)
     rows["SelectBackward1"] = _routing(routing.replay_select)
@@ -247,7 +248,7 @@ def _build() -> Mapping[str, OpSpec]:
     t["MvBackward0"] = _linear(MvKernel(), ((0, "self"), (1, "vec")))
     t["ConvolutionBackward0"] = OpSpec("conv", ConvKernel(), inputs_saved=((0, "input"), (1, "weight")),
                                        replay=_linear_replay(ConvKernel()), family_of=_family_of_linear,
-                                       static_fields=("bias_sym_sizes_opt",), merges_batchnorm=True)
+                                       static_fields=("bias_sym_sizes_opt",), merges_batchnorm=True, costly=True)
     # MoE experts (torch._grouped_mm): a linear op with weights
     t["GroupedMmBackward0"] = _linear(GroupedMmKernel(), ((0, "self"), (1, "mat2")))
     t["GeneratedBackwardFor_transformers_grouped_mm_fallback_defaultBackward"] = _linear(

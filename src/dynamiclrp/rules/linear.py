@@ -155,7 +155,12 @@ class LinearStep(Step):
         known_bias = self.bn.known if self.bn is not None else self.bias_kind != "lost"
         self.z_plan = None
         if lean and self.needs_z and self.z_source is None:
-            if x_ok and known_bias:
+            resolver = planner.resolver
+            if planner.can_value(out) and not resolver.avoid(resolver.recipe(out)):
+                self.z_plan = "value"  # held downstream (a reshape away from a saved tensor, sum − residual...)
+            elif planner.can_support(out) and not resolver.avoid(resolver.support(out)):
+                self.z_plan = "support"  # e.g. the logits, from the explained entries a gather picked
+            elif x_ok and known_bias:
                 self.z_plan = "compute"
             elif planner.can_value(out):
                 self.z_plan = "value"
@@ -269,7 +274,8 @@ class LinearStep(Step):
             z_full = self._z_from_source(run)
             if z_full is None and self.z_plan in ("value", "support"):
                 out = self.out_slots[0] if self.bn is None else self.bn.out_slot
-                z_full = self._output(run, out, gradient_form_only=True)
+                where = run.graph.describe(self.index)
+                z_full = run.value(out, where) if self.z_plan == "value" else run.support(out, where)
             elif z_full is None:
                 z = alpha * self._f(node, x, w)
                 bias = (self._bias(run, node, z, gradient_form_only=True) if self.bn is None
