@@ -84,12 +84,13 @@ class Run:
             v = self.value(slot, "conversion to gradient form")
         else:
             v, mask = self.support_masked(slot, "conversion to gradient form")
-            if mask is not None and bool((r != 0).logical_and_(~mask.expand_as(r)).any()):
-                raise ValueUnavailableError(
-                    f"explicit relevance reaches output {self.graph.slot_nr[slot]} of "
-                    f"{self.graph.describe(self.graph.slot_node[slot])} where its forward value cannot be recovered "
+            if mask is not None:
+                graph = self.graph
+                self.values.checks.add((r != 0).logical_and_(~mask.expand_as(r)).any(), lambda: ValueUnavailableError(
+                    f"explicit relevance reaches output {graph.slot_nr[slot]} of "
+                    f"{graph.describe(graph.slot_node[slot])} where its forward value cannot be recovered "
                     "from the graph; pass model= so frozen constants can be read from the model, or choose rules "
-                    "that keep relevance in gradient form there")
+                    "that keep relevance in gradient form there"))
         if v.shape != r.shape:
             v = v.expand_as(r)
         g = safe_div(r, v)
@@ -155,7 +156,7 @@ def compute(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any = None, 
                             trace=trace_promises)
         book = Ledger() if ledger else None
         run = Run(planner, values, book)
-        captured = propagate(run, call.seeds, call.held)
+        captured = propagate(run, call.seeds, call.held, call.default_seeds)
     relevance = _collect(call, captured)
     if book is not None:
         n_out = len(call.outputs)
@@ -204,15 +205,31 @@ def _collect(call: Prepared, captured: dict[int, Tensor]) -> list[Tensor]:
     return out
 
 
-def propagate(run: Run, seeds: list[Tensor], held: list[Tensor | None]) -> dict[int, Tensor]:
+def propagate(run: Run, seeds: list[Tensor], held: list[Tensor | None],
+              default_seeds: Sequence[bool] = ()) -> dict[int, Tensor]:
     """The relevance pass: every node in topological order, messages summed per slot; returns the relevance
-    captured at the requested slots."""
+    captured at the requested slots.
+
+    The loop never waits for the device: no step reads a tensor's value on the host except the ledger's totals
+    (``explain(..., ledger=True)``). Checks on values are deferred (:class:`~dynamiclrp.core.checks.DeferredChecks`)
+    and read once, after the loop. ``default_seeds[k]`` says that output ``k`` is seeded with its own value.
+    """
+    try:
+        captured = _loop(run, seeds, held, default_seeds)
+    except Exception:
+        run.values.checks.raise_first()  # a failed value check explains what went wrong next
+        raise
+    run.values.checks.raise_first()
+    return captured
+
+
+def _loop(run: Run, seeds: list[Tensor], held: list[Tensor | None], default_seeds: Sequence[bool]) -> dict[int, Tensor]:
     planner, g = run.planner, run.graph
     requested, terminal, steps, wanted = planner.requested, planner.terminal, planner.steps, planner.wanted
     observer = LedgerObserver(run) if run.ledger is not None else None
     msgs: list[Msg | None] = [None] * len(g.slot_node)
     for k, (slot, s) in enumerate(zip(g.root_slots, seeds)):
-        m = _seed_message(s, held[k].detach())
+        m = _seed_message(s, held[k].detach(), k < len(default_seeds) and default_seeds[k])
         cur = msgs[slot]
         if cur is None:
             msgs[slot] = m
@@ -252,10 +269,16 @@ def propagate(run: Run, seeds: list[Tensor], held: list[Tensor | None]) -> dict[
     return captured
 
 
-def _seed_message(seed: Tensor, out: Tensor) -> Msg:
+def _seed_message(seed: Tensor, out: Tensor, default: bool = False) -> Msg:
     """A seed in gradient form, ``G = seed / output`` (exactly 1 for the default seed), so that no rule needs
-    the output's value to read it; seed elements on an exactly-zero output stay explicit relevance."""
+    the output's value to read it; seed elements on an exactly-zero output stay explicit relevance.
+
+    The default seed (the output's own value) is zero wherever the output is, so it needs no explicit part and
+    no look at the values on the host; another seed costs one host sync per output, before the loop."""
     zero = out == 0
+    if default:
+        return Msg(g=torch.where(zero, torch.zeros((), dtype=seed.dtype, device=seed.device),
+                                 seed / torch.where(zero, 1, out)))
     if not bool(zero.any()):
         return Msg(g=seed / out)
     g = torch.where(zero, torch.zeros((), dtype=seed.dtype, device=seed.device), seed / torch.where(zero, 1, out))

@@ -17,6 +17,7 @@ special ops of :mod:`dynamiclrp.ops.special`.
 """
 from __future__ import annotations
 
+import dataclasses
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
@@ -45,6 +46,24 @@ _ACTIVATIONS = frozenset({
 })
 #: gates: a signal multiplied by one of these takes all the relevance (LSTM/GRU, squeeze-excitation)
 _GATES = frozenset({"SigmoidBackward0", "HardsigmoidBackward0"})
+#: element-wise non-linearities whose output is never negative
+_NONNEGATIVE = frozenset({"ReluBackward0", "SigmoidBackward0", "HardsigmoidBackward0", "SoftplusBackward0"})
+#: routing ops whose every output element is a copy, maximum or minimum of input elements (no constant fill)
+_KEEPS_SIGN = frozenset({
+    "SliceBackward0", "SelectBackward0", "SelectBackward1", "IndexBackward0", "IndexSelectBackward0",
+    "GatherBackward0", "CatBackward0", "StackBackward0", "SplitBackward0", "SplitBackward1",
+    "SplitWithSizesBackward0", "SplitWithSizesBackward1", "UnsafeSplitBackward0", "UnsafeSplitWithSizesBackward0",
+    "UnbindBackward0", "FlipBackward0", "RollBackward0", "PixelShuffleBackward0", "PixelUnshuffleBackward0",
+    "UpsampleNearest1DBackward0", "UpsampleNearest2DBackward0", "UpsampleNearest3DBackward0",
+    "UpsampleNearestExact1DBackward0", "UpsampleNearestExact2DBackward0", "UpsampleNearestExact3DBackward0",
+    "ReflectionPad1DBackward0", "ReflectionPad2DBackward0", "ReplicationPad1DBackward0", "ReplicationPad2DBackward0",
+    "MaxBackward0", "MinBackward0", "MaxBackward1", "MinBackward1", "AmaxBackward0", "AminBackward0",
+    "MaximumBackward0", "MinimumBackward0", "MaxPool2DWithIndicesBackward0", "MaxPool3DWithIndicesBackward0",
+    "AdaptiveMaxPool2DBackward0", "AdaptiveMaxPool3DBackward0",
+})
+#: average pools: non-negative averages of input elements
+_AVERAGE_POOLS = frozenset({"AvgPool2DBackward0", "AvgPool3DBackward0", "AdaptiveAvgPool2DBackward0",
+                            "AdaptiveAvgPool3DBackward0"})
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -89,7 +108,8 @@ def _unary(name: str) -> OpSpec:
     results = ((0, k.y_field),) if k.y_field else ()
     inputs_saved = ((0, k.x_field),) if k.x_field else ()
     return OpSpec("activation", k, results=results, inputs_saved=inputs_saved, rebuild=k.rebuild,
-                  replay=k.replay, elementwise="unary", activation=name in _ACTIVATIONS, gate=name in _GATES)
+                  replay=k.replay, elementwise="unary", activation=name in _ACTIVATIONS, gate=name in _GATES,
+                  nonnegative=name in _NONNEGATIVE)
 
 
 def _sum(forward: Callable | None, coefficients: Callable | None = None, rebuild: Callable | None = None,
@@ -301,8 +321,8 @@ def _build() -> Mapping[str, OpSpec]:
     t["NativeBatchNormBackward0"] = _norm("batch")
     t["NativeGroupNormBackward0"] = _norm("group")
     # softmax and attention
-    t["SoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(), results=((0, "result"),))
-    t["SafeSoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(), results=((0, "result"),))
+    t["SoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(), results=((0, "result"),), nonnegative=True)
+    t["SafeSoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(), results=((0, "result"),), nonnegative=True)
     t["LogSoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(log=True), results=((0, "result"),))
     for name in ("ScaledDotProductFlashAttentionForCpuBackward0", "ScaledDotProductEfficientAttentionBackward0",
                  "ScaledDotProductFlashAttentionBackward0", "ScaledDotProductCudnnAttentionBackward0"):
@@ -324,6 +344,8 @@ def _build() -> Mapping[str, OpSpec]:
                                           "activation")
     t["SqrtBoundDerivativeBackward"] = _function(
         RG_SQRT, "transformers.models.recurrent_gemma.modeling_recurrent_gemma", "SqrtBoundDerivative", "activation")
+    for name in _KEEPS_SIGN | _AVERAGE_POOLS:
+        t[name] = dataclasses.replace(t[name], keeps_sign=True)
     return MappingProxyType(t)
 
 

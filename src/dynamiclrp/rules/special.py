@@ -209,20 +209,33 @@ class WeightNorm(Rule):
         return WeightNormStep(site)
 
 
-def _copy_slices_problem(node: Any) -> str | None:
+_COPY_SLICES_PROBLEM = ("the in-place op written into a view has data-dependent coefficients (an element-wise "
+                        "non-linearity or a product with a tensor, e.g. x[...].sigmoid_() or x[...] *= t)")
+
+
+def _copy_slices_failed(node: Any) -> Tensor | None:
+    """Probe the wrapped op once with a gradient of ones: a 0-dim boolean tensor, ``True`` when some input's
+    coefficients take more than one value other than 0 and ±1 (computed on the device, no host sync)."""
     meta = output_meta(node)[0]
     probe = torch.ones(meta.shape, dtype=meta.dtype, device=meta.device)
     with torch.no_grad():
         grads = call_backward(node, [probe])
+    failed = None
     for t in grads:
-        if t is None:
+        if t is None or t.numel() == 0:
             continue
-        vals = torch.unique(t.detach().flatten())
-        vals = vals[(vals != 0) & (vals != 1) & (vals != -1)]
-        if vals.numel() > 1:
-            return ("the in-place op written into a view has data-dependent coefficients (an element-wise "
-                    "non-linearity or a product with a tensor, e.g. x[...].sigmoid_() or x[...] *= t)")
-    return None
+        t = t.detach().flatten()
+        other = (t != 0) & (t != 1) & (t != -1)
+        inf = torch.full((), float("inf"), dtype=t.dtype, device=t.device)
+        several = torch.where(other, t, -inf).amax() != torch.where(other, t, inf).amin()
+        f = other.any() & several
+        failed = f if failed is None else failed | f.to(failed.device)
+    return failed
+
+
+def _copy_slices_problem(node: Any) -> str | None:
+    failed = _copy_slices_failed(node)
+    return _COPY_SLICES_PROBLEM if failed is not None and bool(failed) else None
 
 
 class CheckedRouting(Rule):
@@ -244,13 +257,17 @@ class CheckedRouting(Rule):
         return CheckedRoutingStep(site)
 
 
+def _copy_slices_error(where: str, problem: str) -> UnsupportedOperationError:
+    return UnsupportedOperationError(
+        f"{where} (an in-place write into a view): {problem}; its relevance rule cannot be recovered from the "
+        "fused CopySlices node. Write the op out of place (y = x.clone(); y[...] = f(y[...]) keeps f's own "
+        "node), or register a rule with RuleSet.with_ops({'CopySlices': ...}).")
+
+
 def _check_copy_slices(node: Any, where: str) -> None:
     problem = _copy_slices_problem(node)
     if problem is not None:
-        raise UnsupportedOperationError(
-            f"{where} (an in-place write into a view): {problem}; its relevance rule cannot be recovered from the "
-            "fused CopySlices node. Write the op out of place (y = x.clone(); y[...] = f(y[...]) keeps f's own "
-            "node), or register a rule with RuleSet.with_ops({'CopySlices': ...}).")
+        raise _copy_slices_error(where, problem)
 
 
 class CheckedRoutingStep(RoutingStep):
@@ -260,7 +277,10 @@ class CheckedRoutingStep(RoutingStep):
     __slots__ = ()
 
     def __call__(self, run, outs):
-        _check_copy_slices(run.graph.nodes[self.index], run.graph.describe(self.index))
+        failed = _copy_slices_failed(run.graph.nodes[self.index])
+        if failed is not None:  # read after the loop: no host sync here
+            where = run.graph.describe(self.index)
+            run.values.checks.add(failed, lambda: _copy_slices_error(where, _COPY_SLICES_PROBLEM))
         return super().__call__(run, outs)
 
 
