@@ -144,9 +144,11 @@ class Run:
 
 def compute(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any = None, *, rules: "RuleChooser",
             ledger: bool = False, model: torch.nn.Module | None = None, trace_promises: bool = False,
-            cache: PlanCache | None = None) -> Explanation:
+            cache: PlanCache | None = None, seed_messages: Sequence[Msg] | None = None) -> Explanation:
     """Run one relevance pass with the rule set ``rules`` (see :func:`dynamiclrp.explain` for the parameters);
-    ``cache`` reuses plans."""
+    ``cache`` reuses plans. ``seed_messages`` (for rules that run an inner pass on a re-expressed node) gives the
+    starting messages themselves, one per output, in the form they arrived at the node (``seeds`` must still be
+    their explicit relevance, for the ledger)."""
     call = prepare(outputs, inputs, seeds)
     if model is None:
         model = rules.model
@@ -156,7 +158,7 @@ def compute(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any = None, 
                             trace=trace_promises)
         book = Ledger() if ledger else None
         run = Run(planner, values, book)
-        captured = propagate(run, call.seeds, call.held, call.default_seeds)
+        captured = propagate(run, call.seeds, call.held, call.default_seeds, seed_messages)
     relevance = _collect(call, captured)
     if book is not None:
         n_out = len(call.outputs)
@@ -205,17 +207,18 @@ def _collect(call: Prepared, captured: dict[int, Tensor]) -> list[Tensor]:
     return out
 
 
-def propagate(run: Run, seeds: list[Tensor], held: list[Tensor | None],
-              default_seeds: Sequence[bool] = ()) -> dict[int, Tensor]:
+def propagate(run: Run, seeds: list[Tensor], held: list[Tensor | None], default_seeds: Sequence[bool] = (),
+              seed_messages: Sequence[Msg] | None = None) -> dict[int, Tensor]:
     """The relevance pass: every node in topological order, messages summed per slot; returns the relevance
     captured at the requested slots.
 
     The loop never waits for the device: no step reads a tensor's value on the host except the ledger's totals
     (``explain(..., ledger=True)``). Checks on values are deferred (:class:`~dynamiclrp.core.checks.DeferredChecks`)
-    and read once, after the loop. ``default_seeds[k]`` says that output ``k`` is seeded with its own value.
+    and read once, after the loop. ``default_seeds[k]`` says that output ``k`` is seeded with its own value;
+    ``seed_messages`` replaces the seeds' messages (see :func:`compute`).
     """
     try:
-        captured = _loop(run, seeds, held, default_seeds)
+        captured = _loop(run, seeds, held, default_seeds, seed_messages)
     except Exception:
         run.values.checks.raise_first()  # a failed value check explains what went wrong next
         raise
@@ -223,13 +226,17 @@ def propagate(run: Run, seeds: list[Tensor], held: list[Tensor | None],
     return captured
 
 
-def _loop(run: Run, seeds: list[Tensor], held: list[Tensor | None], default_seeds: Sequence[bool]) -> dict[int, Tensor]:
+def _loop(run: Run, seeds: list[Tensor], held: list[Tensor | None], default_seeds: Sequence[bool],
+          seed_messages: Sequence[Msg] | None) -> dict[int, Tensor]:
     planner, g = run.planner, run.graph
     requested, terminal, steps, wanted = planner.requested, planner.terminal, planner.steps, planner.wanted
     observer = LedgerObserver(run) if run.ledger is not None else None
     msgs: list[Msg | None] = [None] * len(g.slot_node)
     for k, (slot, s) in enumerate(zip(g.root_slots, seeds)):
-        m = _seed_message(s, held[k].detach(), k < len(default_seeds) and default_seeds[k])
+        if seed_messages is not None:
+            m = Msg(seed_messages[k].g, seed_messages[k].r)
+        else:
+            m = _seed_message(s, held[k].detach(), k < len(default_seeds) and default_seeds[k])
         cur = msgs[slot]
         if cur is None:
             msgs[slot] = m

@@ -101,8 +101,11 @@ class AttentionStep(Step):
 
     def g(self, run, gs):
         node = run.graph.nodes[self.index]
-        n_out = len(output_meta(node))
-        grads_in = [gs[0]] + [None] * (n_out - 1)
+        metas = output_meta(node)
+        # the fused kernels' backwards expect the gradient the autograd engine would pass: the output's dtype, and
+        # (the CUDA kernels) a dense layout
+        g0 = gs[0].to(metas[0].dtype).contiguous()
+        grads_in = [g0] + [None] * (len(metas) - 1)
         grads = call_backward(node, grads_in)
         res: list[Msg | None] = []
         for k, t in enumerate(grads[:self.n_in]):

@@ -92,7 +92,7 @@ class _MergedBN:
 
     def _scale(self, run: "Run") -> Tensor:
         node = run.graph.nodes[self.bn]
-        s = 1.0 / torch.sqrt(saved(node, "running_var") + saved(node, "eps"))
+        s = 1.0 / torch.sqrt(run.planner.specs[self.bn].kernel.running_var_eps(node))
         gamma = saved(node, "weight")
         return s if gamma is None else gamma * s
 
