@@ -228,23 +228,24 @@ def cudnn_rnn_translation(node: Any):
         t = node.saved_tensors[2]
         return t if cfg["mode"] == "LSTM" else None
 
-    n = 0
     fields = {
         "input": saved(0), "hx": saved(1), "cx": cx, "result0": saved(3), "weight": weights,
         "weight_stride0": _const(cfg["stride"]), "mode": _const(MODES[cfg["mode"]]),
         "hidden_size": _const(cfg["hidden_size"]), "proj_size": _const(cfg["proj_size"]),
         "num_layers": _const(cfg["num_layers"]), "batch_first": _const(cfg["batch_first"]),
-        "dropout": _const(0.0), "train": _const(False), "bidirectional": _const(cfg["bidirectional"]),
-        "batch_sizes": _const([]), "dropout_state": _const(None),
-        "result3": _const(torch.empty(n, dtype=torch.uint8)), "result4": lambda: torch.cat(
+        "dropout": _const(cfg.get("dropout", 0.0)), "train": _const(cfg.get("train", False)),
+        "bidirectional": _const(cfg["bidirectional"]), "batch_sizes": _const(cfg.get("batch_sizes", [])),
+        "dropout_state": _const(None),
+        "result3": _const(torch.empty(0, dtype=torch.uint8)), "result4": lambda: torch.cat(
             [w.detach().reshape(-1) for w in weights()]),
     }
     return "CudnnRnnBackward0", fields, lambda *grads: node.apply(*grads)[1:]
 
 
-def cudnn_rnn(module: nn.RNNBase, x: torch.Tensor, hx: Any = None) -> tuple[torch.Tensor, Any]:
+def cudnn_rnn(module: nn.RNNBase, x: torch.Tensor, hx: Any = None, **saved: Any) -> tuple[torch.Tensor, Any]:
     """Run ``module`` (an ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN``) as cuDNN would: one stand-in node for the whole
-    network. Returns what the module returns."""
+    network. Returns what the module returns. ``saved`` overrides saved configuration fields the stand-in does not
+    act on (``train``, ``dropout``, ``batch_sizes``: for the rule's refusals)."""
     mode = {nn.LSTM: "LSTM", nn.GRU: "GRU"}.get(type(module))
     if mode is None:
         mode = "RNN_RELU" if module.nonlinearity == "relu" else "RNN_TANH"
@@ -263,7 +264,7 @@ def cudnn_rnn(module: nn.RNNBase, x: torch.Tensor, hx: Any = None) -> tuple[torc
     cfg = {"mode": mode, "has_biases": module.bias, "num_layers": module.num_layers,
            "bidirectional": module.bidirectional, "batch_first": module.batch_first,
            "hidden_size": module.hidden_size, "proj_size": proj,
-           "stride": len(weights) // (module.num_layers * dirs)}
+           "stride": len(weights) // (module.num_layers * dirs), **saved}
     out, hy, cy = CudnnRnnStandIn.apply(cfg, x, *weights, h0, c0)
     return out, ((hy, cy) if mode == "LSTM" else hy)
 

@@ -144,11 +144,13 @@ class Run:
 
 def compute(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any = None, *, rules: "RuleChooser",
             ledger: bool = False, model: torch.nn.Module | None = None, trace_promises: bool = False,
-            cache: PlanCache | None = None, seed_messages: Sequence[Msg] | None = None) -> Explanation:
+            cache: PlanCache | None = None, seed_messages: Sequence[Msg] | None = None,
+            finish_ledger: bool = True) -> Explanation:
     """Run one relevance pass with the rule set ``rules`` (see :func:`dynamiclrp.explain` for the parameters);
-    ``cache`` reuses plans. ``seed_messages`` (for rules that run an inner pass on a re-expressed node) gives the
+    ``cache`` reuses plans. For rules that run an inner pass on a re-expressed node: ``seed_messages`` gives the
     starting messages themselves, one per output, in the form they arrived at the node (``seeds`` must still be
-    their explicit relevance, for the ledger)."""
+    their explicit relevance, for the ledger); ``finish_ledger=False`` leaves the ledger's totals unread on the
+    device (:meth:`~dynamiclrp.core.ledger.Ledger.pending`), so that the outer pass books them without a sync."""
     call = prepare(outputs, inputs, seeds)
     if model is None:
         model = rules.model
@@ -166,7 +168,8 @@ def compute(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any = None, 
             if slot is not None and slot in planner.terminal and call.requested.get(slot) == n_out + k:
                 book.requested(f"inputs[{k}]", relevance[k].sum())
         book.seed(sum(s.sum() for s in call.seeds))
-        book.finish()
+        if finish_ledger:
+            book.finish()
     return Explanation(tuple(relevance), book, values.records if trace_promises else [])
 
 

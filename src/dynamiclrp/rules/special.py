@@ -144,7 +144,8 @@ class _ReExpressedStep(Step):
         if not chosen:
             return res
         ledger = run.ledger is not None
-        ex = compute(chosen, inner_in, seeds, rules=self.rules, ledger=ledger, seed_messages=forms)
+        ex = compute(chosen, inner_in, seeds, rules=self.rules, ledger=ledger, seed_messages=forms,
+                     finish_ledger=False)
         for k, t in enumerate(scatter(list(ex.relevance))):
             if t is not None and k < self.n_in and self.in_edges[k] >= 0:
                 res[k] = Msg(r=_fit(t, self.meta[k]))
@@ -152,9 +153,9 @@ class _ReExpressedStep(Step):
             # the inner pass's sinks, booked like Run.book_local so that the engine excludes them from this node's
             # residual; relevance sent to inputs that do not require grad (initial states...) is that residual
             where = run.planner.label(self.index)
-            for s in ex.ledger.sinks:
-                total = torch.as_tensor(s.total, dtype=torch.float64)
-                run.ledger.book(s.kind, f"{where}/{s.where}", total, s.note)
+            for kind, place, total, note in ex.ledger.pending():  # tensors on the device: nothing read here
+                total = total.double()
+                run.ledger.book(kind, f"{where}/{place}", total, note)
                 run.local = total if run.local is None else run.local + total
             for msg in ex.ledger.unmeasured:
                 run.ledger.unmeasurable(where, msg)
