@@ -31,13 +31,20 @@ class NormKernel:
             "layer": ("input", "weight", "bias", "normalized_shape", "result1", "result2"),
             "batch": ("input", "weight", "running_mean", "running_var", "training", "result1", "result2"),
             "group": ("input", "weight", "group", "result1", "result2"),
-            "rms": ("input", "weight", "result1"),
+            "rms": ("input", "weight", "result1", "normalized_shape"),
         }
         return per_kind[self.kind] + ((self.eps_field,) if self.eps_field else ())
 
     def eps(self, node: Any) -> float:
         """The batch norm's epsilon."""
         return float(saved(node, self.eps_field or "eps"))
+
+    @staticmethod
+    def _rstd(node: Any) -> Tensor:
+        """``_fused_rms_norm``'s ``rstd`` shaped to broadcast against the input (the normalised dimensions as 1)."""
+        x, rstd = saved(node, "input"), saved(node, "result1")
+        k = len(saved(node, "normalized_shape"))
+        return rstd.reshape(tuple(x.shape[:x.dim() - k]) + (1,) * k)
 
     def running_var_eps(self, node: Any) -> Tensor:
         """``running_var + eps`` of an eval-mode batch norm."""
@@ -72,7 +79,7 @@ class NormKernel:
             return g * scale
         if self.kind == "rms":
             w = saved(node, "weight")
-            return saved(node, "result1") * (g * w if w is not None else g)
+            return self._rstd(node) * (g * w if w is not None else g)
         if self.kind == "group":
             x = saved(node, "input")
             w = saved(node, "weight")
@@ -106,7 +113,7 @@ class NormKernel:
             if w is not None:
                 w = w.reshape(shape)
         elif self.kind == "rms":
-            y = x * saved(node, "result1")
+            y = x * self._rstd(node)
             w, b = saved(node, "weight"), None
         else:
             n, groups = x.shape[0], saved(node, "group")
