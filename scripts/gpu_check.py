@@ -622,10 +622,14 @@ def zoo_entries(names: list[str] | None) -> list[str]:
     from dynamiclrp.testing import zoo
     if names:
         return names
-    # transformers first (the main subject), CNNs, the recurrent entries; mamba has no attention and its CUDA path
-    # needs kernels this image does not ship
-    order = [n for n in zoo.names() if zoo.attention_implementations(n)]
-    order += [n for n in zoo.names() if not zoo.attention_implementations(n) and n not in order and n != "mamba"]
+    # one of each kind first (so that a tight budget still covers every family), then the rest: transformers,
+    # CNNs, recurrent. mamba has no attention and its CUDA path needs kernels this image does not ship
+    first = ["llama", "bert", "gpt2", "t5", "vit", "transformer_encoder", "cnn_bn", "tv_resnet50", "lstm", "gru",
+             "unet", "qwen2", "gemma3", "mistral", "whisper", "clip_text", "swin", "tv_vit_b_16", "tv_vgg16"]
+    known = zoo.names()
+    order = [n for n in first if n in known]
+    order += [n for n in known if zoo.attention_implementations(n) and n not in order]
+    order += [n for n in known if n not in order and n != "mamba"]
     return order
 
 
