@@ -468,7 +468,7 @@ def section_syncs(rep: Report, device: torch.device, dtype: torch.dtype) -> None
                 continue
             e = zoo.build(name)
             try:
-                with placed(e.model, device, dtype), sync_errors(device) as seen:
+                with placed(e.model, device, dtype), sync_errors(device):
                     out, x = e.run()
                     if ledger:
                         dynamiclrp.explain(out, x, rules=rules, model=e.model)
@@ -609,7 +609,7 @@ def section_bench(rep: Report, device: torch.device, dtype: torch.dtype, tokens:
               gib(pk), ratio(pk, b_peak), "info")
     t.notes.append(f"median of {repeats} interleaved rounds after a warm-up; peak memory: the CUDA allocator's peak "
                    "above the level before the call (the model's weights excluded)")
-    del model
+    variants.clear()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -663,6 +663,7 @@ def section_zoo(rep: Report, device: torch.device, dtypes: list[torch.dtype], na
                 with placed(e.model, torch.device("cpu"), torch.float64):
                     out, x = e.run()
                 ref = dynamiclrp.relevance(out, x, rules=rules, model=e.model)[0]
+                state = {k: v.detach().clone() for k, v in e.model.state_dict().items()}
         except Exception as err:  # noqa: BLE001
             traceback.print_exc()
             t.add(name, "-", "float64 (CPU)", "-", "-", "-", "-", "-",
@@ -675,6 +676,7 @@ def section_zoo(rep: Report, device: torch.device, dtypes: list[torch.dtype], na
                     rep.skipped.append(f"zoo {name} {dtype} {bname}")
                     t.add(name, rules, str(dtype).replace("torch.", ""), bname, "-", "-", "-", "-", "skipped (time)")
                     continue
+                e.model.to(dtype=torch.float64).load_state_dict(state)  # every run from the reference's weights
                 _zoo_run(rep, t, zoo, name, e, rules, holder, ref, device, dtype, bname, backend)
         del e
         gc.collect()

@@ -147,9 +147,9 @@ def test_lstm_with_projections_re_expression():
     torch.manual_seed(2)
     m = nn.LSTM(3, 5, proj_size=2).double()
     x = torch.randn(4, 2, 3, dtype=DT)
-    out, (h, c) = m(x)
+    out, (_, c) = m(x)
     W = torch.cat([m.weight_ih_l0, m.weight_hh_l0], 1)
-    o, hT, cT = lstm_layer_forward(x, torch.zeros(2, 2, dtype=DT), torch.zeros(2, 5, dtype=DT), W,
+    o, _, cT = lstm_layer_forward(x, torch.zeros(2, 2, dtype=DT), torch.zeros(2, 5, dtype=DT), W,
                                    m.bias_ih_l0 + m.bias_hh_l0, proj=m.weight_hr_l0)
     torch.testing.assert_close(o, out.detach())
     torch.testing.assert_close(cT, c[0].detach())
@@ -249,7 +249,7 @@ def test_zoo_lstm_and_gru_with_a_cudnn_node():
         e.model.rnn = None
         try:
             class Fused(nn.Module):  # the same module, run as cuDNN would
-                def forward(self, inp):
+                def forward(self, inp, rnn=rnn):
                     return cudnn_rnn(rnn, inp)
             e.model.rnn = Fused()
             out, x2 = e.run()
