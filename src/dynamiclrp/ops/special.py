@@ -215,7 +215,9 @@ class CudnnRnnKernel:
             raise UnsupportedOperationError(
                 f"{where}: expected {layers * dirs} groups of {stride} saved weights, found "
                 f"{None if weights is None else len(weights)}")
-        if len(site.edges) != len(weights) + 3:
+        # input, the weights, hx, cx (and weight_buf before hx, should a torch version make it differentiable: the
+        # rule reads hx and cx from the end)
+        if len(site.edges) not in (len(weights) + 3, len(weights) + 4):
             raise UnsupportedOperationError(
                 f"{where}: expected {len(weights) + 3} inputs (input, {len(weights)} weights, hx, cx), found "
                 f"{len(site.edges)}; this torch version lays out _cudnn_rnn's inputs differently")
