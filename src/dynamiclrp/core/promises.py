@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Hashable, Sequence
 import torch
 
 from ..errors import ValueUnavailableError
+from .checks import DeferredChecks
 from .graph import GraphView, call_backward, fit_to, leaf_tensor, output_meta, saved
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -766,6 +767,8 @@ class ValueStore:
         self.remaining = dict(resolver.requests)
         self.trace = trace
         self.records: list[PromiseRecord] = []
+        #: exactness checks on recovered values, read after the propagation loop (no host sync inside it)
+        self.checks = DeferredChecks()
 
     def get(self, slot: int, origin: str = "") -> torch.Tensor:
         """The full forward value of ``slot``.
@@ -878,12 +881,12 @@ class ValueStore:
         if isinstance(rec, Support):
             v, m = _combine([local[p.key] for p in rec.parts], g.meta(rec.slot))
             if rec.missing:
-                if m is not None and not bool(m.all()):
-                    raise ValueUnavailableError(
+                if m is not None:
+                    self.checks.add(~m.all(), lambda: ValueUnavailableError(
                         f"The value of output {g.slot_nr[rec.slot]} of {g.describe(g.slot_node[rec.slot])} cannot be "
                         f"recovered everywhere relevance reaches it ({rec.missing}; the other consumers know it only "
                         "in part, e.g. a saturated tanh). Pass model= so frozen constants can be read from the "
-                        "model, or choose a rule that does not need this value.")
+                        "model, or choose a rule that does not need this value."))
                 m = None
             return v, m
         if isinstance(rec, Part):
@@ -939,11 +942,10 @@ class ValueStore:
             ov, omask = other
             if omask is not None:  # the other addend known on its support only: it must cover ours
                 need = torch.ones_like(total, dtype=torch.bool) if tmask is None else tmask
-                if bool((need & ~torch.broadcast_to(omask, need.shape)).any()):
-                    raise ValueUnavailableError(
-                        f"The value of output {g.slot_nr[rec.slot]} of {g.describe(g.slot_node[rec.slot])} cannot be "
-                        f"recovered from the sum {g.describe(rec.node)}: the other addend is not known everywhere "
-                        "relevance reaches the sum. Pass model= so frozen constants can be read from the model.")
+                self.checks.add((need & ~torch.broadcast_to(omask, need.shape)).any(), lambda: ValueUnavailableError(
+                    f"The value of output {g.slot_nr[rec.slot]} of {g.describe(g.slot_node[rec.slot])} cannot be "
+                    f"recovered from the sum {g.describe(rec.node)}: the other addend is not known everywhere "
+                    "relevance reaches the sum. Pass model= so frozen constants can be read from the model."))
             v = (total - c[1 - rec.pos] * ov) / c[rec.pos]
             return _masked_mean(_masked(v, tmask), _ones_or(tmask, v), shape, dtype)
         kernel = self.specs[rec.node].kernel
@@ -954,13 +956,12 @@ class ValueStore:
             chosen = (w != 0).to(total.dtype)
             (back,) = call_backward(red, [self.specs[rec.reducer].kernel.forward(red, [chosen], 0)])[:1]
             (tb,) = call_backward(red, [_masked(total, tmask)])[:1]
-            if bool(((chosen != 0) & (back > 1)).any()):
-                raise ValueUnavailableError(
-                    f"The value of output {g.slot_nr[rec.slot]} of {g.describe(g.slot_node[rec.slot])} cannot be "
-                    f"recovered from the graph: it is weighted and summed by {g.describe(rec.node)} and "
-                    f"{g.describe(rec.reducer)} with several non-zero weights per sum, so the sum does not tell the "
-                    "parts apart. Pass model= so frozen constants can be read from the model, or choose a rule "
-                    "that does not need this value.")
+            self.checks.add(((chosen != 0) & (back > 1)).any(), lambda: ValueUnavailableError(
+                f"The value of output {g.slot_nr[rec.slot]} of {g.describe(g.slot_node[rec.slot])} cannot be "
+                f"recovered from the graph: it is weighted and summed by {g.describe(rec.node)} and "
+                f"{g.describe(rec.reducer)} with several non-zero weights per sum, so the sum does not tell the "
+                "parts apart. Pass model= so frozen constants can be read from the model, or choose a rule "
+                "that does not need this value."))
             ok = (chosen != 0) & (back == 1)
             if tmask is not None:
                 (mb,) = call_backward(red, [tmask.to(total.dtype)])[:1]

@@ -74,6 +74,12 @@ class OpSpec:
     merges_batchnorm : bool
         A linear op whose output channel is a following batch norm's channel (conv, dense layer): eval-mode batch
         norms after it can be merged into it.
+    nonnegative : bool
+        The output is ``>= 0`` whatever the input (ReLU, sigmoid, softmax): rules may take a non-negative input's
+        fast path, decided from the graph (no look at the values, no host sync).
+    keeps_sign : bool
+        Every output element is a copy, a maximum or minimum, or a non-negative average of input elements (pooling,
+        selections without constants): non-negative inputs give a non-negative output. Views keep the sign too.
     function : tuple of str or None
         For the row of a known custom ``torch.autograd.Function`` (matched by node class name): the
         ``(module, qualname)`` of the Function the node must come from.
@@ -99,4 +105,6 @@ class OpSpec:
     gate: bool = False
     data_lookup: bool = False
     merges_batchnorm: bool = False
+    nonnegative: bool = False
+    keeps_sign: bool = False
     function: tuple[str, str] | None = None
