@@ -37,7 +37,7 @@ from .presets import default as default_rules
 from .rules import RuleSet
 
 __all__ = ["Units", "Layer", "channels", "neurons", "heads", "as_units", "layer_edge", "resolve_conditions",
-           "ConditionKey", "UnitSpec", "Conditions"]
+           "ConditionKey", "UnitSpec", "Conditions", "Unit", "unit_totals", "unit_maxima", "layer_key"]
 
 Tensor = torch.Tensor
 
@@ -163,6 +163,8 @@ class Layer:
 
 
 ConditionKey = Tensor | GradientEdge | str | Layer
+#: the unit dimension of a tensor: channels (1), neurons or heads (the last), or a dimension
+Unit = Literal["channel", "neuron", "head"] | int
 UnitSpec = Units | Mapping[str, Any] | Sequence[int] | Sequence[Sequence[int]] | int | Tensor
 Conditions = Mapping[Any, UnitSpec]
 
@@ -319,7 +321,7 @@ def _edges(outputs: Sequence[Tensor], layers: Sequence[str | Layer], model: torc
     if rules is None:
         rules = default_rules()
     index = _GraphIndex(outputs, model, rules)
-    return [_edge(index, Layer(lay) if isinstance(lay, str) else lay) for lay in layers]
+    return [_edge(index, as_layer(lay) if isinstance(lay, str) else lay) for lay in layers]
 
 
 def key_meta(key: Tensor | GradientEdge) -> tuple[torch.Size, torch.dtype, torch.device]:
@@ -369,3 +371,61 @@ def resolve_conditions(outputs: Tensor | Sequence[Tensor], conditions: Condition
     outs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
     keys = resolve_keys(outs, list(conditions.keys()), model, rules)
     return [(k, mask_for(spec, k)) for k, spec in zip(keys, conditions.values())]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# units of a tensor
+# ----------------------------------------------------------------------------------------------------------------
+def layer_key(layer: Any) -> str:
+    """The name a layer is stored under (``"features.3"``, ``"layers.0.mlp.down_proj:input"``)."""
+    if isinstance(layer, Layer):
+        return layer.name if layer.at == "output" else f"{layer.name}:{layer.at}"
+    if isinstance(layer, str):
+        return layer
+    raise ConditionError(f"a stored layer is named by a module name or a Layer, got {type(layer).__name__}")
+
+
+def as_layer(layer: Any) -> Any:
+    """A module name as the :class:`Layer` it names (``"name:input"`` -> ``Layer(name, at="input")``); anything
+    else unchanged."""
+    if isinstance(layer, str):
+        return Layer(layer[: -len(":input")], at="input") if layer.endswith(":input") else Layer(layer)
+    return layer
+
+
+def unit_dim(unit: Unit, rank: int) -> int:
+    """The dimension ``unit`` means in a tensor of ``rank`` dimensions (never 0, the batch)."""
+    if unit == "channel":
+        d = 1
+    elif unit in ("neuron", "head"):
+        d = rank - 1
+    elif isinstance(unit, int):
+        d = unit % rank if -rank <= unit < rank else -1
+    else:
+        raise ConditionError(f"unit must be 'channel', 'neuron', 'head' or a dimension, got {unit!r}")
+    if not 0 < d < rank:
+        raise ConditionError(f"units along dimension {unit!r} of a tensor with {rank} dimensions: units need a "
+                             "dimension other than 0 (the batch)")
+    return d
+
+
+def unit_totals(t: Tensor, dim: int = 1, groups: int | None = None) -> Tensor:
+    """Sum a tensor ``(N, ...)`` over everything but the batch and the unit dimension: ``(N, units)``, with the
+    unit dimension in ``groups`` equal groups when given (heads)."""
+    d = dim % t.dim()
+    x = t.movedim(d, 1)
+    x = x.reshape(x.shape[0], x.shape[1], -1).sum(-1)
+    if groups is not None:
+        x = x.reshape(x.shape[0], groups, -1).sum(-1)
+    return x
+
+
+def unit_maxima(t: Tensor, dim: int = 1, groups: int | None = None) -> Tensor:
+    """Largest value of each unit over the positions (``(N, units)``; a group is summed per position first)."""
+    d = dim % t.dim()
+    x = t.movedim(d, -1)
+    if groups is not None:
+        x = x.reshape(*x.shape[:-1], groups, -1).sum(-1)
+    return x.reshape(x.shape[0], -1, x.shape[-1]).amax(1)
+
+

@@ -74,8 +74,8 @@ class NormKernel:
         elif self.kind == "batch":
             shape = (1, -1) + (1,) * (x.dim() - 2)
             if saved(node, "training"):
-                mean, invstd = _attached(x, saved(node, "result1").reshape(shape), saved(node, "result2").reshape(shape),
-                                         (0,) + tuple(range(2, x.dim())))
+                mean, invstd = _attached(x, saved(node, "result1").reshape(shape),
+                                         saved(node, "result2").reshape(shape), (0,) + tuple(range(2, x.dim())))
             else:
                 mean = saved(node, "running_mean").reshape(shape)
                 invstd = torch.rsqrt(saved(node, "running_var") + saved(node, "eps")).reshape(shape)
