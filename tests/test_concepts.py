@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -217,3 +219,59 @@ def test_parallel_conditions_need_exclude_parallel_false() -> None:
     ra = dynamiclrp.relevance(out, x, conditions={ha: [0]}, exclude_parallel=True)[0]
     rb = dynamiclrp.relevance(out, x, conditions={hb: [1]}, exclude_parallel=True)[0]
     torch.testing.assert_close(r, ra + rb)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reference samples: the dataset store
+# ----------------------------------------------------------------------------------------------------------------
+def test_reference_samples_from_a_dataset_store(tmp_path) -> None:
+    """``attribute_dataset(concepts=...)`` stores every unit's relevance and activation from the same pass (the
+    heatmaps are bit for bit those of a store without concepts); Relevance Maximization reads them back."""
+    net = small_cnn().float()
+    gen = torch.Generator().manual_seed(3)
+    data = torch.utils.data.TensorDataset(torch.rand(40, 1, 6, 6, generator=gen),
+                                          torch.randint(0, 3, (40,), generator=gen))
+    plain = dynamiclrp.attribute_dataset(net, data, target="label", batch_size=16, out=tmp_path / "a.zarr",
+                                         progress=False)
+    dynamiclrp.attribute_dataset(net, data, target="label", batch_size=16, out=tmp_path / "b.zarr", progress=False,
+                                 concepts=["2"])
+    a, b = dynamiclrp.dataset.open_store(tmp_path / "a.zarr"), dynamiclrp.dataset.open_store(tmp_path / "b.zarr")
+    assert plain.n_samples == 40
+    assert np.array_equal(a["relevance"][:], b["relevance"][:])
+    rel, act = np.asarray(b["concepts/2/relevance"][:]), np.asarray(b["concepts/2/activation"][:])
+    assert rel.shape == act.shape == (40, 6)
+    x = data.tensors[0][:16].clone().requires_grad_(True)
+    out = net(x).gather(1, data.tensors[1][:16, None]).squeeze(1)
+    want = concepts.concept_relevance(out, "2", model=net)
+    np.testing.assert_allclose(rel[:16], want.relevance.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(act[:16], want.activation.numpy(), rtol=1e-6, atol=1e-7)
+
+    refs = concepts.reference_samples(tmp_path / "b.zarr", "2", k=5)
+    share = rel / (np.abs(rel).sum(1, keepdims=True) + 1e-10)
+    for u in range(6):
+        idx = [i for i, _ in refs.of(u)]
+        assert idx == list(np.argsort(-share[:, u], kind="stable")[:5])
+    by_act = concepts.reference_samples(tmp_path / "b.zarr", "2", k=3, by="activation")
+    assert [i for i, _ in by_act.of(0)] == list(np.argsort(-act[:, 0], kind="stable")[:3])
+    only = concepts.reference_samples(tmp_path / "b.zarr", "2", k=40, target=1)
+    labels = data.tensors[1].numpy()
+    assert set(i for i, _ in only.of(0)) == set(np.flatnonzero(labels == 1))
+    with pytest.raises(ConditionError, match="no concept arrays"):
+        concepts.reference_samples(tmp_path / "a.zarr", "2")
+
+    heat = concepts.reference_heatmaps(net, data, refs, [0, 4], store=tmp_path / "b.zarr", frac=0.5)
+    assert sorted(heat) == [0, 4] and len(heat[0]) == 5
+    r = heat[0][0]
+    top, left, bottom, right = r.box
+    assert r.image.shape[-2:] == r.heatmap.shape[-2:] == (bottom - top, right - left)
+    assert 3 <= bottom - top <= 6 and 3 <= right - left <= 6
+    # the uncropped heatmap is the conditional relevance of the stored target through the unit
+    full = concepts.reference_heatmaps(net, data, refs, [0], store=tmp_path / "b.zarr", crop=False)[0][0]
+    i = full.index
+    xi = data.tensors[0][i:i + 1].clone().requires_grad_(True)
+    out = net(xi)[:, int(b["target"][i])]
+    (want_heat,) = dynamiclrp.relevance(out, xi, model=net, conditions={"2": [0]})
+    torch.testing.assert_close(full.heatmap, want_heat[0])
+    pytest.importorskip("matplotlib")
+    fig = concepts.plot_references({"unit 0": heat[0], "unit 4": heat[4]}, path=tmp_path / "refs.png")
+    assert (tmp_path / "refs.png").stat().st_size > 0 and fig is not None

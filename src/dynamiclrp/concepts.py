@@ -32,7 +32,7 @@ from .api import InputLike, relevance
 from .conditions import (Conditions, Layer, Unit, as_layer, layer_key, mask_for, resolve_conditions, resolve_keys,
                          unit_dim, unit_maxima, unit_totals)
 from .core.run import compute
-from .dataset import open_store
+from .dataset import concept_path, open_store
 from .errors import ConditionError
 from .presets import Rules, resolve
 
@@ -348,14 +348,14 @@ def reference_samples(store: Any, layer: Any, *, k: int = 8, by: Literal["releva
     """
     group = open_store(store) if isinstance(store, (str, os.PathLike)) else store
     name = layer_key(layer)
+    if by not in ("relevance", "activation"):
+        raise ValueError(f"by must be 'relevance' or 'activation', got {by!r}")
     try:
-        sub = group["concepts"][name]
+        arr = group[f"{concept_path(layer)}/{by}"]
     except KeyError as err:
         raise ConditionError(f"the store has no concept arrays for {name!r}: write it with "
                              f"attribute_dataset(..., concepts=[{name!r}])") from err
-    if by not in ("relevance", "activation"):
-        raise ValueError(f"by must be 'relevance' or 'activation', got {by!r}")
-    data = np.asarray(sub[by][:], dtype=np.float64)
+    data = np.asarray(arr[:], dtype=np.float64)
     if by == "relevance" and normalized:
         data = data / (np.abs(data).sum(1, keepdims=True) + 1e-10)
     ok = np.ones(len(data), dtype=bool)
