@@ -257,7 +257,8 @@ def hierarchy(outputs: Tensor | Sequence[Tensor], layers: Sequence[Any], concept
     """The concept tree of unit ``concept`` of ``layers[0]``: the ``k`` most relevant units of each next layer
     through the concepts above them ("and" conditions along the path), down to ``layers[-1]``.
 
-    Each level is one relevance pass vectorised over the siblings. Relevance values are for batch row ``row``.
+    Each level is one relevance pass, vectorised over the concepts of the level. Relevance values are for batch
+    row ``row``.
     """
     if not layers:
         raise ConditionError("hierarchy needs at least one layer")
@@ -271,17 +272,16 @@ def hierarchy(outputs: Tensor | Sequence[Tensor], layers: Sequence[Any], concept
     root = ConceptNode(names[0], int(concept), float(top.relevance[row, concept]))
     frontier: list[tuple[ConceptNode, list[int]]] = [(root, [int(concept)])]
     for depth in range(1, len(keys)):
+        # one pass per level, vectorised over the frontier: each concept conditioned on its whole path ("and")
+        pairs = [(keys[lvl], torch.stack([mask_for([path[lvl]], keys[lvl]) for _, path in frontier]))
+                 for lvl in range(depth)]
+        ex = compute(outputs, [keys[depth]], rules=ruleset, model=model, conditions=pairs,
+                     exclude_parallel=exclude_parallel, concepts=len(frontier))
+        rel = ex.relevance[0]
         nxt: list[tuple[ConceptNode, list[int]]] = []
-        for node, path in frontier:
-            pairs = []
-            for lvl, u in enumerate(path):
-                pairs.append((keys[lvl], mask_for([u], keys[lvl]).unsqueeze(0)))
-            ex = compute(outputs, [keys[depth]], rules=ruleset, model=model, conditions=pairs,
-                         exclude_parallel=exclude_parallel, concepts=1)
-            rel = ex.relevance[0][0]
-            scores = unit_totals(rel, unit_dim(unit, rel.dim()))[row]
-            best = torch.argsort(scores, descending=True)[:k]
-            for u in best.tolist():
+        for (node, path), r in zip(frontier, rel):
+            scores = unit_totals(r, unit_dim(unit, r.dim()))[row]
+            for u in torch.argsort(scores, descending=True)[:k].tolist():
                 child = ConceptNode(names[depth], int(u), float(scores[u]))
                 node.children.append(child)
                 nxt.append((child, path + [int(u)]))
