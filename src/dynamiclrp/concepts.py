@@ -112,7 +112,8 @@ def conditional_relevance(outputs: Tensor | Sequence[Tensor], inputs: InputLike 
             for n in members:
                 spec = next(v for k, v in conds[n].items() if _key_id(k) == kid)
                 masks.append(mask_for(spec, resolved[kid]))
-            pairs.append((resolved[kid], torch.stack(torch.broadcast_tensors(*masks))))
+            same = torch.broadcast_tensors(*masks)  # type: ignore[no-untyped-call]
+            pairs.append((resolved[kid], torch.stack(same)))
         ex = compute(outputs, inputs, seeds, rules=ruleset, model=model, conditions=pairs,
                      exclude_parallel=exclude_parallel, concepts=len(members), vectorize=vectorize)
         if results is None:

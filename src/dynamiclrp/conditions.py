@@ -341,7 +341,7 @@ def resolve_keys(outputs: Sequence[Tensor], keys: Sequence[Any], model: torch.nn
     for k in keys:
         if isinstance(k, (str, Layer)):
             out.append(found[id(k)])
-        elif isinstance(k, (torch.Tensor, GradientEdge)):
+        elif isinstance(k, (torch.Tensor, GradientEdge)):  # type: ignore[misc]  # GradientEdge: a NamedTuple
             out.append(k)
         else:
             raise ConditionError(f"a condition key must be a tensor, a GradientEdge, a module name or a Layer, got "

@@ -234,9 +234,10 @@ class LedgerObserver:
 
     def conditioned(self, slot: int, before: Msg | None, after: Msg | None) -> None:
         """A concept condition masked the relevance at ``slot``: book what it removed."""
-        if before is None:
-            return
         run = self.run
+        book = run.ledger
+        if before is None or book is None:
+            return
         node = run.graph.slot_node[slot]
         t = self.arrived.pop(slot, None)
         try:
@@ -244,17 +245,20 @@ class LedgerObserver:
                 t = run.total(slot, before)
             kept = run.total(slot, after)
         except ValueUnavailableError:
-            run.ledger.unmeasurable(run.planner.label(node), "relevance removed by a concept condition (the "
+            book.unmeasurable(run.planner.label(node), "relevance removed by a concept condition (the "
                                     "conditioned tensor's value is not in the graph)")
             self.arrived[slot] = UNKNOWN
             return
-        run.ledger.book("condition", run.planner.label(node), t - kept,
+        book.book("condition", run.planner.label(node), t - kept,
                         "relevance outside the condition's units (CRP mask)")
         self.arrived[slot] = kept
 
     def dropped(self, slot: int, msg: Msg) -> None:
         """Relevance at ``slot`` that bypasses a conditioned tensor, dropped (``exclude_parallel``)."""
         run = self.run
+        book = run.ledger
+        if book is None:
+            return
         node = run.graph.slot_node[slot]
         t = self.arrived.pop(slot, None)
         self.carry.pop(slot, None)
@@ -262,9 +266,9 @@ class LedgerObserver:
             if t is None or t is UNKNOWN:
                 t = run.total(slot, msg)
         except ValueUnavailableError:
-            run.ledger.unmeasurable(run.planner.label(node), "relevance bypassing a conditioned tensor")
+            book.unmeasurable(run.planner.label(node), "relevance bypassing a conditioned tensor")
             return
-        run.ledger.book("condition", f"{run.planner.label(node)} (parallel)", t,
+        book.book("condition", f"{run.planner.label(node)} (parallel)", t,
                         "relevance that bypasses a conditioned tensor (exclude_parallel)")
 
     def skipped(self, base: int, k: int) -> None:
