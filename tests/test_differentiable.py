@@ -164,3 +164,20 @@ def test_clever_hans_is_corrected_by_a_relevance_penalty() -> None:
     assert control["watermark_share"] >= 0.4, control
     assert after["accuracy"] >= before["accuracy"]
     assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items())  # fine_tune trains a copy
+
+
+def test_convolution_of_two_activations_with_a_bias() -> None:
+    """A convolution whose weight is data (a plain tensor that requires grad, e.g. a dynamic filter) gets the
+    bilinear rule; its bias's share is reduced per channel (it used to have the output's shape)."""
+    x = _input(2, 1, 4, 4)
+    w = torch.randn(3, 1, 3, 3, dtype=D, requires_grad=True)
+    b = torch.randn(3, dtype=D, requires_grad=True)
+    out = F.conv2d(x, w, b, padding=1).sum((1, 2, 3))
+    ex = dynamiclrp.explain(out, [x, w, b], rules="zero")
+    assert ex.relevance[2].shape == b.shape
+    assert abs(ex.unaccounted) <= 1e-10 * max(1.0, abs(ex.ledger.seed_total))
+
+    def rel(x, w, b):
+        return dynamiclrp.relevance(F.conv2d(x, w, b, padding=1).sum((1, 2, 3)), x, create_graph=True)[0]
+
+    assert torch.autograd.gradcheck(rel, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-4)
