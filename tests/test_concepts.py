@@ -32,6 +32,8 @@ from dynamiclrp.conditions import Layer, Units, as_units, channels, heads, layer
 from dynamiclrp.core.run import compute
 from dynamiclrp.errors import ConditionError
 from dynamiclrp.presets import resolve
+from dynamiclrp.rules import Identity
+from dynamiclrp.rules.elementwise import IdentityStep
 from dynamiclrp.testing import zoo
 
 LAYERS = {  # (attention output projection, MLP down projection)
@@ -183,6 +185,10 @@ def test_names_tensors_and_edges_agree() -> None:
     by_edge = dynamiclrp.relevance(out, x, model=net, conditions={layer_edge(out, "0", net): [1, 3]})[0]
     torch.testing.assert_close(by_tensor, by_name, rtol=0, atol=0)  # a channel mask commutes with the ReLU
     torch.testing.assert_close(by_edge, by_name, rtol=0, atol=0)
+    explainer = dynamiclrp.Explainer(model=net)
+    for _ in range(2):  # the second call reuses the plan
+        torch.testing.assert_close(explainer.relevance(out, x, conditions={"0": [1, 3]})[0], by_name)
+    assert explainer.cache_info()["hits"] == 1
     mask = torch.zeros(1, 4, 1, 1, dtype=torch.float64)
     mask[0, [1, 3]] = 1
     torch.testing.assert_close(dynamiclrp.relevance(out, x, model=net, conditions={h: mask})[0], by_tensor)
@@ -275,3 +281,33 @@ def test_reference_samples_from_a_dataset_store(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     fig = concepts.plot_references({"unit 0": heat[0], "unit 4": heat[4]}, path=tmp_path / "refs.png")
     assert (tmp_path / "refs.png").stat().st_size > 0 and fig is not None
+
+
+class _BranchingStep(IdentityStep):
+    """The identity rule, but deciding something from the values of the relevance it receives (which a
+    vectorised pass cannot: ``bool`` of a batched tensor)."""
+
+    def __call__(self, run, outs):
+        m = outs[0]
+        if m is not None and m.g is not None and bool((m.g != 0).any()):
+            return super().__call__(run, outs)
+        return super().__call__(run, outs)
+
+
+class _Branching(Identity):
+    def bind(self, site):
+        super().bind(site)
+        return _BranchingStep(site)
+
+
+def test_steps_that_cannot_be_vectorised_get_one_pass_per_concept() -> None:
+    net = small_cnn()
+    x = torch.randn(2, 1, 6, 6, dtype=torch.float64, requires_grad=True)
+    out = net(x)[:, 1]
+    edge = layer_edge(out, "2", net)
+    masks = torch.stack([channels([u]).mask((2, 6, 6, 6), torch.float64) for u in range(6)])
+    plain = compute(out, x, rules=resolve(None), conditions=[(edge, masks)], concepts=6, model=net)
+    rules = resolve(None).with_families(activation=_Branching())
+    got = compute(out, x, rules=rules, conditions=[(edge, masks)], concepts=6, model=net)
+    assert plain.passes == 1 and got.passes == 6
+    torch.testing.assert_close(got.relevance[0], plain.relevance[0], rtol=1e-12, atol=1e-15)

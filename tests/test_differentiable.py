@@ -19,6 +19,7 @@ from torch import nn
 import dynamiclrp
 from dynamiclrp import clever_hans, presets
 from dynamiclrp.rules import Gamma
+from dynamiclrp.testing import zoo
 
 D = torch.float64
 RULES = {
@@ -181,3 +182,34 @@ def test_convolution_of_two_activations_with_a_bias() -> None:
         return dynamiclrp.relevance(F.conv2d(x, w, b, padding=1).sum((1, 2, 3)), x, create_graph=True)[0]
 
     assert torch.autograd.gradcheck(rel, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def _zoo_case(name: str) -> None:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(D)
+    try:
+        impl = "eager" if "eager" in zoo.attention_implementations(name) else None
+        entry = zoo.build(name, attn_implementation=impl)
+        entry.model.double()
+        out, inp = entry.run()
+    finally:
+        torch.set_default_dtype(old)
+    plain = dynamiclrp.relevance(out, inp, model=entry.model)[0]
+    r = dynamiclrp.relevance(out, inp, model=entry.model, create_graph=True)[0]
+    torch.testing.assert_close(r.detach(), plain, rtol=1e-12, atol=1e-12 * float(plain.abs().max()))
+    params = [p for p in entry.model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(r.pow(2).sum(), [inp, *params] if inp.requires_grad else params, allow_unused=True)
+    assert any(g is not None for g in grads) and all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", ["llama", "cnn_bn"])
+def test_zoo_models_differentiable(name: str) -> None:
+    """Every step of a real model runs recorded (no in-place write breaks autograd), gives the same relevance, and
+    has finite gradients."""
+    _zoo_case(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in zoo.names() if n != "mixtral"])  # no float64 grouped mm in torch
+def test_every_zoo_model_differentiable(name: str) -> None:
+    _zoo_case(name)
