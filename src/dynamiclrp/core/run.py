@@ -170,6 +170,8 @@ def compute(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any = None, 
     relevance is differentiable with respect to the inputs and parameters. ``values`` returns the forward value
     of every requested input with the relevance (:attr:`Explanation.values`).
     """
+    if concepts is not None and not conditions:
+        raise ConditionError("concepts= counts the concepts along the conditions' first dimension: pass conditions")
     if concepts is not None and ledger:
         raise ValueError("a ledger is kept for one pass at a time: explain the concepts one by one "
                          "(conditions without a concept dimension) to get a ledger for each")
