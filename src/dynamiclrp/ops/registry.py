@@ -27,21 +27,23 @@ from ..core.graph import saved
 from ..core.spec import OpSpec
 from ..core.step import Site
 from . import routing
-from .attention import AttentionKernel, SoftmaxKernel
+from .attention import AttentionKernel, LogsumexpKernel, SoftmaxKernel
 from .elementwise import BLOOM_GELU, PRELU, RG_SQRT, UNARY, NegKernel, ProductKernel, binary_rebuild
 from .linear import (AddmmKernel, BaddbmmKernel, BmmKernel, ConvKernel, GroupedMmFallbackKernel, GroupedMmKernel,
-                     LinearKernel, MmKernel, MvKernel)
+                     LinearKernel, MmKernel, MvKernel, VdotKernel)
 from .norm import NormKernel
-from .reduce import (VECTOR_NORM, SumKernel, _adaptive_avg_pool_nd, _alpha, _avg_pool2d, _avg_pool3d, add_forward,
-                     avg_pool_rebuild, cumsum_forward, mean_forward, nll_forward, rsub_forward, sub_forward,
-                     sum_forward, upsample_forward, vector_norm_forward)
-from .special import CopySlicesKernel, LeafKernel, RecurrentKernel, WeightNormKernel, function_family
+from .reduce import (AFFINE_GRID, CUMPROD, GRID_SAMPLE, PROD, ROI_ALIGN, SCATTER_REDUCE, STD, VAR, VECTOR_NORM,
+                     SumKernel, _adaptive_avg_pool_nd, _alpha, _avg_pool2d, _avg_pool3d, add_forward, avg_pool_rebuild,
+                     cumsum_forward, mean_forward, nll_forward, rsub_forward, sub_forward, sum_forward,
+                     upsample_forward, vector_norm_forward)
+from .special import (CHECKPOINT, GLU, TRILINEAR, CopySlicesKernel, LeafKernel, RecurrentKernel, WeightNormKernel,
+                      function_family)
 
 #: element-wise non-linearities used as activation functions (the activated operand of a gated MLP)
 _ACTIVATIONS = frozenset({
     "ReluBackward0", "GeluBackward0", "SiluBackward0", "MishBackward0", "TanhBackward0", "SigmoidBackward0",
     "SoftplusBackward0", "EluBackward0", "LeakyReluBackward0", "HardswishBackward0", "HardsigmoidBackward0",
-    "HardtanhBackward0", "ThresholdBackward0",
+    "HardtanhBackward0", "ThresholdBackward0", "CeluBackward0", "RreluWithNoiseBackward0",
 })
 #: gates: a signal multiplied by one of these takes all the relevance (LSTM/GRU, squeeze-excitation)
 _GATES = frozenset({"SigmoidBackward0", "HardsigmoidBackward0"})
@@ -150,6 +152,25 @@ def _norm(kind: str) -> OpSpec:
                   static_fields=("training",) if kind == "batch" else ())
 
 
+def _composite(kernel: Any, inputs_saved: tuple = (), **traits: Any) -> OpSpec:
+    """An op re-expressed with primitive ops (family ``composite``, rule ``Decompose``); its output is rebuilt from
+    the inputs it kept, or replayed from its inputs' values."""
+    def rebuild(node: Any, nr: int) -> torch.Tensor | None:
+        xs = kernel.inputs(node)
+        if xs is None or any(x is None for x in xs):
+            return None
+        return _nth(kernel.forward(node, *xs), nr)
+
+    def replay(node: Any, xs: Any, nr: int) -> torch.Tensor:
+        return _nth(kernel.forward(node, *xs), nr)
+    return OpSpec("composite", kernel, inputs_saved=inputs_saved, rebuild=rebuild, replay=replay, **traits)
+
+
+def _nth(out: Any, nr: int) -> torch.Tensor:
+    t = out if isinstance(out, torch.Tensor) else out[nr]
+    return t.detach()
+
+
 def _function(kernel: Any, module: str, qualname: str, family: str) -> OpSpec:
     """A known custom ``autograd.Function`` (element-wise, its input in ``ctx.saved_tensors[0]``), matched by node
     class name and checked against the Function's class."""
@@ -231,6 +252,23 @@ def _routing_rows() -> dict[str, OpSpec]:
                             rebuild=routing.rebuild_take_flat_indices, replay=routing.replay_take_flat_indices, selection=True)
     rows["EmbeddingBackward0"] = OpSpec("embedding", routing.EmbeddingKernel(), replay=_embedding_replay,
                                         replay_inputs=(0,), selection=True, data_lookup=True)
+    # sum/mean/max of weight rows per bag, or the per-index weights when they are data (see EmbeddingBagKernel)
+    bag = routing.EmbeddingBagKernel()
+    rows["EmbeddingBagBackward0"] = OpSpec("embedding", bag, inputs_saved=((0, "weight"), (1, "per_sample_weights")),
+                                           rebuild=bag.rebuild, replay=bag.replay_bag, replay_inputs=(0,),
+                                           data_lookup=True)
+    # selections added for coverage (issue 11): every output element is a copy of an input element or a constant,
+    # so the node's backward is the z-rule in gradient form (LRP-0 = gradient × input), exactly conservative
+    rows["MaskedScatterBackward0"] = _routing(routing.replay_masked_scatter)  # image features into text embeddings
+    rows["MaxUnpool2DBackward0"] = _routing(routing.replay_max_unpool(2))
+    rows["MaxUnpool3DBackward0"] = _routing(routing.replay_max_unpool(3))
+    rows["CopyBackwards"] = _routing(routing.replay_copy, replay_inputs=routing.copy_replay_inputs)  # dst.copy_(src)
+    rows["PackPaddedSequenceBackward0"] = _routing(routing.replay_pack_padded)  # packed LSTM/GRU input
+    # scatter_reduce: sum/mean (fixed coefficients) and amax/amin (selections) route like the gradient; prod is a
+    # homogeneous product (family reduce); see ScatterReduceKernel
+    rows["ScatterReduceBackward0"] = OpSpec("routing", SCATTER_REDUCE, results=((0, "result"),),
+                                            inputs_saved=((0, "self"), (1, "src")), rebuild=SCATTER_REDUCE.rebuild,
+                                            replay=SCATTER_REDUCE.forward, family_of=SCATTER_REDUCE.family_of)
     # in-place writes into views: routing, after a plan-time check of the wrapped op (family "inplace")
     rows["CopySlices"] = OpSpec("inplace", CopySlicesKernel())
     return rows
@@ -245,6 +283,7 @@ def _build() -> Mapping[str, OpSpec]:
     t["AddmmBackward0"] = _linear(AddmmKernel(), ((1, "mat1"), (2, "mat2")), merges_batchnorm=True)
     t["BaddbmmBackward0"] = _linear(BaddbmmKernel(), ((1, "batch1"), (2, "batch2")))
     t["MvBackward0"] = _linear(MvKernel(), ((0, "self"), (1, "vec")))
+    t["VdotBackward0"] = _linear(VdotKernel(), ((0, "self"), (1, "other")))  # spectral norm's σ = uᵀ(W v)
     t["ConvolutionBackward0"] = OpSpec("conv", ConvKernel(), inputs_saved=((0, "input"), (1, "weight")),
                                        replay=_linear_replay(ConvKernel()), family_of=_family_of_linear,
                                        static_fields=("bias_sym_sizes_opt",), merges_batchnorm=True)
@@ -264,6 +303,27 @@ def _build() -> Mapping[str, OpSpec]:
     for name in ("MeanBackward0", "MeanBackward1"):
         t[name] = _sum(mean_forward, family="reduce", reduction=True)
     t["CumsumBackward0"] = _sum(cumsum_forward, family="reduce")
+    # positively homogeneous statistics (Euler's theorem, see HomogeneousKernel): std (degree 1), var (2), the
+    # product of n elements (n: AttnLRP's uniform rule), cumulative products (i + 1 at position i). Std and var are
+    # statistics, so a product with them treats them as normalisers
+    t["StdBackward0"] = OpSpec("reduce", STD, results=((0, "result"),), inputs_saved=((0, "self"),),
+                               rebuild=STD.rebuild, replay=STD.forward, reduction=True)
+    t["VarBackward0"] = OpSpec("reduce", VAR, inputs_saved=((0, "self"),), rebuild=VAR.rebuild, replay=VAR.forward,
+                               reduction=True)
+    for name in ("ProdBackward0", "ProdBackward1"):
+        t[name] = OpSpec("reduce", PROD, results=((0, "result"),), inputs_saved=((0, "self"),), rebuild=PROD.rebuild,
+                         replay=PROD.forward)
+    t["CumprodBackward0"] = OpSpec("reduce", CUMPROD, results=((0, "result"),), inputs_saved=((0, "self"),),
+                                   rebuild=CUMPROD.rebuild, replay=CUMPROD.forward)
+    # spatial transformers and R-CNN heads: linear maps of the input with coefficients fixed by a grid or boxes
+    # (the sum rule, like interpolation; the grid/boxes receive nothing), and the affine grid, linear in θ
+    for name in ("GridSampler2DBackward0", "GridSampler3DBackward0"):
+        t[name] = OpSpec("pool", GRID_SAMPLE, rebuild=GRID_SAMPLE.rebuild, replay=GRID_SAMPLE.forward,
+                         replay_inputs=(0,), inputs_saved=((0, "input"), (1, "grid")))
+    t["AffineGridGeneratorBackward0"] = OpSpec("pool", AFFINE_GRID, replay=AFFINE_GRID.forward)
+    t["GeneratedBackwardFor_torchvision_roi_align_defaultBackward"] = OpSpec(
+        "pool", ROI_ALIGN, replay=ROI_ALIGN.forward, replay_inputs=(0,), family_of=function_family("pool"),
+        function=("torch._library.autograd", "GeneratedBackwardFor_torchvision_roi_align_default"))
     # a loss as the explained output: nll_loss (cross_entropy = log_softmax + nll_loss) is linear in its input
     for name in ("NllLossBackward0", "NllLoss2DBackward0"):
         t[name] = _sum(nll_forward, inputs_saved=((0, "self"),), family="reduce")
@@ -304,6 +364,9 @@ def _build() -> Mapping[str, OpSpec]:
     t["SoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(), results=((0, "result"),))
     t["SafeSoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(), results=((0, "result"),))
     t["LogSoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(log=True), results=((0, "result"),))
+    # logsumexp, a smooth maximum: relevance by the softmax weights (Softmax rule -> LogsumexpStep); a statistic
+    t["LogsumexpBackward0"] = OpSpec("softmax", LogsumexpKernel(), results=((0, "result"),),
+                                     inputs_saved=((0, "self"),), reduction=True)
     for name in ("ScaledDotProductFlashAttentionForCpuBackward0", "ScaledDotProductEfficientAttentionBackward0",
                  "ScaledDotProductFlashAttentionBackward0", "ScaledDotProductCudnnAttentionBackward0"):
         t[name] = OpSpec("attention", AttentionKernel(), results=((0, "output"),),
@@ -319,6 +382,11 @@ def _build() -> Mapping[str, OpSpec]:
     wn = WeightNormKernel()
     t["WeightNormInterfaceBackward0"] = OpSpec("parametrization", wn, inputs_saved=((0, "v"), (1, "g")),
                                                rebuild=wn.rebuild)
+    # ops re-expressed with primitive ops and explained with the caller's rule set (rule Decompose)
+    t["GluBackward0"] = _composite(GLU, inputs_saved=((0, "self"),))
+    t["TrilinearBackward0"] = _composite(TRILINEAR, inputs_saved=((0, "i1"), (1, "i2"), (2, "i3")))
+    t["CheckpointFunctionBackward"] = _composite(CHECKPOINT, family_of=function_family("composite"),
+                                                 function=("torch.utils.checkpoint", "CheckpointFunction"))
     # known custom autograd Functions
     t["GeLUFunctionBackward"] = _function(BLOOM_GELU, "transformers.models.bloom.modeling_bloom", "GeLUFunction",
                                           "activation")

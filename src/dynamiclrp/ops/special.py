@@ -1,13 +1,18 @@
 """Ops that fuse a sub-network into one node, or need a structural check: fused recurrent layers (oneDNN LSTM),
-weight normalisation, in-place writes into views (``CopySlices``), known custom ``autograd.Function``s, leaves."""
+weight normalisation, in-place writes into views (``CopySlices``), ops re-expressed with primitive ops
+(:class:`CompositeKernel`: GLU, ``nn.Bilinear``'s trilinear product, reentrant checkpointing), known custom
+``autograd.Function``s, leaves."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import contextlib
+import string
 
 import torch
 import torch.nn.functional as F
 
-from ..core.graph import forward_cls, saved
+from ..core.graph import custom_saved_tensors, forward_cls, function_attr, saved
 from ..errors import UnsupportedOperationError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,6 +114,89 @@ def function_family(family: str) -> Callable[["Site"], str]:
             return "custom"
         return family
     return family_of
+
+
+class CompositeKernel:
+    """An op re-expressed with primitive ops, so that the caller's rule set explains it op by op (family
+    ``composite``, rule :class:`~dynamiclrp.rules.Decompose`).
+
+    ``forward(node, *inputs)`` recomputes the node's outputs (a tensor or a tuple, one per forward output) from
+    the values of its forward inputs with ordinary differentiable ops; ``inputs(node)`` returns those values when
+    the node itself kept them (one entry per input position, ``None`` for one to obtain from the Promise System).
+    The re-expression must compute the same function as the node: it is an exact rewrite, not an approximation.
+    """
+
+    def __init__(self, forward: Callable[..., Any], inputs: Callable[[Any], Sequence[Any]] | None = None):
+        self.forward = forward
+        self._inputs = inputs
+
+    def inputs(self, node: Any) -> Sequence[Any] | None:
+        return None if self._inputs is None else self._inputs(node)
+
+
+def _glu(node: Any, x: Tensor) -> Tensor:
+    a, b = x.chunk(2, dim=saved(node, "dim"))
+    return a * torch.sigmoid(b)
+
+
+#: ``GluBackward0`` (``nn.GLU``, Conformer/wav2vec2-Conformer convolution modules, gated CNNs): ``a · σ(b)`` with
+#: ``[a, b]`` the two halves of the input. Re-expressed as a split, a sigmoid and a product, the rule set sees the
+#: gate: with the default product rule the signal ``a`` takes the relevance of a sigmoid-gated product (Arras et
+#: al. 2017), with AttnLRP's uniform rule each operand half of it. Exactly the node's function.
+GLU = CompositeKernel(_glu, lambda node: [saved(node, "self")])
+
+
+def trilinear_forward(node: Any, i1: Tensor, i2: Tensor, i3: Tensor) -> Tensor:
+    """``aten._trilinear``: ``Σ_sumdim i1.unsqueeze(expand1) · i2.unsqueeze(expand2) · i3.unsqueeze(expand3)``,
+    written as one ``einsum`` (which PyTorch evaluates with matmuls)."""
+    e = [tuple(saved(node, f"expand{k}")) for k in (1, 2, 3)]
+    ndim = i1.dim() + len(e[0])
+    letters = string.ascii_letters[:ndim]
+    subs = ["".join(letters[d] for d in range(ndim) if d not in ex) for ex in e]
+    out = "".join(letters[d] for d in range(ndim) if d not in tuple(saved(node, "sumdim")))
+    return torch.einsum(f"{subs[0]},{subs[1]},{subs[2]}->{out}", i1, i2, i3)
+
+
+#: ``TrilinearBackward0`` (``nn.Bilinear``: ``y_k = x₁ᵀ W_k x₂``): a product of three operands re-expressed as two
+#: matmuls. With one data operand and the weight it is a linear layer (the linear rule); with two data operands the
+#: second matmul multiplies two activations (the rule set's product rule: AttnLRP's uniform rule gives each half, as
+#: for ``Q·Kᵀ``). With LRP-0 this equals the z-rule on the terms ``x₁ᵢ W_kij x₂ⱼ`` split uniformly between the two
+#: activations.
+TRILINEAR = CompositeKernel(trilinear_forward, lambda node: [saved(node, "i1"), saved(node, "i2"), saved(node, "i3")])
+
+
+def _ctx(node: Any, name: str, default: Any) -> Any:
+    try:
+        return function_attr(node, name)
+    except AttributeError:
+        return default
+
+
+def _checkpoint_inputs(node: Any) -> list[Any]:
+    return list(custom_saved_tensors(node))
+
+
+def checkpoint_forward(node: Any, *tensors: Tensor) -> Any:
+    """Re-run a reentrant checkpoint's function the way its backward does: the saved tensor arguments put back
+    among the non-tensor ones, the forward's CPU random state restored (dropout draws the same mask)."""
+    args = list(function_attr(node, "inputs"))
+    for i, idx in enumerate(function_attr(node, "tensor_indices")):
+        args[idx] = tensors[i]
+    preserve = bool(_ctx(node, "preserve_rng_state", False))
+    with torch.random.fork_rng(devices=[], enabled=preserve):
+        if preserve and _ctx(node, "fwd_cpu_state", None) is not None:
+            torch.set_rng_state(function_attr(node, "fwd_cpu_state"))
+        cpu_autocast = _ctx(node, "cpu_autocast_kwargs", None) or {}
+        ctx = torch.amp.autocast("cpu", **cpu_autocast) if cpu_autocast else contextlib.nullcontext()
+        with torch.enable_grad(), ctx:
+            return function_attr(node, "run_function")(*args)
+
+
+#: ``CheckpointFunctionBackward`` (``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)``): the forward ran
+#: without recording a graph, keeping only the function and its inputs — so, like the checkpoint's own backward, the
+#: function is run again with a graph, and that graph is explained with the caller's rule set (every op inside gets
+#: its own rule; the result is the same as without checkpointing).
+CHECKPOINT = CompositeKernel(checkpoint_forward, _checkpoint_inputs)
 
 
 class LeafKernel:

@@ -40,6 +40,8 @@ class IdentityStep(Step):
         self.need_x_value = (k._ratio is None and (k.x_field is None or saved(site.node, k.x_field) is None)
                              and k.inverse is not None and k.y_field is not None and site.edges[0] >= 0
                              and site.type in ("TanhBackward0", "SigmoidBackward0"))
+        # a non-linearity that saved neither its input nor its output (sign): the input from the Promise System
+        self.need_x_value = self.need_x_value or (k.x_field is None and k.y_field is None and site.edges[0] >= 0)
         if self.need_x_value:
             site.planner.need_value(site.edges[0])
 
@@ -63,7 +65,10 @@ class IdentityStep(Step):
 
     def ratio(self, run, node) -> Tensor:
         k = self.kernel
-        x, y = self._xy(run, node) if k._ratio is None or k.x_field is not None else (None, saved(node, k.y_field))
+        if k._ratio is None or k.x_field is not None or k.y_field is None:
+            x, y = self._xy(run, node)
+        else:
+            x, y = None, saved(node, k.y_field)
         if k._ratio is not None:
             if x is None and k.x_field is not None:
                 x = saved(node, k.x_field)

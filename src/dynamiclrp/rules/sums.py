@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..core.graph import call_backward
 from ..core.messages import gmsg, safe_div
 from ..core.step import Site, Step
 from ..ops.reduce import SumKernel
@@ -43,7 +42,7 @@ class SumStep(Step):
         coefs = self.kernel.coefficients(node) if self.kernel.coefficients is not None else None
         if coefs is not None:
             return [None if (m is None) else _fit(s if c == 1 else c * s, m) for c, m in zip(coefs, self.meta)]
-        return [_fit(t, m) for t, m in zip(call_backward(node, [s]), self.meta)]
+        return [_fit(t, m) for t, m in zip(self.kernel.back(node, s), self.meta)]
 
     def g(self, run, gs):
         s = gs[0]
