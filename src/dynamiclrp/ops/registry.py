@@ -189,7 +189,17 @@ def _routing_rows() -> dict[str, OpSpec]:
         rows[name] = _view(routing.replay_reshape, reshape=True)
     for name in ("CloneBackward0", "AliasBackward0", "ContiguousBackward0", "LiftFreshBackward0", "DetachBackward0"):
         rows[name] = _view(routing.replay_identity, reshape=True)
-    rows["ViewAsRealBackward0"] = _routing(routing.replay_identity)
+    # complex-valued linear maps (FNet's Fourier mixing, global filters): gradient-form routing of the real
+    # composite (see ComplexLinearKernel)
+    cplx = routing.ComplexLinearKernel
+    rows["ViewAsRealBackward0"] = OpSpec("routing", cplx(routing.replay_view_as_real),
+                                         replay=routing.replay_view_as_real, view=True)
+    rows["ViewAsComplexBackward0"] = OpSpec("routing", cplx(routing.replay_view_as_complex),
+                                            replay=routing.replay_view_as_complex, view=True)
+    rows["FftR2CBackward0"] = OpSpec("routing", cplx(routing.replay_fft_r2c), inputs_saved=((0, "self"),),
+                                     rebuild=routing.rebuild_fft_r2c, replay=routing.replay_fft_r2c)
+    rows["FftC2CBackward0"] = OpSpec("routing", cplx(routing.replay_fft_c2c), replay=routing.replay_fft_c2c)
+    rows["FftC2RBackward0"] = OpSpec("routing", cplx(routing.replay_fft_c2r), replay=routing.replay_fft_c2r)
     rows["ToCopyBackward0"] = _view(routing.replay_to_copy, reshape=True)
     rows["TBackward0"] = _view(routing.replay_t)
     rows["TransposeBackward0"] = _view(routing.replay_transpose)

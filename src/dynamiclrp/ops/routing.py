@@ -297,3 +297,48 @@ class EmbeddingBagKernel(RoutingKernel):
     def dropped(edges: tuple[int, ...], active: tuple[bool, ...]) -> tuple[int, ...]:
         """Input positions that receive nothing: the weight when per-index weights are a data operand."""
         return (0,) if len(edges) > 1 and edges[1] >= 0 and active[1] else (1,)
+
+
+
+# -- complex-valued linear maps (FFT mixing) ----------------------------------------------------------------
+class ComplexLinearKernel(RoutingKernel):
+    """A linear map into or out of complex tensors (an FFT, ``view_as_real``/``view_as_complex``).
+
+    Composed with a real-valued read-out (``fft(x).real``, FNet's token mixing; ``irfft(rfft(x) · W)``, global
+    filter networks) the whole path is a real linear map of a real input with fixed coefficients, and PyTorch's
+    backward through the complex intermediates is exactly its transpose. So relevance moves in gradient form with
+    the node's own backward — the z-rule of the real composite, LRP-0 = gradient × input — and at a complex slot a
+    message ``G`` stands for the relevance ``Re(conj(G)·v)``. Explicit relevance is first turned into gradient form
+    at the real end (``gradient_only``), where dividing by the value is meaningful.
+    """
+
+    gradient_only = True
+
+
+def replay_fft_r2c(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    return torch._fft_r2c(xs[0], list(saved(node, "dim")), int(saved(node, "normalization")),
+                          bool(saved(node, "onesided")))
+
+
+def replay_fft_c2c(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    return torch._fft_c2c(xs[0], list(saved(node, "dim")), int(saved(node, "normalization")),
+                          bool(saved(node, "forward")))
+
+
+def replay_fft_c2r(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    dims = list(saved(node, "dim"))
+    last = out_shape(node, nr)[dims[-1]]
+    return torch._fft_c2r(xs[0], dims, int(saved(node, "normalization")), last)
+
+
+def rebuild_fft_r2c(node: Any, nr: int) -> Tensor | None:
+    x = saved(node, "self")
+    return None if x is None or nr != 0 else replay_fft_r2c(node, [x], 0)
+
+
+def replay_view_as_real(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    return torch.view_as_real(xs[0])
+
+
+def replay_view_as_complex(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    return torch.view_as_complex(xs[0].contiguous())

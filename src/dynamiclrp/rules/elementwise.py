@@ -9,7 +9,7 @@ import torch
 from ..core.graph import call_backward, saved
 from ..core.messages import Msg, gmsg
 from ..core.step import Site, Step
-from ..errors import ValueUnavailableError
+from ..errors import UnsupportedOperationError, ValueUnavailableError
 from ..ops.elementwise import UnaryKernel
 from ..ops.norm import NormKernel
 from .base import Rule, _child_meta, _fit, _wrong_family
@@ -90,6 +90,18 @@ class IdentityStep(Step):
         return [Msg(r=_fit(rs[0], self.meta[0]))]
 
 
+def _refuse_complex(site: Site) -> None:
+    """A non-linearity of a complex tensor (``abs``, ``angle``...) is a function of two real inputs, ``Re`` and
+    ``Im``: the identity rule (one input) has no meaning there, and no other rule is derived for it."""
+    metas = [site.graph.meta(e) for e in site.edges if e >= 0]
+    if any(m[1].is_complex for m in metas):
+        raise UnsupportedOperationError(
+            f"{site.describe()} applies a non-linear function to a complex tensor; its relevance rule is not defined "
+            "(a complex value is two real inputs). Linear complex paths (FFTs, .real, products with constants) are "
+            "supported: write the non-linearity on the real view, e.g. torch.view_as_real(z).pow(2).sum(-1).sqrt() "
+            "for |z|, and each op gets its rule.")
+
+
 class Identity(Rule):
     """Identity rule for element-wise non-linearities (AttnLRP; Zennit's ``Pass``): ``R_x = R_y``."""
 
@@ -98,6 +110,7 @@ class Identity(Rule):
     def bind(self, site):
         if not isinstance(site.spec.kernel, UnaryKernel):
             raise _wrong_family(self, site, site.spec.family)
+        _refuse_complex(site)
         return IdentityStep(site)
 
 

@@ -124,7 +124,18 @@ class Routing(Rule):
     families = frozenset({"routing", "embedding", "any"})
 
     def bind(self, site):
+        if getattr(site.spec.kernel, "gradient_only", False):
+            return LinearMapStep(site)
         return RoutingStep(site)
+
+
+class LinearMapStep(RoutingStep):
+    """A linear map with fixed coefficients whose messages stay in gradient form (complex-valued FFT paths): the
+    node's backward on ``G`` is the z-rule; explicit relevance arriving at the (real) output is first divided by
+    its value (:meth:`Step.__call__`)."""
+
+    __slots__ = ()
+    handles_r = False
 
 
 class LeafStep(Step):
