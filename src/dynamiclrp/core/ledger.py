@@ -187,7 +187,8 @@ def settle(step: "Step", run: "Run", t_out: Any, t_ins: list[Any], outs: list[Ms
     for t in t_ins:
         if isinstance(t, torch.Tensor):
             known = t if known is None else known + t
-    has_const = any(e < 0 for e in step.in_edges) and not step.constant_share_zero(run, outs)
+    has_const = ((step.implicit_constant or any(e < 0 for e in step.in_edges))
+                 and not step.constant_share_zero(run, outs))
     carried = run.carried  # upstream constants whose shares are included in t_out (see below)
     label = where if not carried else f"{where} (incl. constants of {', '.join(carried)})"
     if t_out is UNKNOWN:

@@ -13,6 +13,7 @@ from ..errors import UnsupportedOperationError, ValueUnavailableError
 from ..ops.elementwise import UnaryKernel
 from ..ops.norm import NormKernel
 from .base import Rule, _child_meta, _fit, _wrong_family
+from .sums import Sum, shift_held_constant
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
@@ -23,7 +24,7 @@ Tensor = torch.Tensor
 class IdentityStep(Step):
     """``R_x = R_y``; in gradient form ``G_x = G_y · y / x``."""
 
-    __slots__ = ("kernel", "meta", "limit", "need_x_value", "f0", "conservative")
+    __slots__ = ("kernel", "meta", "limit", "need_x_value", "f0", "conservative", "explicit_at_zero")
     handles_r = True
 
     def __init__(self, site: Site):
@@ -44,6 +45,11 @@ class IdentityStep(Step):
         self.need_x_value = self.need_x_value or (k.x_field is None and k.y_field is None and site.edges[0] >= 0)
         if self.need_x_value:
             site.planner.need_value(site.edges[0])
+        # exp(x − max) where the sum rule holds the maximum constant (ShiftStep): where x − max == 0 the relevance
+        # is handed on in explicit form instead of being lost (the shift step passes it to x whole)
+        self.explicit_at_zero = site.type == "ExpBackward0" and _after_held_shift(site)
+        if self.explicit_at_zero:
+            self.conservative = True
 
     def _xy(self, run, node) -> tuple[Tensor | None, Tensor | None]:
         k = self.kernel
@@ -84,10 +90,29 @@ class IdentityStep(Step):
         if self.kernel.identity_is_gradient:
             (gx,) = call_backward(node, gs)[:1]
             return [Msg(g=_fit(gx, self.meta[0]))]
+        if self.explicit_at_zero:
+            x, y = self._xy(run, node)
+            zero = x == 0
+            g = gs[0]
+            r = torch.where(zero, g * y, torch.zeros((), dtype=g.dtype, device=g.device))
+            gx = torch.where(zero, torch.zeros((), dtype=g.dtype, device=g.device), g * self.ratio(run, node))
+            return [Msg(g=_fit(gx, self.meta[0]), r=_fit(r, self.meta[0]) if bool(r.any()) else None)]
         return [Msg(g=_fit(gs[0] * self.ratio(run, node), self.meta[0]))]
 
     def r(self, run, rs):
         return [Msg(r=_fit(rs[0], self.meta[0]))]
+
+
+def _after_held_shift(site: Site) -> bool:
+    """Whether the input of this node is ``x − max`` whose maximum the rule set's sum rule holds constant."""
+    e = site.edges[0] if site.edges else -1
+    if e < 0:
+        return False
+    p = site.graph.slot_node[e]
+    if site.planner.specs[p] is None:
+        return False
+    psite = site.planner.site(p)
+    return isinstance(site.planner.rules.rule_for(psite), Sum) and shift_held_constant(psite)
 
 
 def _refuse_complex(site: Site) -> None:

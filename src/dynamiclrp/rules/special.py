@@ -67,7 +67,7 @@ from ..core.run import compute
 from ..core.step import Site, Step
 from ..errors import RuleError, UnsupportedOperationError
 from ..ops.special import CompositeKernel, RecurrentKernel, WeightNormKernel, lstm_layer_forward
-from .base import Rule, _child_meta as _meta, _fit
+from .base import Rule, _child_meta as _meta, _fit, _message
 from .routing import RoutingStep
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -284,19 +284,6 @@ def _book_inner(run: "Run", index: int, ledger: Any) -> None:
         run.local = total if run.local is None else run.local + total
     for msg in ledger.unmeasured:
         run.ledger.unmeasurable(where, msg)
-
-
-def _message(R: Tensor, value: Tensor, meta: Any) -> Msg:
-    """Relevance ``R`` at an input whose forward value is ``value``: gradient form ``R / value`` where the value is
-    non-zero, explicit relevance where it is zero (nothing is lost either way)."""
-    zero = value == 0
-    g = safe_div(R, value)
-    m = Msg(g=_fit(g, meta))
-    if bool(zero.any()):
-        rest = torch.where(zero, R, torch.zeros((), dtype=R.dtype, device=R.device))
-        if bool(rest.any()):
-            m.r = _fit(rest, meta)
-    return m
 
 
 class DecomposedStep(Step):
