@@ -71,6 +71,8 @@ class Ledger:
         self._inputs: list[tuple[str, torch.Tensor]] = []
         self._seed: torch.Tensor | None = None
         self.unmeasured: list[str] = []
+        #: groups of input totals known only together (:class:`Joint`): id -> [remaining total, remaining shares]
+        self.groups: dict[int, list[Any]] = {}
         self.derived = 0  # input totals derived from exact conservation instead of measured from values
         self.seed_total: float = 0.0
         self.inputs: dict[str, float] = {}
@@ -171,6 +173,55 @@ class Ledger:
                 f"sinks={self.sink_total:.6g}, unaccounted={self.unaccounted:.3g})")
 
 
+class Joint:
+    """Relevance totals known only together: the inputs of a conservative node that could not be measured one by
+    one (in-place writes into slices of the same tensor, as chunked attention and circular padding do). Each such
+    input carries a share of a *group* whose sum is known; the shares travel through single-input conservative
+    nodes, and where all of a group's shares meet again in one slot (the paths from one tensor reconverge) that
+    slot's total is known exactly.
+
+    ``parts`` maps group ids to the number of shares this total holds; ``known`` is the measured rest (or None).
+    """
+
+    __slots__ = ("parts", "known")
+
+    def __init__(self, parts: dict[int, int], known: Tensor | None = None):
+        self.parts = parts
+        self.known = known
+
+    def plus(self, other: Any) -> "Joint":
+        parts = dict(self.parts)
+        known = self.known
+        if isinstance(other, Joint):
+            for g, n in other.parts.items():
+                parts[g] = parts.get(g, 0) + n
+            other = other.known
+        if other is not None:
+            known = other if known is None else known + other
+        return Joint(parts, known)
+
+    def resolve(self, groups: dict[int, list[Any]]) -> Tensor | None:
+        """The total, when this holds every remaining share of each of its groups; otherwise ``None``."""
+        total = self.known
+        for g, n in self.parts.items():
+            grp = groups.get(g)
+            if grp is None or grp[1] != n:
+                return None
+            total = grp[0] if total is None else total + grp[0]
+        return total
+
+    def measured(self, groups: dict[int, list[Any]], value: Tensor) -> None:
+        """This total was measured after all: its shares leave their group (whose rest is then known)."""
+        if len(self.parts) != 1:
+            return
+        (g, n), = self.parts.items()
+        grp = groups.get(g)
+        if grp is not None:
+            share = value if self.known is None else value - self.known
+            grp[0] = grp[0] - share
+            grp[1] -= n
+
+
 def settle(step: "Step", run: "Run", t_out: Any, t_ins: list[Any], outs: list[Msg | None],
            conservative: bool) -> list[Any]:
     """Book one step's sinks given the relevance that arrived (``t_out``) and what it sent on (``t_ins``).
@@ -190,7 +241,18 @@ def settle(step: "Step", run: "Run", t_out: Any, t_ins: list[Any], outs: list[Ms
     has_const = ((step.implicit_constant or any(e < 0 for e in step.in_edges))
                  and not step.constant_share_zero(run, outs))
     carried = run.carried  # upstream constants whose shares are included in t_out (see below)
-    label = where if not carried else f"{where} (incl. constants of {', '.join(carried)})"
+    label = where if not carried else f"{where} (incl. constants of {', '.join(dict.fromkeys(carried))})"
+    if isinstance(t_out, Joint):
+        if conservative and len(unknown) == 1 and known is None:
+            t_ins = list(t_ins)
+            t_ins[unknown[0]] = t_out  # a share of a group passes through (a view, a slice...)
+            if has_const or carried:
+                run.carry_out[unknown[0]] = list(carried) + ([where] if has_const else [])
+            return t_ins
+        if conservative and not unknown and not has_const and not carried:
+            t_out.measured(book.groups, torch.zeros(()) if known is None else known)
+            return t_ins
+        t_out = UNKNOWN
     if t_out is UNKNOWN:
         if unknown or has_const or carried or not conservative:
             book.unmeasurable(where, "the forward value of this node's output is not in the graph")
@@ -209,7 +271,16 @@ def settle(step: "Step", run: "Run", t_out: Any, t_ins: list[Any], outs: list[Ms
             if has_const or carried:
                 run.carry_out[unknown[0]] = list(carried) + ([where] if has_const else [])
         else:
-            book.unmeasurable(where, "several inputs whose forward values are not in the graph")
+            # several inputs we cannot measure: their sum is what conservation leaves, and each carries a share
+            # of it until the paths meet again (Joint); constants' shares ride along as with one unknown input
+            gid = len(book.groups)
+            book.groups[gid] = [t_out if known is None else t_out - known, len(unknown)]
+            t_ins = list(t_ins)
+            for k in unknown:
+                t_ins[k] = Joint({gid: 1})
+                if has_const or carried:
+                    run.carry_out[k] = list(carried) + ([where] if has_const else [])
+            book.derived += 1
         return t_ins
     if unknown:
         book.unmeasurable(where, "an input whose forward value is not in the graph")
@@ -241,20 +312,28 @@ class LedgerObserver:
         consumer could not report one); resets the step's local bookings."""
         run = self.run
         total = None
+        groups = run.ledger.groups if run.ledger is not None else {}
         for j in range(k):
             m = outs[j]
             t = self.arrived.pop(base + j, None)
             if m is None:
                 continue
+            joint = t if isinstance(t, Joint) else None
+            if joint is not None:
+                t = joint.resolve(groups)
             if t is None or t is UNKNOWN:
                 try:
                     t = run.total(base + j, m)
                 except ValueUnavailableError:
                     t = run.shifted_total(base + j, m)
-                    if t is None:
+                if t is not None and joint is not None:
+                    joint.measured(groups, t)
+                elif t is None:
+                    if joint is None or k != 1:
                         total = UNKNOWN
                         break
-            total = t if total is None else total + t
+                    t = joint  # not measurable on its own: a share of a group, passed on (settle)
+            total = t if total is None else _add(total, t)
         run.carried = []
         for j in range(k):
             run.carried += self.carry.pop(base + j, [])
@@ -263,7 +342,9 @@ class LedgerObserver:
 
     def after(self, i: int, step: "Step", outs: list[Msg | None], ins: list[Msg | None], t_out: Any) -> None:
         run = self.run
-        if t_out is not UNKNOWN and t_out is not None and run.local is not None:
+        if isinstance(t_out, Joint) and run.local is not None:
+            t_out = UNKNOWN
+        elif t_out is not UNKNOWN and t_out is not None and run.local is not None:
             t_out = t_out - run.local
         run.carry_out = {}
         t_ins = step.book(run, t_out, step.input_totals(run, ins), outs)
@@ -279,4 +360,13 @@ class LedgerObserver:
                 elif prev is UNKNOWN or t is UNKNOWN:
                     self.arrived[s_in] = UNKNOWN
                 else:
-                    self.arrived[s_in] = prev + t
+                    self.arrived[s_in] = _add(prev, t)
+
+
+def _add(a: Any, b: Any) -> Any:
+    """Sum of two relevance totals, either of which may be a :class:`Joint`."""
+    if isinstance(a, Joint):
+        return a.plus(b)
+    if isinstance(b, Joint):
+        return b.plus(a)
+    return a + b

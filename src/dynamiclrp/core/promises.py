@@ -555,7 +555,8 @@ class PromiseResolver:
         if spec is None:
             return Unavailable(key, f"{where} has no registry entry")
         kernel = spec.kernel
-        if spec.selection:
+        selects = getattr(kernel, "selects", None)  # a row whose selection depends on the node (CopySlices)
+        if spec.selection or (selects is not None and selects(g.nodes[c])):
             ups: list[Recipe | None] = []
             for s in g.slots_of(c):
                 if not g.consumers[s] and s not in self.known:

@@ -12,7 +12,7 @@ import string
 import torch
 import torch.nn.functional as F
 
-from ..core.graph import custom_saved_tensors, forward_cls, function_attr, saved
+from ..core.graph import custom_saved_tensors, forward_cls, function_attr, node_type, saved, wrapped_node
 from ..errors import UnsupportedOperationError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -101,8 +101,24 @@ class WeightNormKernel:
         return v * self.scale(node)
 
 
+#: in-place ops whose write into a view copies (``x[i] = y``) or fills with a constant (``x[i] = 0``)
+_COPYING = frozenset({"CopyBackwards", "FillBackward0", "FillBackward1", "FillBackward2", "FillBackward3",
+                      "ZeroBackward0"})
+
+
 class CopySlicesKernel:
-    """``CopySlices``: an in-place op applied to a view of a base tensor (family ``inplace``)."""
+    """``CopySlices``: an in-place op applied to a view of a base tensor (family ``inplace``).
+
+    When the op copies into the view (``x[i] = y``) or fills it with a constant, every output element is a copy of
+    an element of the base or of the source, or a constant: a selection (:meth:`selects`), through which the
+    Promise System recovers the inputs' values on the support from the output's (as for ``index_put``), so the
+    ledger can measure what each input receives (circular padding, chunked attention, bias slices).
+    """
+
+    @staticmethod
+    def selects(node: Any) -> bool:
+        wrapped = wrapped_node(node)
+        return wrapped is not None and node_type(wrapped) in _COPYING
 
 
 def function_family(family: str) -> Callable[["Site"], str]:
