@@ -71,8 +71,8 @@ class Ledger:
         self._inputs: list[tuple[str, torch.Tensor]] = []
         self._seed: torch.Tensor | None = None
         self.unmeasured: list[str] = []
-        #: groups of input totals known only together (:class:`Joint`): id -> [remaining total, remaining shares]
-        self.groups: dict[int, list[Any]] = {}
+        #: groups of input totals known only together (:class:`Joint`)
+        self.groups: dict[int, Group] = {}
         self.derived = 0  # input totals derived from exact conservation instead of measured from values
         self.seed_total: float = 0.0
         self.inputs: dict[str, float] = {}
@@ -173,12 +173,27 @@ class Ledger:
                 f"sinks={self.sink_total:.6g}, unaccounted={self.unaccounted:.3g})")
 
 
+class Group:
+    """A group of relevance totals known only together (see :class:`Joint`): what remains of their sum, how many
+    shares are still travelling, and the nodes whose constants' shares the remainder holds."""
+
+    __slots__ = ("total", "size", "constants")
+
+    def __init__(self, total: Tensor, size: int):
+        self.total = total
+        self.size = size
+        self.constants: list[str] = []
+
+
 class Joint:
     """Relevance totals known only together: the inputs of a conservative node that could not be measured one by
-    one (in-place writes into slices of the same tensor, as chunked attention and circular padding do). Each such
-    input carries a share of a *group* whose sum is known; the shares travel through single-input conservative
-    nodes, and where all of a group's shares meet again in one slot (the paths from one tensor reconverge) that
-    slot's total is known exactly.
+    one (in-place writes into slices of the same tensor, as chunked attention and circular padding do, or a
+    ``cat`` of ``where``/``masked_fill`` outputs whose fill values autograd did not keep). Each such input carries
+    a share of a :class:`Group` whose sum is known. The shares travel through single-input conservative nodes;
+    where all of a group's shares meet again in one slot (the paths from one tensor reconverge) that slot's total
+    is known exactly; where a share reaches a node whose inputs are all measured, what it carried beyond them is
+    that node's constants' share, and once every share has ended so, the constants' shares of the whole group are
+    booked together.
 
     ``parts`` maps group ids to the number of shares this total holds; ``known`` is the measured rest (or None).
     """
@@ -200,26 +215,39 @@ class Joint:
             known = other if known is None else known + other
         return Joint(parts, known)
 
-    def resolve(self, groups: dict[int, list[Any]]) -> Tensor | None:
+    def resolve(self, groups: dict[int, Group]) -> Tensor | None:
         """The total, when this holds every remaining share of each of its groups; otherwise ``None``."""
         total = self.known
         for g, n in self.parts.items():
             grp = groups.get(g)
-            if grp is None or grp[1] != n:
+            if grp is None or grp.size != n or grp.constants:
                 return None
-            total = grp[0] if total is None else total + grp[0]
+            total = grp.total if total is None else total + grp.total
         return total
 
-    def measured(self, groups: dict[int, list[Any]], value: Tensor) -> None:
-        """This total was measured after all: its shares leave their group (whose rest is then known)."""
-        if len(self.parts) != 1:
-            return
-        (g, n), = self.parts.items()
-        grp = groups.get(g)
-        if grp is not None:
-            share = value if self.known is None else value - self.known
-            grp[0] = grp[0] - share
-            grp[1] -= n
+    def single(self) -> tuple[int, int] | None:
+        """``(group, shares)`` when this is nothing but shares of one group."""
+        if len(self.parts) != 1 or self.known is not None:
+            return None
+        return next(iter(self.parts.items()))
+
+
+def _share_ends(book: "Ledger", joint: Joint, value: Tensor, constants: str | None = None) -> bool:
+    """A share of a group ended with the measured total ``value`` (beyond which it held the shares of the constants
+    named ``constants``): the group's rest shrinks, and when no share is left the constants' shares are booked.
+    Returns whether the share could be accounted for this way."""
+    got = joint.single()
+    if got is None:
+        return False
+    grp = book.groups[got[0]]
+    grp.total = grp.total - value
+    grp.size -= got[1]
+    if constants is not None:
+        grp.constants.append(constants)
+    if grp.size == 0 and grp.constants:
+        book.book("constant", " + ".join(dict.fromkeys(grp.constants)), grp.total,
+                  "constants whose shares were measured together")
+    return True
 
 
 def settle(step: "Step", run: "Run", t_out: Any, t_ins: list[Any], outs: list[Msg | None],
@@ -249,8 +277,8 @@ def settle(step: "Step", run: "Run", t_out: Any, t_ins: list[Any], outs: list[Ms
             if has_const or carried:
                 run.carry_out[unknown[0]] = list(carried) + ([where] if has_const else [])
             return t_ins
-        if conservative and not unknown and not has_const and not carried:
-            t_out.measured(book.groups, torch.zeros(()) if known is None else known)
+        if conservative and not unknown and _share_ends(book, t_out, torch.zeros(()) if known is None else known,
+                                                          label if has_const or carried else None):
             return t_ins
         t_out = UNKNOWN
     if t_out is UNKNOWN:
@@ -274,7 +302,7 @@ def settle(step: "Step", run: "Run", t_out: Any, t_ins: list[Any], outs: list[Ms
             # several inputs we cannot measure: their sum is what conservation leaves, and each carries a share
             # of it until the paths meet again (Joint); constants' shares ride along as with one unknown input
             gid = len(book.groups)
-            book.groups[gid] = [t_out if known is None else t_out - known, len(unknown)]
+            book.groups[gid] = Group(t_out if known is None else t_out - known, len(unknown))
             t_ins = list(t_ins)
             for k in unknown:
                 t_ins[k] = Joint({gid: 1})
@@ -327,7 +355,7 @@ class LedgerObserver:
                 except ValueUnavailableError:
                     t = run.shifted_total(base + j, m)
                 if t is not None and joint is not None:
-                    joint.measured(groups, t)
+                    _share_ends(run.ledger, joint, t)
                 elif t is None:
                     if joint is None or k != 1:
                         total = UNKNOWN
