@@ -413,7 +413,7 @@ class PromiseResolver:
         if spec.rebuild is not None and _can_rebuild(spec, node, nr):
             self.recipes[s] = Rebuild(s, node_i, nr)
             return []
-        if spec.replay is None:
+        if spec.replay is None or not _can_replay(spec, node):
             self.recipes[s] = self._upward(
                 s, f"{g.describe(node_i)} saved neither its output nor enough to recompute it")
             return []
@@ -624,6 +624,12 @@ class PromiseResolver:
 def _can_rebuild(spec: "OpSpec", node: Any, nr: int) -> bool:
     probe = getattr(spec.kernel, "can_rebuild", None)
     return True if probe is None else bool(probe(node, nr))
+
+
+def _can_replay(spec: "OpSpec", node: Any) -> bool:
+    """Whether the row's replay applies to this node (``CopySlices`` replays copies and zeroing only)."""
+    probe = getattr(spec.kernel, "can_replay", None)
+    return True if probe is None else bool(probe(node))
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -280,7 +280,7 @@ def _routing_rows() -> dict[str, OpSpec]:
                                             inputs_saved=((0, "self"), (1, "src")), rebuild=SCATTER_REDUCE.rebuild,
                                             replay=SCATTER_REDUCE.forward, family_of=SCATTER_REDUCE.family_of)
     # in-place writes into views: routing, after a plan-time check of the wrapped op (family "inplace")
-    rows["CopySlices"] = OpSpec("inplace", CopySlicesKernel())
+    rows["CopySlices"] = OpSpec("inplace", CopySlicesKernel(), replay=CopySlicesKernel.replay)
     return rows
 
 

@@ -7,13 +7,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import contextlib
+import math
 import string
 
 import torch
 import torch.nn.functional as F
 
-from ..core.graph import custom_saved_tensors, forward_cls, function_attr, node_type, saved, wrapped_node
-from ..errors import UnsupportedOperationError
+from ..core.graph import (call_backward, custom_saved_tensors, forward_cls, function_attr, node_type, output_meta, saved,
+                          wrapped_node)
+from ..errors import UnsupportedOperationError, ValueUnavailableError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.step import Site
@@ -119,6 +121,49 @@ class CopySlicesKernel:
     def selects(node: Any) -> bool:
         wrapped = wrapped_node(node)
         return wrapped is not None and node_type(wrapped) in _COPYING
+
+    @staticmethod
+    def can_replay(node: Any) -> bool:
+        wrapped = wrapped_node(node)
+        return wrapped is not None and node_type(wrapped) in ("CopyBackwards", "ZeroBackward0")
+
+    @staticmethod
+    def replay(node: Any, xs: Sequence[Any], nr: int) -> Tensor:
+        """The written tensor from the base's value and the source's: for ``x[i] = y`` (a copy) and ``x[i].zero_()``
+        (``y = b.clone(); y[1:3].zero_()`` builds Swin-V2's qkv bias). Where the write goes is read from the node's
+        own backward: probing it with ones marks the base elements that are kept (1) or overwritten (0), and
+        probing with the output positions ``1..n`` tells each source element the position it was written to. A
+        fill with another constant (not kept by autograd), a broadcast source, or any other in-place op is not
+        replayed (the value is declared unavailable rather than guessed)."""
+        wrapped = wrapped_node(node)
+        kind = node_type(wrapped) if wrapped is not None else None
+        if kind not in ("CopyBackwards", "ZeroBackward0"):
+            raise ValueUnavailableError(f"the in-place write of {node_type(node)} ({kind or 'unknown op'}) cannot be "
+                                        "replayed (only copies and zero_() into a view are)")
+        meta = output_meta(node)[nr]
+        n = math.prod(meta.shape)
+        exact = {torch.float64: 2 ** 53, torch.float32: 2 ** 24}.get(meta.dtype, 0)
+        if n >= exact:
+            raise ValueUnavailableError("too many elements to probe an in-place write's element map exactly")
+        ones = torch.ones(meta.shape, dtype=meta.dtype, device=meta.device)
+        with torch.no_grad():
+            probe = call_backward(node, [ones])
+            keep = probe[0]
+            base = xs[0]
+            out = torch.zeros(meta.shape, dtype=meta.dtype, device=meta.device)
+            if bool((keep != 0).any()):
+                if base is None:
+                    raise ValueUnavailableError("the base tensor of an in-place write is not known")
+                out = torch.where(keep != 0, base.to(meta.dtype).expand(meta.shape), out)
+            if kind == "CopyBackwards":
+                src = xs[1] if len(xs) > 1 else None
+                cnt = probe[1] if len(probe) > 1 else None
+                if src is None or cnt is None or bool((cnt != 1).any()):
+                    raise ValueUnavailableError("the source of an in-place copy is unknown or broadcast")
+                ids = torch.arange(1, n + 1, dtype=meta.dtype, device=meta.device).reshape(meta.shape)
+                pos = call_backward(node, [ids])[1].reshape(-1).round().long() - 1
+                out.reshape(-1)[pos] = src.to(meta.dtype).reshape(-1)
+        return out
 
 
 def function_family(family: str) -> Callable[["Site"], str]:
