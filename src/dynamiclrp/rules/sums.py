@@ -84,11 +84,12 @@ class ShiftStep(Step):
     def __init__(self, site: Site):
         super().__init__(site)
         self.meta = _child_meta(site)
-        site.planner.need_value(site.edges[0])
+        site.planner.need_support(site.edges[0])
         site.planner.need_support(self.out_slots[0])
 
     def _send(self, run, R: Tensor) -> list:
-        x = run.value(self.in_edges[0], run.graph.describe(self.index))
+        # x on the support of the relevance (= z + max where autograd kept neither, e.g. a frozen bias was added)
+        x = run.support(self.in_edges[0], run.graph.describe(self.index))
         return [_message(R, x.to(R.dtype), self.meta[0])] + [None] * (self.n_in - 1)
 
     def g(self, run, gs):
@@ -113,7 +114,7 @@ def shift_held_constant(site: Site) -> bool:
     """Whether the sum rule holds the maximum of ``x − max`` constant at this node (see :class:`ShiftStep`): the
     structure matches and the values the step reads can be had."""
     p = site.planner
-    return (_structure(site).stabilising_shift(site.index) and p.can_value(site.edges[0])
+    return (_structure(site).stabilising_shift(site.index) and p.can_support(site.edges[0])
             and p.can_support(site.graph.slot_base[site.index]))
 
 
