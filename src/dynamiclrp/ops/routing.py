@@ -294,6 +294,10 @@ class EmbeddingBagKernel(RoutingKernel):
         return None if w is None or nr != 0 else _bag(node, w, saved(node, "per_sample_weights"))
 
     @staticmethod
+    def can_rebuild(node: Any, nr: int) -> bool:
+        return nr == 0 and saved(node, "weight") is not None
+
+    @staticmethod
     def dropped(edges: tuple[int, ...], active: tuple[bool, ...]) -> tuple[int, ...]:
         """Input positions that receive nothing: the weight when per-index weights are a data operand."""
         return (0,) if len(edges) > 1 and edges[1] >= 0 and active[1] else (1,)

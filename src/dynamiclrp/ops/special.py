@@ -215,7 +215,20 @@ def trilinear_forward(node: Any, i1: Tensor, i2: Tensor, i3: Tensor) -> Tensor:
     letters = string.ascii_letters[:ndim]
     subs = ["".join(letters[d] for d in range(ndim) if d not in ex) for ex in e]
     out = "".join(letters[d] for d in range(ndim) if d not in tuple(saved(node, "sumdim")))
-    return torch.einsum(f"{subs[0]},{subs[1]},{subs[2]}->{out}", i1, i2, i3)
+    # contract the weight with a constant operand first, so the data operand meets one effective weight (a linear
+    # layer); otherwise the first operand with the weight, then the product of the two data operands
+    first, other = ((1, 2), 0) if _data(i1) and not _data(i3) else ((0, 1), 2)
+    ops = (i1, i2, i3)
+    keep = "".join(dict.fromkeys(c for c in subs[first[0]] + subs[first[1]] if c in subs[other] + out))
+    mid = torch.einsum(f"{subs[first[0]]},{subs[first[1]]}->{keep}", ops[first[0]], ops[first[1]])
+    pair = (mid, ops[other]) if other == 2 else (ops[other], mid)
+    spec = f"{keep},{subs[other]}->{out}" if other == 2 else f"{subs[other]},{keep}->{out}"
+    return torch.einsum(spec, *pair)
+
+
+def _data(t: Tensor) -> bool:
+    """A data operand of a re-expression: a leaf that requires grad and is no parameter."""
+    return t.requires_grad and not isinstance(t, torch.nn.Parameter)
 
 
 #: ``TrilinearBackward0`` (``nn.Bilinear``: ``y_k = x₁ᵀ W_k x₂``): a product of three operands re-expressed as two
