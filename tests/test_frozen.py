@@ -117,6 +117,16 @@ def test_frozen_zoo_models_equal_trainable(name: str, impl: str | None) -> None:
     _check_zoo(name, impl, presets_here)
 
 
+#: the families of issue 11 (a representative each); the slower ones (R-CNN, MViT, Swin-V2, packed RNNs, the
+#: transformers entries) are in the slow sweep below
+COVERAGE_ZOO = ["stn", "segnet", "gat", "bag_of_words", "bilinear", "spectral_norm", "checkpoint", "stats_mlp"]
+
+
+@pytest.mark.parametrize("name", COVERAGE_ZOO)
+def test_frozen_coverage_families_equal_trainable(name: str) -> None:
+    _check_zoo(name, None, ["epsilon"])
+
+
 def _sweep_params():
     out = []
     for name in zoo.names():
