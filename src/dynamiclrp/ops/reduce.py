@@ -1,5 +1,7 @@
 """Sum-like ops: a linear map of the inputs with fixed coefficients (add, sub, sum, mean, cumsum, average pooling,
-interpolation, ``nll_loss``), which the sum rule distributes over; and vector norms (homogeneous of degree 1)."""
+interpolation, ``nll_loss``, grid sampling, ``roi_align``, ``affine_grid``), which the sum rule distributes over;
+and positively homogeneous statistics (vector norms, std, var, products, cumulative products, ``scatter_reduce``'s
+product), which Euler's theorem lets the same rule distribute exactly."""
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence

@@ -12,8 +12,11 @@ Families
 --------
 ``linear``, ``conv`` (activation × weight), ``matmul`` (activation × activation), ``product`` (element-wise
 ``*`` and ``/``), ``add``, ``reduce``, ``pool``, ``activation``, ``norm``, ``softmax``, ``attention``,
-``routing``, ``embedding``, ``leaf``; and ``recurrent``, ``parametrization``, ``inplace``, ``custom`` for the
-special ops of :mod:`dynamiclrp.ops.special`.
+``routing``, ``embedding``, ``leaf``; and ``recurrent``, ``parametrization``, ``inplace``, ``composite``,
+``custom`` for the special ops of :mod:`dynamiclrp.ops.special`.
+
+Each row added for coverage names, in a comment, the LRP argument for its rule (Euler's theorem for homogeneous
+statistics, AttnLRP's identity and uniform rules, the z-rule of a linear map with fixed coefficients, ...).
 """
 from __future__ import annotations
 
