@@ -141,7 +141,11 @@ def _sweep_params():
 @pytest.mark.parametrize("name,impl", _sweep_params())
 def test_frozen_zoo_sweep_every_preset(name: str, impl: str | None) -> None:
     rule_names = ["epsilon", "zero", "attnlrp", "cplrp"]
-    if name in ("convnext", "resnet", "unet", "cnn_bn") or name.startswith("tv_") and name != "tv_vit_b_16":
+    # the Zennit presets' Norm rule on additions needs the sum's value, which autograd does not keep where a
+    # constant is added (attention biases and masks; the R-CNN transform's image mean): trainable and frozen alike
+    # raise there (see tests/test_zoo_explain.py), so those entries are compared under the other presets
+    value_needing = ("tv_vit_b_16", "tv_swin_v2_t", "tv_fasterrcnn", "tv_maskrcnn", "tv_keypointrcnn")
+    if name in ("convnext", "resnet", "unet", "cnn_bn") or name.startswith("tv_") and name not in value_needing:
         rule_names += ALL_PRESETS[4:]
     _check_zoo(name, impl, rule_names)
 

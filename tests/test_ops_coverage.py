@@ -676,3 +676,21 @@ def test_coverage_reads_frozen_biases_through_the_model():
     out = model(x)[:, 0]
     assert dynamiclrp.coverage(out, inputs=x, model=model).ok  # as explain(..., model=model) plans it
     closes(dynamiclrp.explain(out, x, model=model))
+
+
+SUMMING = {
+    "IndexAddBackward0": lambda h: torch.index_add(h, 1, torch.tensor([1, 1, 6]), h[:, 3:6]),
+    "ScatterAddBackward0": lambda h: torch.scatter_add(h, 1, torch.tensor([[1, 4], [0, 4]]), h[:, 2:4]),
+    "ScatterReduceBackward0": lambda h: h.scatter_reduce(1, torch.tensor([[1, 4, 1], [0, 6, 6]]), h[:, 2:5], "mean"),
+}
+
+
+@pytest.mark.parametrize("node_type", sorted(SUMMING))
+def test_explicit_relevance_is_not_copied_through_summing_routing_ops(node_type):
+    # flat sends explicit relevance; a sum of copies must pass it on in proportion to each copy, not whole to each
+    x = randn(2, 6)
+    W2 = nn.Parameter(randn(8, 3, seed=96, leaf=False))
+    out = (SUMMING[node_type](hidden(x)) @ W2).relu().sum(1)
+    assert node_type in dynamiclrp.coverage(out).counts()
+    ex = dynamiclrp.explain(out, x, rules=presets.epsilon().with_families(linear=dynamiclrp.rules.Flat()))
+    closes(ex)

@@ -340,7 +340,9 @@ class LedgerObserver:
         consumer could not report one); resets the step's local bookings."""
         run = self.run
         total = None
-        groups = run.ledger.groups if run.ledger is not None else {}
+        book = run.ledger
+        assert book is not None
+        groups = book.groups
         for j in range(k):
             m = outs[j]
             t = self.arrived.pop(base + j, None)
@@ -355,7 +357,7 @@ class LedgerObserver:
                 except ValueUnavailableError:
                     t = run.shifted_total(base + j, m)
                 if t is not None and joint is not None:
-                    _share_ends(run.ledger, joint, t)
+                    _share_ends(book, joint, t)
                 elif t is None:
                     if joint is None or k != 1:
                         total = UNKNOWN

@@ -124,15 +124,17 @@ class Routing(Rule):
     families = frozenset({"routing", "embedding", "any"})
 
     def bind(self, site):
-        if getattr(site.spec.kernel, "gradient_only", False):
+        if getattr(site.spec.kernel, "gradient_only", False) or not site.spec.selection:
             return LinearMapStep(site)
         return RoutingStep(site)
 
 
 class LinearMapStep(RoutingStep):
-    """A linear map with fixed coefficients whose messages stay in gradient form (complex-valued FFT paths): the
-    node's backward on ``G`` is the z-rule; explicit relevance arriving at the (real) output is first divided by
-    its value (:meth:`Step.__call__`)."""
+    """A routing op that is a linear map with fixed coefficients but not a selection (``scatter_add``,
+    ``index_add``, ``fold``, an embedding bag, dropout's scaling, complex-valued FFT paths): the node's backward on
+    the gradient-form message ``G`` is the z-rule, but explicit relevance must not be pushed through it (summed
+    copies would each receive the whole of it, scaled copies a scaled share), so it is first divided by the output's
+    value (:meth:`Step.__call__`)."""
 
     __slots__ = ()
     handles_r = False
