@@ -38,6 +38,8 @@ class Prepared:
         Requested slots that are activation sources (not parameters).
     input_slots : list of int or None
         The slot of each input (``None``: not in the graph).
+    default_seeds : list of bool
+        Per output: seeded with its own value (``seeds=None`` or a ``None`` entry).
     """
 
     outputs: tuple[Tensor, ...]
@@ -49,6 +51,7 @@ class Prepared:
     requested: dict[int, int]
     sources: set[int]
     input_slots: list[int | None]
+    default_seeds: list[bool]
 
 
 def as_tuple(x: Any, what: str, edges_ok: bool = False) -> tuple[Any, ...]:
@@ -104,16 +107,20 @@ def prepare(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any) -> Prep
             known[slot] = len(outs) + k
             if not isinstance(t, torch.nn.Parameter):
                 sources.add(slot)
-    return Prepared(outs, ins, seed_tensors, graph, held, known, requested, sources, input_slots)
+    default_seeds = [s is None for s in _seed_list(outs, seeds)]
+    return Prepared(outs, ins, seed_tensors, graph, held, known, requested, sources, input_slots, default_seeds)
+
+
+def _seed_list(outs: tuple[Tensor, ...], seeds: Any) -> list[Any]:
+    if seeds is None:
+        return [None] * len(outs)
+    if isinstance(seeds, torch.Tensor):
+        return [seeds]
+    return list(seeds)
 
 
 def _seeds(outs: tuple[Tensor, ...], seeds: Any) -> list[Tensor]:
-    if seeds is None:
-        seed_list: list[Any] = [None] * len(outs)
-    elif isinstance(seeds, torch.Tensor):
-        seed_list = [seeds]
-    else:
-        seed_list = list(seeds)
+    seed_list = _seed_list(outs, seeds)
     if len(seed_list) != len(outs):
         raise ValueError(f"got {len(seed_list)} seeds for {len(outs)} outputs; pass one seed per output "
                          "(or None for the default, the output's own value)")

@@ -82,7 +82,9 @@ class IdentityStep(Step):
         lim = self.limit(node) if callable(self.limit) else self.limit
         zero = x == 0
         r = y / torch.where(zero, 1, x)
-        r = torch.where(zero, torch.as_tensor(lim, dtype=r.dtype, device=r.device), r)
+        lim_t = lim.to(dtype=r.dtype, device=r.device) if isinstance(lim, torch.Tensor) else \
+            torch.full((), float(lim), dtype=r.dtype, device=r.device)  # a fill, not a copy from the host
+        r = torch.where(zero, lim_t, r)
         return torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)
 
     def g(self, run, gs):

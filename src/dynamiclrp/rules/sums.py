@@ -10,7 +10,7 @@ from ..core.messages import gmsg, safe_div
 from ..core.step import Site, Step
 from ..ops.reduce import SumKernel
 from .base import Rule, Stabilizer, _child_meta, _fit, _message, _stab
-from .structure import Structure
+from .structure import Structure, structure_of
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
@@ -104,10 +104,7 @@ class ShiftStep(Step):
 
 
 def _structure(site: Site) -> Structure:
-    st = site.planner.analyses.get("structure")
-    if st is None:
-        st = site.planner.analyses["structure"] = Structure(site.planner)
-    return st
+    return structure_of(site.planner)
 
 
 def shift_held_constant(site: Site) -> bool:
