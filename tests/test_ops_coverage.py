@@ -694,3 +694,19 @@ def test_explicit_relevance_is_not_copied_through_summing_routing_ops(node_type)
     assert node_type in dynamiclrp.coverage(out).counts()
     ex = dynamiclrp.explain(out, x, rules=presets.epsilon().with_families(linear=dynamiclrp.rules.Flat()))
     closes(ex)
+
+
+def test_saturated_gates_after_a_layer_close_the_ledger_in_float32():
+    # the layer's output is recomputed rather than read back as logit(σ) from the saturated gate (digits lost in float32)
+    torch.manual_seed(0)
+    lin, out_lin = nn.Linear(8, 16), nn.Linear(16, 1)
+    with torch.no_grad():
+        lin.weight.mul_(12.0)
+    x = torch.randn(64, 8, requires_grad=True)
+    h = torch.sigmoid(lin(x))
+    assert float(((h > 0.9999) | (h < 1e-4)).float().mean()) > 0.2  # many saturated gates
+    for rules in ("epsilon", "cplrp"):
+        ex = dynamiclrp.explain(out_lin(h * torch.tanh(lin(x))).sum(1), x, rules=rules)
+        L = ex.ledger
+        scale = abs(L.seed_total) + sum(abs(s.total) for s in L.sinks)
+        assert abs(ex.unaccounted) <= 1e-6 * scale, L.summary()

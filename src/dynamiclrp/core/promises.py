@@ -522,7 +522,8 @@ class PromiseResolver:
     def avoid(self, recipe: Recipe) -> bool:
         """Whether recomputing a value beats evaluating ``recipe``: it recomputes a costly op (a matrix product or
         convolution) itself, or it takes a difference ``sum − other`` in less than float64 (a residual stream is
-        large next to a layer's output, and the subtraction cancels its digits)."""
+        large next to a layer's output, and the subtraction cancels its digits), or inverts a saturating function
+        in less than float64 (``logit`` of a sigmoid near 1 keeps few digits)."""
         g = self.graph
         stack = [recipe]
         seen: set[Hashable] = set()
@@ -537,6 +538,9 @@ class PromiseResolver:
                     return True
             elif isinstance(r, SumPart) and g.meta(r.slot)[1] != torch.float64:
                 return True
+            elif (isinstance(r, InversePart) and g.meta(r.slot)[1] != torch.float64
+                  and not getattr(self.specs[r.node].kernel, "exact_inverse", False)):
+                return True  # atanh/logit/log of a saved tanh/sigmoid/exp lose digits below float64 (saturation)
             stack.extend(r.children())
         return False
 

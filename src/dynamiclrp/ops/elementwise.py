@@ -52,6 +52,9 @@ class UnaryKernel:
             from_output = _inverse_on_finite(inverse)
         #: ``(node, y) -> (x, mask)``: the input from the saved output where that is exact and relevance can pass
         self.from_output = from_output
+        #: ``from_output`` is exact in every precision (ReLU); the inverses of saturating maps lose digits below
+        #: float64, so the Promise System prefers recomputing to them there
+        self.exact_inverse = False
 
     def rebuild(self, node, nr):
         if self.y_field is not None:
@@ -160,11 +163,16 @@ def _leaky_ratio(node, x):
     return torch.where(x > 0, torch.ones((), dtype=x.dtype, device=x.device), slope)
 
 
+def _exact(kernel: UnaryKernel) -> UnaryKernel:
+    kernel.exact_inverse = True
+    return kernel
+
+
 UNARY: dict[str, UnaryKernel] = {
     # piecewise-linear and homogeneous: y / x is the derivative, so the identity rule is the node's own backward
-    "ReluBackward0": UnaryKernel(_f_relu, x_field=None, y_field="result",
-                                 ratio=lambda n, x, y: (y > 0).to(y.dtype), identity_is_gradient=True,
-                                 from_output=lambda n, y: (y, y > 0)),
+    "ReluBackward0": _exact(UnaryKernel(_f_relu, x_field=None, y_field="result",
+                                        ratio=lambda n, x, y: (y > 0).to(y.dtype), identity_is_gradient=True,
+                                        from_output=lambda n, y: (y, y > 0))),
     "LeakyReluBackward0": UnaryKernel(_f_leaky, ratio=lambda n, x, y: _leaky_ratio(n, x), limit_ratio=1.0,
                                       identity_is_gradient=True),
     "GeluBackward0": UnaryKernel(_f_gelu, ratio=lambda n, x, y: _gelu_ratio(n, x), limit_ratio=0.5),
