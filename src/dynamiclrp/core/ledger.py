@@ -34,6 +34,7 @@ SINK_KINDS = {
     "stabilizer": "the ε stabilizer of z-rules (relevance absorbed by z + ε·sign(z))",
     "rule": "rules that do not conserve by design (softmax rule, identity rule at a zero input, γ/α-β...)",
     "conversion": "explicit relevance on a zero activation, which gradient form cannot carry",
+    "condition": "relevance outside a concept condition's units, or bypassing a conditioned tensor (CRP)",
 }
 
 
@@ -346,6 +347,45 @@ class LedgerObserver:
     def seeded(self, slot: int, seed: Tensor) -> None:
         prev = self.arrived.get(slot)
         self.arrived[slot] = seed.sum() if prev is None else prev + seed.sum()
+
+    def conditioned(self, slot: int, before: Msg | None, after: Msg | None) -> None:
+        """A concept condition masked the relevance at ``slot``: book what it removed."""
+        run = self.run
+        book = run.ledger
+        if before is None or book is None:
+            return
+        node = run.graph.slot_node[slot]
+        t = self.arrived.pop(slot, None)
+        try:
+            if t is None or t is UNKNOWN:
+                t = run.total(slot, before)
+            kept = run.total(slot, after)
+        except ValueUnavailableError:
+            book.unmeasurable(run.planner.label(node), "relevance removed by a concept condition (the "
+                                    "conditioned tensor's value is not in the graph)")
+            self.arrived[slot] = UNKNOWN
+            return
+        book.book("condition", run.planner.label(node), t - kept,
+                        "relevance outside the condition's units (CRP mask)")
+        self.arrived[slot] = kept
+
+    def dropped(self, slot: int, msg: Msg) -> None:
+        """Relevance at ``slot`` that bypasses a conditioned tensor, dropped (``exclude_parallel``)."""
+        run = self.run
+        book = run.ledger
+        if book is None:
+            return
+        node = run.graph.slot_node[slot]
+        t = self.arrived.pop(slot, None)
+        self.carry.pop(slot, None)
+        try:
+            if t is None or t is UNKNOWN:
+                t = run.total(slot, msg)
+        except ValueUnavailableError:
+            book.unmeasurable(run.planner.label(node), "relevance bypassing a conditioned tensor")
+            return
+        book.book("condition", f"{run.planner.label(node)} (parallel)", t,
+                        "relevance that bypasses a conditioned tensor (exclude_parallel)")
 
     def skipped(self, base: int, k: int) -> None:
         for j in range(k):

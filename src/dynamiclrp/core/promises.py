@@ -765,10 +765,14 @@ class ValueStore:
         The caller's model (for constants resolved through it).
     trace : bool
         Keep a :class:`PromiseRecord` for every value obtained through a branch (tests, debugging).
+    differentiable : bool
+        Keep values attached to the autograd graph (differentiable relevance): nothing is detached and rebuilt or
+        replayed values are recorded, so relevance computed from them has gradients with respect to the inputs
+        and parameters.
     """
 
     def __init__(self, graph: GraphView, specs, resolver: PromiseResolver, tensors: Sequence[torch.Tensor | None],
-                 params: "ModelParams | None" = None, trace: bool = False):
+                 params: "ModelParams | None" = None, trace: bool = False, differentiable: bool = False):
         self.graph = graph
         self.specs = specs
         self.resolver = resolver
@@ -780,6 +784,14 @@ class ValueStore:
         self.records: list[PromiseRecord] = []
         #: exactness checks on recovered values, read after the propagation loop (no host sync inside it)
         self.checks = DeferredChecks()
+        self.differentiable = differentiable
+
+    def _detach(self, t: Any) -> Any:
+        return t if (self.differentiable or not isinstance(t, torch.Tensor)) else t.detach()
+
+    def _mode(self) -> Any:
+        """Rebuilds and replays: recorded by autograd for differentiable relevance, not otherwise."""
+        return torch.enable_grad() if self.differentiable else torch.no_grad()
 
     def get(self, slot: int, origin: str = "") -> torch.Tensor:
         """The full forward value of ``slot``.
@@ -862,16 +874,16 @@ class ValueStore:
     def _compute(self, rec: Recipe, local: dict[Hashable, Any]) -> Any:
         g = self.graph
         if isinstance(rec, Known):
-            return self.tensors[rec.index].detach()
+            return self._detach(self.tensors[rec.index])
         if isinstance(rec, Leaf):
-            return leaf_tensor(g.nodes[rec.node]).detach()
+            return self._detach(leaf_tensor(g.nodes[rec.node]))
         if isinstance(rec, Saved):
-            return saved(g.nodes[rec.node], rec.field).detach()
+            return self._detach(saved(g.nodes[rec.node], rec.field))
         if isinstance(rec, Const):
             return self._const(rec)
         if isinstance(rec, Rebuild):
             spec = self.specs[rec.node]
-            with torch.no_grad():
+            with self._mode():
                 out = spec.rebuild(g.nodes[rec.node], rec.nr)
             if out is None:
                 raise ValueUnavailableError(f"{g.describe(rec.node)} could not rebuild its output")
@@ -879,11 +891,11 @@ class ValueStore:
         if isinstance(rec, Replay):
             spec = self.specs[rec.node]
             args = [None if r is None else local[r.key] for r in rec.inputs]
-            with torch.no_grad():
+            with self._mode():
                 return spec.replay(g.nodes[rec.node], args, rec.nr)
         if isinstance(rec, Unview):
             node = g.nodes[rec.node]
-            with torch.no_grad():
+            with self._mode():
                 out = call_backward(node, [local[rec.up.key]])[0]
             meta = g.meta(rec.key)
             return out if out.dtype == meta[1] else out.to(meta[1])
@@ -901,7 +913,7 @@ class ValueStore:
                 m = None
             return v, m
         if isinstance(rec, Part):
-            with torch.no_grad():
+            with self._mode():
                 return self._part(rec, [None if r is None else _vm(local[r.key]) for r in rec.ups])
         assert isinstance(rec, Unavailable)
         raise ValueUnavailableError(self._explain(rec, ""))
@@ -915,11 +927,11 @@ class ValueStore:
             v = saved(node, rec.source[1])
             if v is not None and not isinstance(v, torch.Tensor):
                 v = torch.tensor(v, dtype=torch.float64) if isinstance(v, float) else torch.tensor(v)
-            return v.detach() if isinstance(v, torch.Tensor) else v
+            return self._detach(v)
         _, name, start, length = rec.source
         if self.params is None:  # a plan made with a model, run without one
             raise ValueUnavailableError(f"{self.graph.describe(rec.node)} needs {name} of the model: pass model=")
-        t = self.params.tensor(name).detach()
+        t = self._detach(self.params.tensor(name))
         return t if (start == 0 and length == t.shape[0]) else t.narrow(0, start, length)
 
     # -- support parts ---------------------------------------------------------------------------------------

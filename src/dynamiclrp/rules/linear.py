@@ -285,11 +285,11 @@ class LinearStep(Step):
                 z = alpha * self._f(node, x, w)
                 bias = (self._bias(run, node, z, gradient_form_only=True) if self.bn is None
                         else self.bn.bias(run, self, node, x, z, w_orig, gradient_form_only=True))
-                z_full = z if bias is None else z.add_(bias)
+                z_full = z if bias is None else (z + bias if run.functional else z.add_(bias))
         eps = float(self.stabilizer) if self.needs_z else 0.0
-        chunks = _batch_chunks(self.kernel, g, x) if run.ledger is None else None
+        chunks = _batch_chunks(self.kernel, g, x) if (run.ledger is None and not run.functional) else None
         if chunks is None:
-            s = _eps_quotient(g, z_full, eps)
+            s = _eps_quotient(g, z_full, eps, run.functional)
             if run.ledger is not None:
                 self._book_lean(run, node, x, w, w_orig, alpha, g, s, z_full, has_bias_edge)
             del g, z_full
@@ -378,7 +378,7 @@ class LinearStep(Step):
         bz = None if self.zero_bias else b                # the bias as the rule sees it
         wp = w.clamp(min=0)
         want_bias = has_bias_edge and self.bias_wanted and bz is not None
-        chunks = _batch_chunks(self.kernel, g, x) or [slice(None)]
+        chunks = (None if run.functional else _batch_chunks(self.kernel, g, x)) or [slice(None)]
         whole = len(chunks) == 1
         gx = None if whole else torch.empty(x.shape, dtype=g.dtype, device=g.device)
         bias_r = None
@@ -514,7 +514,7 @@ class LinearStep(Step):
                 ref_msg.shape)
             bias = (self._bias(run, node, shape_ref) if self.bn is None
                     else self.bn.bias(run, self, node, x, shape_ref, w_orig))
-        chunks = _batch_chunks(self.kernel, ref_msg, x) or [slice(None)]
+        chunks = (None if run.functional else _batch_chunks(self.kernel, ref_msg, x)) or [slice(None)]
         whole = len(chunks) == 1
         gx = rx = None
         rb_parts: list[Tensor] = []
@@ -622,10 +622,13 @@ def _batch_chunks(kernel: Any, g: Tensor, x: Tensor) -> list[slice] | None:
     return [slice(i, min(i + per, g.shape[0])) for i in range(0, g.shape[0], per)]
 
 
-def _eps_quotient(g: Tensor, z: Tensor | None, eps: float) -> Tensor:
-    """``g·|z|/(|z| + ε)`` in one new buffer (``g`` itself for LRP-0): ``g / (1 + ε/|z|)``, 0 where z = 0."""
+def _eps_quotient(g: Tensor, z: Tensor | None, eps: float, functional: bool = False) -> Tensor:
+    """``g·|z|/(|z| + ε)`` in one new buffer (``g`` itself for LRP-0): ``g / (1 + ε/|z|)``, 0 where z = 0.
+    ``functional``: out of place, as ``g·z/(z + ε·sign z)`` (differentiable everywhere, also at z = 0)."""
     if z is None or eps == 0:
         return g
+    if functional:
+        return g * (z / stabilize(z, eps))
     s = z.abs()
     s.reciprocal_().mul_(eps).add_(1.0)
     torch.div(g, s, out=s)
@@ -929,7 +932,9 @@ class BilinearStep(Step):
             gk = (self.give[k] * alpha) * self.kernel.f_t(node, k, a, b, s)
             res[self.pos[k]] = Msg(g=_fit(gk, self.meta[self.pos[k]]))
         if self.bias_pos is not None and self.in_edges[self.bias_pos] >= 0:
-            res[self.bias_pos] = Msg(g=_fit(self.kernel.beta(node) * s, self.meta[self.bias_pos]))
+            shape = torch.Size(self.meta[self.bias_pos][0])
+            gb = self.kernel.bias_reduce(node, self.kernel.beta(node) * s, shape)  # a conv's bias: per channel
+            res[self.bias_pos] = Msg(g=_fit(gb, self.meta[self.bias_pos]))
         return res
 
     def _z(self, run, node, a, b, alpha):
