@@ -64,9 +64,9 @@ class IdentityStep(Step):
                 try:
                     x = run.value(self.in_edges[0], run.graph.describe(self.index))
                 except ValueUnavailableError:  # fall back to the inverse map
-                    x = k.inverse(node, y)
+                    x = _inverse(k, node, y)
             elif k.inverse is not None:
-                x = k.inverse(node, y)
+                x = _inverse(k, node, y)
         return x, y
 
     def ratio(self, run, node) -> Tensor:
@@ -98,11 +98,21 @@ class IdentityStep(Step):
             g = gs[0]
             r = torch.where(zero, g * y, torch.zeros((), dtype=g.dtype, device=g.device))
             gx = torch.where(zero, torch.zeros((), dtype=g.dtype, device=g.device), g * self.ratio(run, node))
-            return [Msg(g=_fit(gx, self.meta[0]), r=_fit(r, self.meta[0]) if bool(r.any()) else None)]
+            return [Msg(g=_fit(gx, self.meta[0]), r=_fit(r, self.meta[0]))]  # the shift step takes both forms
         return [Msg(g=_fit(gs[0] * self.ratio(run, node), self.meta[0]))]
 
     def r(self, run, rs):
         return [Msg(r=_fit(rs[0], self.meta[0]))]
+
+
+def _inverse(k: UnaryKernel, node: Any, y: Tensor) -> Tensor:
+    """``x`` from a saved output by the kernel's inverse, ``+inf`` where the output is saturated (``exp`` underflowed
+    to 0, ``tanh`` at ±1): there the ratio ``y / x`` is 0, as nothing passes in gradient form. The inverse is taken
+    at a harmless point there, so that differentiating the relevance (``create_graph=True``) meets no ``log(0)``."""
+    with torch.no_grad():
+        bad = ~torch.isfinite(k.inverse(node, y))
+    safe = torch.where(bad, k.f(node, torch.ones((), dtype=y.dtype, device=y.device)), y)
+    return torch.where(bad, torch.full((), float("inf"), dtype=y.dtype, device=y.device), k.inverse(node, safe))
 
 
 def _after_held_shift(site: Site) -> bool:
