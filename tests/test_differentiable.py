@@ -209,7 +209,19 @@ def test_zoo_models_differentiable(name: str) -> None:
     _zoo_case(name)
 
 
+#: zoo entries whose relevance PyTorch cannot differentiate (measured: each raises in autograd.grad)
+NOT_TWICE_DIFFERENTIABLE = {
+    "checkpoint": "reentrant checkpointing is incompatible with autograd.grad (PyTorch's own error)",
+    "bag_of_words": "aten::_embedding_bag_per_sample_weights_backward has no derivative in PyTorch",
+    "tv_fasterrcnn": "torchvision's roi_align has no double backward",
+    "tv_maskrcnn": "torchvision's roi_align has no double backward",
+    "tv_keypointrcnn": "torchvision's roi_align has no double backward",
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in zoo.names() if n != "mixtral"])  # no float64 grouped mm in torch
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.skip(reason=NOT_TWICE_DIFFERENTIABLE[n]))
+                                  if n in NOT_TWICE_DIFFERENTIABLE else n
+                                  for n in zoo.names() if n != "mixtral"])  # no float64 grouped mm in torch
 def test_every_zoo_model_differentiable(name: str) -> None:
     _zoo_case(name)

@@ -421,7 +421,7 @@ class PromiseResolver:
         if spec.rebuild is not None and _can_rebuild(spec, node, nr):
             self.recipes[s] = Rebuild(s, node_i, nr)
             return []
-        if spec.replay is None:
+        if spec.replay is None or not _can_replay(spec, node):
             self.recipes[s] = self._upward(
                 s, f"{g.describe(node_i)} saved neither its output nor enough to recompute it")
             return []
@@ -522,7 +522,8 @@ class PromiseResolver:
     def avoid(self, recipe: Recipe) -> bool:
         """Whether recomputing a value beats evaluating ``recipe``: it recomputes a costly op (a matrix product or
         convolution) itself, or it takes a difference ``sum − other`` in less than float64 (a residual stream is
-        large next to a layer's output, and the subtraction cancels its digits)."""
+        large next to a layer's output, and the subtraction cancels its digits), or inverts a saturating function
+        in less than float64 (``logit`` of a sigmoid near 1 keeps few digits)."""
         g = self.graph
         stack = [recipe]
         seen: set[Hashable] = set()
@@ -537,6 +538,9 @@ class PromiseResolver:
                     return True
             elif isinstance(r, SumPart) and g.meta(r.slot)[1] != torch.float64:
                 return True
+            elif (isinstance(r, InversePart) and g.meta(r.slot)[1] != torch.float64
+                  and not getattr(self.specs[r.node].kernel, "exact_inverse", False)):
+                return True  # atanh/logit/log of a saved tanh/sigmoid/exp lose digits below float64 (saturation)
             stack.extend(r.children())
         return False
 
@@ -667,7 +671,8 @@ class PromiseResolver:
         if spec is None:
             return Unavailable(key, f"{where} has no registry entry")
         kernel = spec.kernel
-        if spec.selection:
+        selects = getattr(kernel, "selects", None)  # a row whose selection depends on the node (CopySlices)
+        if spec.selection or (selects is not None and selects(g.nodes[c])):
             ups: list[Recipe | None] = []
             for s in g.slots_of(c):
                 if not g.consumers[s] and s not in self.known:
@@ -735,6 +740,12 @@ class PromiseResolver:
 def _can_rebuild(spec: "OpSpec", node: Any, nr: int) -> bool:
     probe = getattr(spec.kernel, "can_rebuild", None)
     return True if probe is None else bool(probe(node, nr))
+
+
+def _can_replay(spec: "OpSpec", node: Any) -> bool:
+    """Whether the row's replay applies to this node (``CopySlices`` replays copies and zeroing only)."""
+    probe = getattr(spec.kernel, "can_replay", None)
+    return True if probe is None else bool(probe(node))
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -119,7 +119,10 @@ class Run:
             return None
         t = None
         if msg.g is not None:
-            t = finite_sum(msg.g * self.support(slot, "ledger"))
+            v = self.support(slot, "ledger")
+            # at a complex slot (FFT mixing) the relevance of a gradient-form message is Re(conj(G)·v): what every
+            # real-valued composition through it (.real, abs²...) reads back
+            t = finite_sum((msg.g.conj() * v).real if v.is_complex() else msg.g * v)
         if msg.r is not None:
             rt = msg.r.sum()
             t = rt if t is None else t + rt

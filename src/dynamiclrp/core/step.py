@@ -97,6 +97,9 @@ class Step:
     conservative = True
     #: ledger kind of the residual of a non-conservative rule
     sink_kind = "rule"
+    #: the op has a constant operand that is not an input of the node (a Python scalar autograd did not keep, as
+    #: in ``1 - x``): its share is booked like that of an input that does not require grad
+    implicit_constant = False
 
     def g(self, run: "Run", gs: list[Tensor | None]) -> list[Msg | None]:
         raise NotImplementedError

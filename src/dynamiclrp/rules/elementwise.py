@@ -9,10 +9,11 @@ import torch
 from ..core.graph import call_backward, saved
 from ..core.messages import Msg, gmsg
 from ..core.step import Site, Step
-from ..errors import ValueUnavailableError
+from ..errors import UnsupportedOperationError, ValueUnavailableError
 from ..ops.elementwise import UnaryKernel
 from ..ops.norm import NormKernel
 from .base import Rule, _child_meta, _fit, _wrong_family
+from .sums import Sum, shift_held_constant
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
@@ -23,7 +24,7 @@ Tensor = torch.Tensor
 class IdentityStep(Step):
     """``R_x = R_y``; in gradient form ``G_x = G_y · y / x``."""
 
-    __slots__ = ("kernel", "meta", "limit", "need_x_value", "f0", "conservative")
+    __slots__ = ("kernel", "meta", "limit", "need_x_value", "f0", "conservative", "explicit_at_zero")
     handles_r = True
 
     def __init__(self, site: Site):
@@ -40,8 +41,15 @@ class IdentityStep(Step):
         self.need_x_value = (k._ratio is None and (k.x_field is None or saved(site.node, k.x_field) is None)
                              and k.inverse is not None and k.y_field is not None and site.edges[0] >= 0
                              and site.type in ("TanhBackward0", "SigmoidBackward0"))
+        # a non-linearity that saved neither its input nor its output (sign): the input from the Promise System
+        self.need_x_value = self.need_x_value or (k.x_field is None and k.y_field is None and site.edges[0] >= 0)
         if self.need_x_value:
             site.planner.need_value(site.edges[0])
+        # exp(x − max) where the sum rule holds the maximum constant (ShiftStep): where x − max == 0 the relevance
+        # is handed on in explicit form instead of being lost (the shift step passes it to x whole)
+        self.explicit_at_zero = site.type == "ExpBackward0" and _after_held_shift(site)
+        if self.explicit_at_zero:
+            self.conservative = True
 
     def _xy(self, run, node) -> tuple[Tensor | None, Tensor | None]:
         k = self.kernel
@@ -56,14 +64,17 @@ class IdentityStep(Step):
                 try:
                     x = run.value(self.in_edges[0], run.graph.describe(self.index))
                 except ValueUnavailableError:  # fall back to the inverse map
-                    x = k.inverse(node, y)
+                    x = _inverse(k, node, y)
             elif k.inverse is not None:
-                x = k.inverse(node, y)
+                x = _inverse(k, node, y)
         return x, y
 
     def ratio(self, run, node) -> Tensor:
         k = self.kernel
-        x, y = self._xy(run, node) if k._ratio is None or k.x_field is not None else (None, saved(node, k.y_field))
+        if k._ratio is None or k.x_field is not None or k.y_field is None:
+            x, y = self._xy(run, node)
+        else:
+            x, y = None, saved(node, k.y_field)
         if k._ratio is not None:
             if x is None and k.x_field is not None:
                 x = saved(node, k.x_field)
@@ -81,10 +92,51 @@ class IdentityStep(Step):
         if self.kernel.identity_is_gradient:
             (gx,) = call_backward(node, gs)[:1]
             return [Msg(g=_fit(gx, self.meta[0]))]
+        if self.explicit_at_zero:
+            x, y = self._xy(run, node)
+            zero = x == 0
+            g = gs[0]
+            r = torch.where(zero, g * y, torch.zeros((), dtype=g.dtype, device=g.device))
+            gx = torch.where(zero, torch.zeros((), dtype=g.dtype, device=g.device), g * self.ratio(run, node))
+            return [Msg(g=_fit(gx, self.meta[0]), r=_fit(r, self.meta[0]))]  # the shift step takes both forms
         return [Msg(g=_fit(gs[0] * self.ratio(run, node), self.meta[0]))]
 
     def r(self, run, rs):
         return [Msg(r=_fit(rs[0], self.meta[0]))]
+
+
+def _inverse(k: UnaryKernel, node: Any, y: Tensor) -> Tensor:
+    """``x`` from a saved output by the kernel's inverse, ``+inf`` where the output is saturated (``exp`` underflowed
+    to 0, ``tanh`` at ±1): there the ratio ``y / x`` is 0, as nothing passes in gradient form. The inverse is taken
+    at a harmless point there, so that differentiating the relevance (``create_graph=True``) meets no ``log(0)``."""
+    with torch.no_grad():
+        bad = ~torch.isfinite(k.inverse(node, y))
+    safe = torch.where(bad, k.f(node, torch.ones((), dtype=y.dtype, device=y.device)), y)
+    return torch.where(bad, torch.full((), float("inf"), dtype=y.dtype, device=y.device), k.inverse(node, safe))
+
+
+def _after_held_shift(site: Site) -> bool:
+    """Whether the input of this node is ``x − max`` whose maximum the rule set's sum rule holds constant."""
+    e = site.edges[0] if site.edges else -1
+    if e < 0:
+        return False
+    p = site.graph.slot_node[e]
+    if site.planner.specs[p] is None:
+        return False
+    psite = site.planner.site(p)
+    return isinstance(site.planner.rules.rule_for(psite), Sum) and shift_held_constant(psite)
+
+
+def _refuse_complex(site: Site) -> None:
+    """A non-linearity of a complex tensor (``abs``, ``angle``...) is a function of two real inputs, ``Re`` and
+    ``Im``: the identity rule (one input) has no meaning there, and no other rule is derived for it."""
+    metas = [site.graph.meta(e) for e in site.edges if e >= 0]
+    if any(m[1].is_complex for m in metas):
+        raise UnsupportedOperationError(
+            f"{site.describe()} applies a non-linear function to a complex tensor; its relevance rule is not defined "
+            "(a complex value is two real inputs). Linear complex paths (FFTs, .real, products with constants) are "
+            "supported: write the non-linearity on the real view, e.g. torch.view_as_real(z).pow(2).sum(-1).sqrt() "
+            "for |z|, and each op gets its rule.")
 
 
 class Identity(Rule):
@@ -95,6 +147,7 @@ class Identity(Rule):
     def bind(self, site):
         if not isinstance(site.spec.kernel, UnaryKernel):
             raise _wrong_family(self, site, site.spec.family)
+        _refuse_complex(site)
         return IdentityStep(site)
 
 
