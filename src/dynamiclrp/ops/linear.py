@@ -73,6 +73,11 @@ class LinearKernel:
         ModelParams`). ``None`` for other inputs or when the weight was not saved."""
         return None
 
+    def stack_dims(self, node: Any, which: int) -> tuple[int, int] | None:
+        """``(input dim, weight dim)`` along which several terms ``f(x_k, W_k)`` with activation operand ``which``
+        can be stacked into one op (``f([x_1, x_2], [W_1; W_2]) = f(x_1, W_1) + f(x_2, W_2)``), or ``None``."""
+        return None
+
     def can_rebuild(self, node: Any, nr: int) -> bool:
         if self.bias_pos is not None:
             return False
@@ -89,9 +94,13 @@ class MmKernel(LinearKernel):
     def f_t(self, node, which, a, b, s):
         return s @ b.transpose(-1, -2) if which == 0 else a.transpose(-1, -2) @ s
 
+    def stack_dims(self, node, which):
+        return (1, 0) if which == 0 else None  # x (N, D_in) · W (D_in, D_out)
+
 
 class BmmKernel(MmKernel):
-    pass
+    def stack_dims(self, node, which):
+        return None
 
 
 class AddmmKernel(MmKernel):
@@ -165,6 +174,10 @@ class ConvKernel(LinearKernel):
         out = torch.ops.aten.convolution_backward(s, a, b, None, stride, padding, dilation, transposed,
                                                   output_padding, groups, mask)
         return out[which]
+
+    def stack_dims(self, node, which):
+        _, _, _, transposed, _, groups = self.params(node)
+        return (1, 1) if (which == 0 and not transposed and groups == 1) else None
 
     def bias_view(self, node, bias, z_shape):
         return bias.reshape((1, -1) + (1,) * (len(z_shape) - 2))

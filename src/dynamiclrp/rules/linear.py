@@ -593,7 +593,7 @@ class LinearStep(Step):
             R = r
         eps0 = (not callable(self.stabilizer)) and float(self.stabilizer) == 0.0
         use_bias = bias is not None and not self.zero_bias
-        stack = _stackable(self.kernel, node, self.which)
+        dims = self.kernel.stack_dims(node, self.which)
         gx: Tensor | None = None
         rx: Tensor | None = None
         rb: Tensor | None = None
@@ -608,9 +608,9 @@ class LinearStep(Step):
                 if reuse[k]:
                     zt = z if br.terms[k].coef == 1.0 else br.terms[k].coef * z
                     zb = zt if zb is None else zb + zt
-            if stack and len(todo) > 1:
-                zt = alpha * self._f(node, torch.cat([xms[k] for k in todo], dim=1),
-                                     torch.cat([br.terms[k].coef * wms[k] for k in todo], dim=1))
+            if dims is not None and len(todo) > 1:
+                zt = alpha * self._f(node, torch.cat([xms[k] for k in todo], dim=dims[0]),
+                                     torch.cat([_times(br.terms[k].coef, wms[k]) for k in todo], dim=dims[1]))
                 zb = zt if zb is None else zb + zt
             else:
                 for k in todo:
@@ -634,11 +634,11 @@ class LinearStep(Step):
             if br.coef != 1.0:
                 s = br.coef * s
             every = range(len(br.terms))
-            if stack and len(br.terms) > 1:
-                c = x.shape[1]
-                whole = self._ft(node, torch.cat(xms, dim=1), torch.cat([t.coef * wm for t, wm in
-                                                                          zip(br.terms, wms)], dim=1), s)
-                backs = [alpha * whole[:, k * c:(k + 1) * c] for k in every]
+            if dims is not None and len(br.terms) > 1:
+                c = x.shape[dims[0]]
+                whole = self._ft(node, torch.cat(xms, dim=dims[0]),
+                                 torch.cat([_times(t.coef, wm) for t, wm in zip(br.terms, wms)], dim=dims[1]), s)
+                backs = [alpha * whole.narrow(dims[0], k * c, c) for k in every]
             else:
                 backs = [(t.coef * alpha) * self._ft(node, xm, wm, s) for t, xm, wm in zip(br.terms, xms, wms)]
             for t, xm, back in zip(br.terms, xms, backs):
@@ -670,13 +670,8 @@ def _batch_chunks(kernel: Any, g: Tensor, x: Tensor) -> list[slice] | None:
     return [slice(i, min(i + per, g.shape[0])) for i in range(0, g.shape[0], per)]
 
 
-def _stackable(kernel: Any, node: Any, which: int) -> bool:
-    """Whether the op is a plain (not transposed, ungrouped) convolution of an input by a weight, whose terms can
-    be stacked along the input channels."""
-    if not isinstance(kernel, ConvKernel) or which != 0:
-        return False
-    _, _, _, transposed, _, groups = kernel.params(node)
-    return not transposed and groups == 1
+def _times(c: float, t: Tensor) -> Tensor:
+    return t if c == 1.0 else (-t if c == -1.0 else c * t)
 
 
 def _eps_quotient(g: Tensor, z: Tensor | None, eps: float, functional: bool = False) -> Tensor:
