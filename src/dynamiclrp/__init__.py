@@ -10,7 +10,7 @@ from .api import Explainer, explain, relevance
 from .coverage import coverage
 from .dataset import attribute_dataset
 from .errors import (DynamicLRPError, GraphFreedError, RuleError, UnsupportedOperationError,
-                     ValueUnavailableError)
+                     UnsupportedTensorError, UnusedInputError, ValueUnavailableError)
 from .core.ledger import Ledger, Sink
 from .core.results import Explanation
 from .rules import RuleSet
@@ -19,6 +19,6 @@ from .version import __version__
 
 __all__ = [
     "DynamicLRPError", "Explainer", "Explanation", "GraphFreedError", "LRP", "Ledger", "RuleError", "RuleSet",
-    "Sink", "UnsupportedOperationError", "ValueUnavailableError", "attribute_dataset", "coverage", "explain",
+    "Sink", "UnsupportedOperationError", "UnsupportedTensorError", "UnusedInputError", "ValueUnavailableError", "attribute_dataset", "coverage", "explain",
     "presets", "relevance", "rules", "__version__",
 ]

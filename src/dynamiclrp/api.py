@@ -14,11 +14,13 @@ from .presets import Rules, resolve
 Tensor = torch.Tensor
 #: a tensor whose relevance is wanted: a tensor of the graph, or an autograd graph edge
 InputLike = Tensor | torch.autograd.graph.GradientEdge
+#: starting relevance: one tensor (or number, or ``None`` for the default) per output, or one number for all
+Seeds = Tensor | float | Sequence[Tensor | float | None] | None
 
 
 def relevance(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[InputLike],
-              seeds: Tensor | Sequence[Tensor | None] | None = None, *, rules: Rules = None,
-              model: torch.nn.Module | None = None) -> tuple[Tensor, ...]:
+              seeds: Seeds = None, *, rules: Rules = None,
+              model: torch.nn.Module | None = None, allow_unused: bool = False) -> tuple[Tensor, ...]:
     """Layer-wise Relevance Propagation relevance of ``inputs`` for ``outputs``, like ``torch.autograd.grad``.
 
     The autograd graph of an ordinary forward pass is walked operation by operation from ``outputs`` to
@@ -35,9 +37,11 @@ def relevance(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[I
     inputs : Tensor or sequence of Tensor
         Tensors whose relevance is wanted: leaves that require grad (inputs, parameters) or intermediate tensors
         of the same graph (e.g. input embeddings).
-    seeds : Tensor or sequence of (Tensor or None), optional
-        Starting relevance of each output, same shape. Default: the outputs' own values, so that with a
-        conservative rule set the input relevance sums to the explained outputs.
+    seeds : Tensor, number or sequence of (Tensor, number or None), optional
+        Starting relevance of each output, same shape (a number: that value at every element, e.g. ``seeds=1.0``).
+        Default: the outputs' own values, so that with a conservative rule set the input relevance sums to the
+        explained outputs. Explaining a whole logits matrix with the default seed explains the *sum* of all its
+        classes and raises a warning: select the class (``logits[:, c]``) or pass the seeds explicitly.
     rules : None, str or RuleSet, optional
         ``None`` for the default (:func:`dynamiclrp.presets.epsilon`), a preset name (``"epsilon"``,
         ``"zero"``, ``"attnlrp"``, ``"cplrp"``, ``"paper"``, ``"epsilon_plus"``...) or a
@@ -59,6 +63,10 @@ def relevance(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[I
     UnsupportedOperationError
         A node type without a rule (e.g. a custom ``torch.autograd.Function``): register one with
         ``RuleSet.with_ops``.
+    UnusedInputError
+        An input is not in the graph of the outputs (and ``allow_unused`` is false).
+    UnsupportedTensorError
+        A sparse or complex output, input or seed.
     GraphFreedError
         The graph's saved tensors were freed by an earlier ``backward()``.
 
@@ -71,17 +79,19 @@ def relevance(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[I
     >>> r.shape
     torch.Size([4, 3])
     """
-    return compute(outputs, inputs, seeds, rules=resolve(rules), ledger=False, model=model).relevance
+    return compute(outputs, inputs, seeds, rules=resolve(rules), ledger=False, model=model,
+                   allow_unused=allow_unused).relevance
 
 
 def explain(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[InputLike],
-            seeds: Tensor | Sequence[Tensor | None] | None = None, *, rules: Rules = None, ledger: bool = True,
-            model: torch.nn.Module | None = None, trace_promises: bool = False) -> Explanation:
+            seeds: Seeds = None, *, rules: Rules = None, ledger: bool = True,
+            model: torch.nn.Module | None = None, trace_promises: bool = False,
+            allow_unused: bool = False) -> Explanation:
     """Like :func:`relevance`, returning an :class:`~dynamiclrp.core.results.Explanation` with the ledger.
 
     Parameters
     ----------
-    outputs, inputs, seeds, rules
+    outputs, inputs, seeds, rules, allow_unused
         As in :func:`relevance`.
     ledger : bool, optional
         Account for every unit of seed relevance: requested inputs, or named sinks (biases, unrequested leaves,
@@ -97,7 +107,7 @@ def explain(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[Inp
     Explanation
     """
     return compute(outputs, inputs, seeds, rules=resolve(rules), ledger=ledger, model=model,
-                   trace_promises=trace_promises)
+                   trace_promises=trace_promises, allow_unused=allow_unused)
 
 
 class Explainer:
@@ -134,17 +144,17 @@ class Explainer:
         self._cache = PlanCache(cache_size)
 
     def relevance(self, outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[InputLike],
-                  seeds: Tensor | Sequence[Tensor | None] | None = None) -> tuple[Tensor, ...]:
+                  seeds: Seeds = None, *, allow_unused: bool = False) -> tuple[Tensor, ...]:
         """:func:`relevance` with this explainer's rules and plan cache."""
         return compute(outputs, inputs, seeds, rules=self.rules, ledger=False, model=self.model,
-                       cache=self._cache).relevance
+                       cache=self._cache, allow_unused=allow_unused).relevance
 
     def explain(self, outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[InputLike],
-                seeds: Tensor | Sequence[Tensor | None] | None = None, *, ledger: bool = True,
-                trace_promises: bool = False) -> Explanation:
+                seeds: Seeds = None, *, ledger: bool = True, trace_promises: bool = False,
+                allow_unused: bool = False) -> Explanation:
         """:func:`explain` with this explainer's rules and plan cache."""
         return compute(outputs, inputs, seeds, rules=self.rules, ledger=ledger, model=self.model,
-                       trace_promises=trace_promises, cache=self._cache)
+                       trace_promises=trace_promises, cache=self._cache, allow_unused=allow_unused)
 
     def cache_info(self) -> dict[str, int]:
         """``{"hits", "misses", "plans", "size"}`` of the plan cache."""

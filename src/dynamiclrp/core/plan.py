@@ -36,6 +36,9 @@ class RuleChooser(Protocol):
 
     def rule_for(self, site: Site) -> Any: ...
 
+    # optional: ``advice_for(node_type) -> str | None``, what to do about a node type that has no rule (used in the
+    # UnsupportedOperationError message when the generic advice, registering a rule, would be wrong)
+
 
 class Planner:
     """Compiles a rule set against one graph.
@@ -109,34 +112,54 @@ class Planner:
                 missing.setdefault(self.graph.types[i], []).append(i)
         if not missing:
             return
-        lines = []
+        advice_for = getattr(self.rules, "advice_for", None)
+        lines, generic = [], []
         for name, idx in missing.items():
             op = forward_op_name(self.graph.nodes[idx[0]])
             lines.append(f"  - {name} ({len(idx)} node{'s' if len(idx) > 1 else ''}), produced by {op}")
-        first = next(iter(missing))
-        raise UnsupportedOperationError(
-            "dynamiclrp has no relevance rule for these autograd node types:\n" + "\n".join(lines) + "\n"
-            "Every op needs an explicit rule; nothing falls back silently. Register one on your rule set, e.g.\n"
-            f"    rules = dynamiclrp.presets.epsilon().with_ops({{'{first}': dynamiclrp.rules.Routing()}})\n"
-            "choosing the rule that matches the op (Routing for index/shape ops, Identity for element-wise "
-            "non-linearities, Gradient when gradient x input is the right relevance, or your own Rule). See "
-            "docs/rules.md, 'Custom operations'.")
+            advice = advice_for(name) if advice_for is not None else None
+            if advice:
+                lines.append(f"    {advice}")
+            else:
+                generic.append(name)
+        text = "dynamiclrp has no relevance rule for these autograd node types:\n" + "\n".join(lines)
+        if generic:
+            text += (
+                "\nEvery op needs an explicit rule; nothing falls back silently. Register one on your rule set, e.g.\n"
+                f"    rules = dynamiclrp.presets.epsilon().with_ops({{'{generic[0]}': dynamiclrp.rules.Routing()}})\n"
+                "choosing the rule that matches the op (Routing for index/shape ops, Identity for element-wise "
+                "non-linearities, Gradient when gradient x input is the right relevance, or your own Rule). See "
+                "docs/rules.md, 'Custom operations'.")
+        raise UnsupportedOperationError(text)
 
     def _activation_flags(self, sources: set[int]) -> list[bool]:
         """Per slot: does the forward value depend on the data rather than on parameters alone?
 
-        Activation sources are data leaves (tensors that require grad but are not ``nn.Parameter``), lookups whose
-        indices are data (registry rows with ``data_lookup``: embeddings) and requested non-parameter tensors.
-        Product rules treat operands that are not activations (weights, parameter-only subgraphs, constants) as
-        constants. The flags are a property of the graph, not of which tensors are requested, so requesting more
-        inputs never changes the relevance of the others.
+        Activation sources are data leaves, lookups whose indices are data (registry rows with ``data_lookup``:
+        embeddings) and requested non-parameter tensors. A leaf is data unless it is a parameter: an
+        ``nn.Parameter``, or a plain tensor *used as one* (:meth:`_weights_by_use`: the weights of
+        ``torch.func.functional_call``). Product rules treat operands that are not activations (weights,
+        parameter-only subgraphs, constants) as constants. The flags are a property of the graph and of which
+        tensors the caller declares data by requesting them.
         """
+        weights = self._weights_by_use(sources)
+        active = self._flags(sources, weights)
+        if weights:
+            # a plain tensor is a weight only where the other operand carries data (x @ W, conv(x, W)); a product
+            # of two such tensors with no data in it (A @ B) keeps both as data
+            wrong = {i for i in weights if not self._other_operand_active(i, active)}
+            if wrong:
+                active = self._flags(sources, weights - wrong)
+        self.weights_by_use = weights
+        return active
+
+    def _flags(self, sources: set[int], weights: set[int]) -> list[bool]:
         g = self.graph
         active = [False] * len(g.slot_node)
         for i in reversed(g.order):  # producers before consumers
             spec = self.specs[i]
             if spec is not None and spec.family == "leaf":
-                a = not isinstance(leaf_tensor(g.nodes[i]), torch.nn.Parameter)
+                a = not isinstance(leaf_tensor(g.nodes[i]), torch.nn.Parameter) and i not in weights
             elif spec is not None and spec.data_lookup:
                 a = True
             else:
@@ -148,6 +171,67 @@ class Planner:
             for s in g.slots_of(i):
                 active[s] = a or s in sources
         return active
+
+    def _layer_uses(self, i: int) -> list[tuple[int, int]] | None:
+        """Where leaf ``i`` enters layer ops: ``(node, input position)`` pairs reached through views, each an operand
+        or the bias of a ``linear``/``conv`` op (kernels with ``operands`` and ``bias_pos``); ``None`` if it is used
+        any other way."""
+        g = self.graph
+        uses: list[tuple[int, int]] = []
+        todo = [g.slot_base[i]]
+        seen = 0
+        while todo:
+            s = todo.pop()
+            for c, pos in g.consumers[s]:
+                seen += 1
+                if seen > 64:
+                    return None
+                spec = self.specs[c]
+                if spec is None:
+                    return None
+                if spec.family in ("linear", "conv"):
+                    k = spec.kernel
+                    if pos in getattr(k, "operands", ()) or pos == getattr(k, "bias_pos", None):
+                        uses.append((c, pos))
+                        continue
+                    return None
+                if spec.view and sum(1 for e in g.edges[c] if e >= 0) == 1 and (g.n_out[c] or 1) == 1:
+                    todo.append(g.slot_base[c])
+                    continue
+                return None
+        return uses or None
+
+    def _weights_by_use(self, sources: set[int]) -> set[int]:
+        """Leaves holding plain tensors (not ``nn.Parameter``, not requested) that are used only as operands or
+        biases of linear/convolution ops: candidates for weights passed as plain tensors."""
+        g = self.graph
+        found: set[int] = set()
+        self._uses: dict[int, list[tuple[int, int]]] = {}
+        for i, t in enumerate(g.types):
+            if t != "AccumulateGrad" or g.slot_base[i] in sources:
+                continue
+            if isinstance(leaf_tensor(g.nodes[i]), torch.nn.Parameter):
+                continue
+            uses = self._layer_uses(i)
+            if uses is not None:
+                found.add(i)
+                self._uses[i] = uses
+        return found
+
+    def _other_operand_active(self, i: int, active: list[bool]) -> bool:
+        g = self.graph
+        for c, pos in self._uses[i]:
+            k = self.specs[c].kernel
+            ops = tuple(getattr(k, "operands", ()))
+            if pos in ops:
+                other = ops[1 - ops.index(pos)]
+            else:  # the bias: the layer must have a data operand
+                other = next((p for p in ops if p < len(g.edges[c]) and g.edges[c][p] >= 0
+                              and active[g.edges[c][p]]), ops[0] if ops else -1)
+            e = g.edges[c][other] if 0 <= other < len(g.edges[c]) else -1
+            if e < 0 or not active[e]:
+                return False
+        return True
 
     def _needed_below(self) -> list[bool]:
         """Per node: does some requested slot lie strictly below it (so its rule must run)?"""

@@ -8,6 +8,7 @@ the ledger, when asked for, watches the loop (:class:`~dynamiclrp.core.ledger.Le
 """
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -143,10 +144,20 @@ class Run:
 
 def compute(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any = None, *, rules: "RuleChooser",
             ledger: bool = False, model: torch.nn.Module | None = None, trace_promises: bool = False,
-            cache: PlanCache | None = None) -> Explanation:
+            cache: PlanCache | None = None, allow_unused: bool = False) -> Explanation:
     """Run one relevance pass with the rule set ``rules`` (see :func:`dynamiclrp.explain` for the parameters);
-    ``cache`` reuses plans."""
-    call = prepare(outputs, inputs, seeds)
+    ``cache`` reuses plans.
+
+    Works inside ``torch.inference_mode()`` too, for a graph recorded outside it: the pass itself runs with
+    inference mode off (it reads the graph and creates ordinary tensors; nothing is recorded)."""
+    with torch.inference_mode(False):
+        return _compute(outputs, inputs, seeds, rules, ledger, model, trace_promises, cache, allow_unused)
+
+
+def _compute(outputs: Any, inputs: Any, seeds: Any, rules: "RuleChooser", ledger: bool, model: torch.nn.Module | None,
+             trace_promises: bool, cache: PlanCache | None, allow_unused: bool) -> Explanation:
+    call = prepare(outputs, inputs, seeds, allow_unused)
+    _warn_whole_matrix(call, rules)
     if model is None:
         model = rules.model
     with torch.no_grad():
@@ -165,6 +176,24 @@ def compute(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any = None, 
         book.seed(sum(s.sum() for s in call.seeds))
         book.finish()
     return Explanation(tuple(relevance), book, values.records if trace_promises else [])
+
+
+def _warn_whole_matrix(call: Prepared, rules: "RuleChooser") -> None:
+    """Warn when an output explained with the default seed looks like a whole logits matrix: the explanation is then
+    that of the *sum* of all its classes, which is rarely what was meant (``relevance(logits, x)``)."""
+    for k in call.default_seeds:
+        o = call.outputs[k]
+        if o.dim() < 2 or o.shape[-1] < 2:
+            continue
+        spec = rules.spec_for(call.graph.types[call.graph.slot_node[call.graph.root_slots[k]]])
+        if spec is not None and spec.selection:  # logits[:, c], logits.gather(...): a chosen part
+            continue
+        warnings.warn(
+            f"outputs[{k}] has shape {tuple(o.shape)} and the default seed (its own value), so the explanation is "
+            f"that of the sum of all its {o.shape[-1]} entries along the last dimension (e.g. all classes of a "
+            "logits matrix), which is rarely what is meant. To explain class c of each row pass logits[:, c] (or "
+            "logits.gather(1, y[:, None])); to explain the sum on purpose, pass the seed explicitly "
+            "(seeds=out.detach()).", UserWarning, stacklevel=4)
 
 
 def _plan(call: Prepared, rules: "RuleChooser", ledger: bool, model: torch.nn.Module | None,

@@ -164,6 +164,7 @@ def _routing_rows() -> dict[str, OpSpec]:
     rows: dict[str, OpSpec] = {}
     for name in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0",
                  "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "SqueezeBackward4",
+                 "SqueezeBackward5",  # in-place squeeze_(dims), met under vmap
                  "UnsqueezeBackward0", "UnsqueezeBackward1", "FlattenBackward0", "UnflattenBackward0"):
         rows[name] = _view(routing.replay_reshape, reshape=True)
     for name in ("CloneBackward0", "AliasBackward0", "ContiguousBackward0", "LiftFreshBackward0", "DetachBackward0"):
@@ -171,6 +172,7 @@ def _routing_rows() -> dict[str, OpSpec]:
     rows["ViewAsRealBackward0"] = _routing(routing.replay_identity)
     rows["ToCopyBackward0"] = _view(routing.replay_to_copy, reshape=True)
     rows["TBackward0"] = _view(routing.replay_t)
+    rows["TBackward1"] = _view(routing.replay_t)  # in-place t_()
     rows["TransposeBackward0"] = _view(routing.replay_transpose)
     rows["TransposeBackward1"] = _view(routing.replay_transpose)
     rows["PermuteBackward0"] = _view(routing.replay_permute)
@@ -231,6 +233,12 @@ def _routing_rows() -> dict[str, OpSpec]:
                             rebuild=routing.rebuild_take_flat_indices, replay=routing.replay_take_flat_indices, selection=True)
     rows["EmbeddingBackward0"] = OpSpec("embedding", routing.EmbeddingKernel(), replay=_embedding_replay,
                                         replay_inputs=(0,), selection=True, data_lookup=True)
+    # full backward hooks (register_full_backward_hook): each output is its input. The rule routes through the
+    # node's own backward, called directly, so the hooks (which only the autograd engine runs) never fire
+    rows["BackwardHookFunctionBackward"] = OpSpec(
+        "routing", routing.RoutingKernel(routing.replay_nth), replay=routing.replay_nth, selection=True, view=True,
+        reshape=True, family_of=function_family("routing"),
+        function=("torch.nn.modules._functions", "BackwardHookFunction"))
     # in-place writes into views: routing, after a plan-time check of the wrapped op (family "inplace")
     rows["CopySlices"] = OpSpec("inplace", CopySlicesKernel())
     return rows
@@ -329,6 +337,18 @@ def _build() -> Mapping[str, OpSpec]:
 
 #: node type -> OpSpec. Read-only; extend per rule set with ``RuleSet.with_ops``.
 REGISTRY: Mapping[str, OpSpec] = _build()
+
+#: node types without a row for which registering a rule is the wrong advice: what to do instead (shown in the
+#: UnsupportedOperationError message)
+UNSUPPORTED_ADVICE: Mapping[str, str] = MappingProxyType({
+    "CheckpointFunctionBackward": (
+        "torch.utils.checkpoint with use_reentrant=True runs the checkpointed function under torch.no_grad(), so "
+        "the graph holds one opaque node instead of the ops inside it and there is nothing to propagate relevance "
+        "through (registering Routing for it would give zero or wrong relevance). Use "
+        "torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) (PyTorch's recommended mode; Hugging Face "
+        "models: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})), or "
+        "explain without checkpointing."),
+})
 
 
 def families() -> frozenset[str]:

@@ -54,6 +54,11 @@ def replay_identity(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
     return xs[0]
 
 
+def replay_nth(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    """Output ``nr`` is input ``nr`` (a node that passes several tensors through, e.g. a backward hook's)."""
+    return xs[nr]
+
+
 def replay_to_copy(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
     m = output_meta(node)[nr]
     return xs[0].to(dtype=m.dtype, device=m.device)

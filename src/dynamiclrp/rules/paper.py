@@ -8,6 +8,7 @@ import torch
 from ..core.graph import call_backward
 from ..core.messages import Msg, safe_div
 from ..core.step import Site, Step
+from ..errors import RuleError
 from ..ops.elementwise import NegKernel, ProductKernel
 from ..ops.reduce import SumKernel
 from .base import Rule, _check_stabilizer, _child_meta, _fit, _wrong_family
@@ -130,6 +131,8 @@ class MagnitudeSplit(Rule):
 
     def __init__(self, epsilon: float = 1e-11):
         _check_stabilizer(epsilon)
+        if callable(epsilon):
+            raise RuleError("MagnitudeSplit(epsilon=...) takes a number >= 0, not a callable")
         self.epsilon = float(epsilon)
 
     def bind(self, site):

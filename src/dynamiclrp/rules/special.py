@@ -134,7 +134,7 @@ class RecurrentStep(Step):
                 chosen.append(inner_out[k])
                 seeds.append(R.to(inner_out[k].dtype))
         ledger = run.ledger is not None
-        ex = compute(chosen, inner_in, seeds, rules=self.rules, ledger=ledger)
+        ex = compute(chosen, inner_in, seeds, rules=self.rules, ledger=ledger, allow_unused=True)
         r_x, r_h, r_c, r_w, r_b = ex.relevance
         ni = inner_in[0].shape[-1]
         parts: list[Tensor | None] = [r_x, r_w[:, :ni], r_w[:, ni:], None, None, r_h, r_c]

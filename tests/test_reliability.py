@@ -1,0 +1,405 @@
+"""Reliability (issue 16): every bad input a clear error, every odd-but-valid input a correct answer.
+
+Each test is one case of the issue, reproduced standalone with the issue's setup (``m = Sequential(Linear(4, 8),
+ReLU(), Linear(8, 3))``, ``out = m(x)[:, 0]``) unless it needs another model. The property-based sweep over random
+graphs is ``tests/test_fuzz.py``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dynamiclrp
+from dynamiclrp import presets, rules
+from dynamiclrp.errors import (DynamicLRPError, RuleError, UnsupportedOperationError, UnsupportedTensorError,
+                               UnusedInputError)
+
+DT = torch.float64
+ALL_PRESETS = ["epsilon", "zero", "attnlrp", "cplrp", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",
+               "epsilon_alpha2_beta1_flat", "epsilon_gamma_box", "paper"]
+
+
+def _rules(name: str):
+    return presets.epsilon_gamma_box(-3.0, 3.0) if name == "epsilon_gamma_box" else name
+
+
+def mlp(dtype: torch.dtype = DT) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype).eval()
+
+
+def _x(*shape: int, dtype: torch.dtype = DT) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype).requires_grad_(True)
+
+
+def _closes(ex: dynamiclrp.Explanation, tol: float = 1e-9) -> None:
+    assert not ex.ledger.unmeasured, ex.ledger.unmeasured
+    assert abs(ex.unaccounted) <= tol * max(1.0, abs(ex.ledger.seed_total)), ex.ledger.summary()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 1. inference_mode around the call, graph built outside it
+# -----------------------------------------------------------------------------------------------------------
+def test_relevance_inside_inference_mode_on_a_graph_built_outside() -> None:
+    m = mlp()
+    x = _x(5, 4)
+    out = m(x)[:, 0]
+    (ref,) = dynamiclrp.relevance(out, x)
+    ex_ref = dynamiclrp.explain(out, x)
+    with torch.inference_mode():
+        seeds = torch.ones(5, dtype=DT)  # an inference tensor
+        (got,) = dynamiclrp.relevance(out, x)
+        ex = dynamiclrp.explain(out, x)
+        (seeded,) = dynamiclrp.relevance(out, x, seeds=seeds)
+        (batched,) = dynamiclrp.Explainer().relevance(out, x)
+    assert torch.equal(got, ref) and torch.equal(ex.relevance[0], ex_ref.relevance[0]) and torch.equal(batched, ref)
+    assert not got.is_inference()  # ordinary tensors: usable outside inference mode
+    (ones,) = dynamiclrp.relevance(out, x, seeds=torch.ones(5, dtype=DT))
+    assert torch.equal(seeded, ones)
+    _closes(ex)
+
+
+def test_a_forward_inside_inference_mode_still_gets_its_own_error() -> None:
+    m = mlp()
+    x = _x(5, 4)
+    with torch.inference_mode():
+        out = m(x)[:, 0]
+    with pytest.raises(DynamicLRPError, match="inference_mode"):
+        dynamiclrp.relevance(out, x)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 2. seeds as Python numbers
+# -----------------------------------------------------------------------------------------------------------
+def test_python_number_seeds() -> None:
+    m = mlp()
+    x = _x(5, 4)
+    out = m(x)[:, 0]
+    (ref,) = dynamiclrp.relevance(out, x, seeds=torch.full((5,), 2.5, dtype=DT))
+    for seeds in (2.5, [2.5], (2.5,)):
+        (got,) = dynamiclrp.relevance(out, x, seeds=seeds)
+        assert torch.equal(got, ref)
+    (one,) = dynamiclrp.relevance(out, x, seeds=1)  # an int too
+    assert torch.equal(one, dynamiclrp.relevance(out, x, seeds=torch.ones(5, dtype=DT))[0])
+    # one number for several outputs: each output seeded with it
+    o2 = m(x)[:, 1]
+    both = dynamiclrp.relevance([out, o2], x, seeds=2.5)[0]
+    sep = dynamiclrp.relevance([out, o2], x, seeds=[torch.full((5,), 2.5, dtype=DT)] * 2)[0]
+    assert torch.equal(both, sep)
+    mixed = dynamiclrp.relevance([out, o2], x, seeds=[2.5, None])[0]
+    assert torch.equal(mixed, dynamiclrp.relevance([out, o2], x, seeds=[torch.full((5,), 2.5, dtype=DT),
+                                                                        o2.detach()])[0])
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (True, TypeError, "seeds must be"), ("1.0", TypeError, "seeds must be"), ({1: 2}, TypeError, "seeds must be"),
+    (float("nan"), ValueError, "finite"), (float("inf"), ValueError, "finite"), ([1.0, 2.0], ValueError, "2 seeds"),
+    (["a"], TypeError, r"seeds\[0\] must be a tensor, a number or None"),
+])
+def test_bad_seeds_are_clear_errors(bad, err, match) -> None:
+    m = mlp()
+    x = _x(5, 4)
+    with pytest.raises(err, match=match):
+        dynamiclrp.relevance(m(x)[:, 0], x, seeds=bad)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 3. rule parameters validated at construction
+# -----------------------------------------------------------------------------------------------------------
+def test_alpha_beta_accepts_float_rounding_of_alpha_minus_beta() -> None:
+    assert 2.2 - 1.2 != 1.0  # the case: exact comparison rejected a valid rule
+    r = rules.AlphaBeta(2.2, 1.2)
+    assert (r.alpha, r.beta) == (2.2, 1.2)
+    rules.AlphaBeta(1, 0)  # ints
+    m = mlp()
+    x = _x(5, 4)
+    ex = dynamiclrp.explain(m(x)[:, 0], x, rules=presets.epsilon().with_families(linear=r))
+    assert torch.isfinite(ex.relevance[0]).all()
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: rules.AlphaBeta("2", "1"), "alpha must be a real number"),
+    (lambda: rules.AlphaBeta(2.0, None), "beta must be a real number"),
+    (lambda: rules.AlphaBeta(True, False), "alpha must be a real number"),
+    (lambda: rules.AlphaBeta(2.0, 1.5), "alpha - beta must equal 1"),
+    (lambda: rules.AlphaBeta(float("inf"), float("inf")), "alpha must be finite"),
+    (lambda: rules.AlphaBeta(0.5, -0.5), "beta must be >= 0"),
+    (lambda: rules.Gamma(float("nan")), "gamma must be finite"),
+    (lambda: rules.Gamma(float("inf")), "gamma must be finite"),
+    (lambda: rules.Gamma(-0.1), "gamma must be >= 0"),
+    (lambda: rules.Gamma("0.25"), "gamma must be a real number"),
+    (lambda: rules.Epsilon(float("nan")), "stabilizer"),
+    (lambda: rules.Epsilon(float("inf")), "stabilizer must be finite"),
+    (lambda: rules.Epsilon("1e-6"), "stabilizer must be a real number"),
+    (lambda: rules.Epsilon(-1e-6), "stabilizer must be >= 0"),
+    (lambda: rules.ZPlus(stabilizer=True), "stabilizer must be a real number"),
+    (lambda: rules.ZBox(float("nan"), 1.0), "low must be finite"),
+    (lambda: rules.ZBox(0.0, float("inf")), "high must be finite"),
+    (lambda: rules.ZBox(torch.tensor([0.0, float("nan")]), 1.0), "low must be finite"),
+    (lambda: rules.ZBox(1.0, 0.0), "low <= high"),
+    (lambda: rules.MagnitudeSplit(float("nan")), "stabilizer"),
+    (lambda: rules.Product(normalisers="yes"), "normalisers"),
+    (lambda: presets.epsilon(float("nan")), "stabilizer"),
+    (lambda: presets.epsilon_gamma_box(-1.0, 1.0, gamma=float("nan")), "gamma must be finite"),
+])
+def test_rule_parameters_are_validated_at_construction(make, match) -> None:
+    with pytest.raises(RuleError, match=match):
+        make()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 4. sparse and complex tensors
+# -----------------------------------------------------------------------------------------------------------
+def test_sparse_input_is_a_clear_error() -> None:
+    m = mlp(torch.float32)
+    xs = torch.randn(5, 4).to_sparse().requires_grad_()
+    with pytest.raises(UnsupportedTensorError, match=r"inputs\[0\] is a sparse_coo tensor.*to_dense"):
+        dynamiclrp.relevance(m(xs)[:, 0], xs)
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules")
+def test_complex_tensors_are_clear_errors() -> None:
+    lin = nn.Linear(4, 3).to(torch.complex64)
+    xc = torch.randn(5, 4, dtype=torch.complex64, requires_grad=True)
+    with pytest.raises(UnsupportedTensorError, match=r"inputs\[0\] is complex.*real-valued"):
+        dynamiclrp.relevance(lin(xc)[:, 0].abs(), xc)
+    m = mlp(torch.float32)
+    with pytest.raises(UnsupportedTensorError, match="complex"):
+        dynamiclrp.relevance(m(xc.abs())[:, 0], xc)
+    with pytest.raises(UnsupportedTensorError, match=r"outputs\[0\] is complex"):
+        dynamiclrp.relevance(lin(xc)[:, 0], xc)
+    x = _x(5, 4, dtype=torch.float32)
+    with pytest.raises(UnsupportedTensorError, match=r"seeds\[0\] is complex"):
+        dynamiclrp.relevance(m(x)[:, 0], x, seeds=torch.ones(5, dtype=torch.complex64))
+    assert issubclass(UnsupportedTensorError, DynamicLRPError)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 5. in-place squeeze_(dims): SqueezeBackward5
+# -----------------------------------------------------------------------------------------------------------
+def test_inplace_squeeze_with_dims() -> None:
+    lin = nn.Linear(4, 2).to(DT)
+    x = _x(5, 1, 4, 1)
+    h = x * 1.0
+    h.squeeze_((1, 3))
+    assert type(h.grad_fn).__name__ == "SqueezeBackward5"
+    y = lin(h)[:, 0]
+    (r,) = dynamiclrp.relevance(y, x, rules="zero")
+    (g,) = torch.autograd.grad(y.sum(), x, retain_graph=True)
+    torch.testing.assert_close(r, g * x.detach(), rtol=1e-12, atol=1e-14)
+    _closes(dynamiclrp.explain(y, x))
+
+
+def test_inplace_squeeze_under_vmap() -> None:
+    lin = nn.Linear(4, 2).to(DT)
+
+    def f(row: torch.Tensor) -> torch.Tensor:
+        h = row * 2.0
+        h.squeeze_((0,))
+        return lin(h)
+
+    x = _x(5, 1, 4)
+    y = torch.vmap(f)(x)[:, 0]
+    (r,) = dynamiclrp.relevance(y, x, rules="zero")
+    (g,) = torch.autograd.grad(y.sum(), x, retain_graph=True)
+    torch.testing.assert_close(r, g * x.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_inplace_transpose_t_() -> None:
+    x = _x(4, 5)
+    w = torch.randn(4, 3, dtype=DT)
+    h = x * 1.0
+    h.t_()
+    assert type(h.grad_fn).__name__ == "TBackward1"
+    y = (h @ w)[:, 0]
+    (r,) = dynamiclrp.relevance(y, x, rules="zero")
+    (g,) = torch.autograd.grad(y.sum(), x, retain_graph=True)
+    torch.testing.assert_close(r, g * x.detach(), rtol=1e-12, atol=1e-14)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 6. inputs not in the graph; a whole logits matrix (issue 13, item 8)
+# -----------------------------------------------------------------------------------------------------------
+def test_an_input_sliced_after_the_forward_raises_like_autograd() -> None:
+    m = mlp()
+    x = _x(5, 4)
+    out = m(x)[:, 0]
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(out[0], x[0], retain_graph=True)
+    with pytest.raises(UnusedInputError, match=r"inputs\[0\] is not in the graph.*slice.*x\[0\].*allow_unused"):
+        dynamiclrp.relevance(out[0], x[0])
+    with pytest.raises(UnusedInputError):
+        dynamiclrp.explain(out[0], x[0])
+    with pytest.raises(UnusedInputError):
+        dynamiclrp.Explainer().relevance(out[0], x[0])
+    with pytest.raises(UnusedInputError):
+        dynamiclrp.Explainer().explain(out[0], x[0])
+    (z,) = dynamiclrp.relevance(out[0], x[0], allow_unused=True)
+    assert z.shape == (4,) and torch.count_nonzero(z) == 0
+    # the fix the message suggests: the tensor the model saw, then index
+    (full,) = dynamiclrp.relevance(out[0], x)
+    assert torch.count_nonzero(full[1:]) == 0 and torch.count_nonzero(full[0]) > 0
+
+
+def test_copies_and_unrelated_tensors_raise_and_allow_unused_gives_zeros() -> None:
+    m = mlp()
+    x = _x(5, 4)
+    out = m(x)[:, 0]
+    for t in (x.clone(), x.detach().clone().requires_grad_(), _x(3)):
+        with pytest.raises(UnusedInputError):
+            dynamiclrp.relevance(out, [x, t])
+        rx, rt = dynamiclrp.relevance(out, [x, t], allow_unused=True)
+        assert torch.count_nonzero(rt) == 0 and rt.shape == t.shape
+        assert torch.equal(rx, dynamiclrp.relevance(out, x)[0])
+    ex = dynamiclrp.explain(out, [x, _x(3)], allow_unused=True)
+    _closes(ex)
+    with pytest.raises(TypeError, match="allow_unused"):
+        dynamiclrp.relevance(out, x, allow_unused="yes")
+
+
+def test_a_whole_logits_matrix_with_the_default_seed_warns() -> None:
+    m = mlp()
+    x = _x(5, 4)
+    logits = m(x)
+    with pytest.warns(UserWarning, match=r"sum of all its 3 entries.*logits\[:, c\]"):
+        (r,) = dynamiclrp.relevance(logits, x)
+    (parts,) = dynamiclrp.relevance([logits[:, c] for c in range(3)], x)
+    torch.testing.assert_close(r, parts, rtol=1e-12, atol=1e-14)  # it is the sum of the classes, as documented
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dynamiclrp.relevance(logits[:, 0], x)
+        dynamiclrp.relevance(logits.gather(1, torch.zeros(5, 1, dtype=torch.long)), x)
+        dynamiclrp.relevance(logits, x, seeds=logits.detach())  # on purpose: no warning
+        dynamiclrp.relevance(logits.sum(1), x)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 7. NaN in an input the model masks out
+# -----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ALL_PRESETS)
+def test_nan_in_a_masked_out_input_gets_zero_relevance(preset: str) -> None:
+    m = mlp()
+    raw = torch.randn(5, 4, dtype=DT)
+    raw[0, 1] = float("nan")
+    raw[3, 2] = float("inf")
+    x = raw.clone().requires_grad_(True)
+    bad = ~torch.isfinite(raw)
+    out = m(torch.where(bad, 0, x))[:, 0]
+    assert torch.isfinite(out).all()
+    (r,) = dynamiclrp.relevance(out, x, rules=_rules(preset))
+    assert torch.isfinite(r).all(), r
+    assert (r[bad] == 0).all()
+    # the same as explaining the cleaned input where it was finite
+    clean = torch.where(bad, 0, raw).requires_grad_(True)
+    (ref,) = dynamiclrp.relevance(m(clean)[:, 0], clean, rules=_rules(preset))
+    torch.testing.assert_close(r[~bad], ref[~bad], rtol=1e-12, atol=1e-14)
+    ex = dynamiclrp.explain(out, x, rules=_rules(preset))
+    assert torch.equal(ex.relevance[0], r)
+    assert math.isfinite(ex.unaccounted) and not ex.ledger.unmeasured
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 8. weights passed as plain tensors (torch.func.functional_call)
+# -----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ALL_PRESETS)
+def test_functional_call_with_plain_tensor_weights_equals_eager(preset: str) -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(15, 8), nn.ReLU(),
+                      nn.Linear(8, 3)).to(DT).eval()
+    x = _x(4, 2, 5)
+    (ref,) = dynamiclrp.relevance(m(x)[:, 0], x, rules=_rules(preset))
+    params = {k: v.detach().clone().requires_grad_() for k, v in m.named_parameters()}
+    out = torch.func.functional_call(m, params, (x,))[:, 0]
+    (got,) = dynamiclrp.relevance(out, x, rules=_rules(preset))
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    ex = dynamiclrp.explain(out, x, rules=_rules(preset))
+    torch.testing.assert_close(ex.relevance[0], ref, rtol=1e-12, atol=1e-14)
+    _closes(ex)
+    # nn.Parameter-wrapped tensors say it explicitly, and their relevance can be requested as for the model
+    wrapped = {k: nn.Parameter(v.detach().clone()) for k, v in m.named_parameters()}
+    out = torch.func.functional_call(m, wrapped, (x,))[:, 0]
+    rx, rb = dynamiclrp.relevance(out, [x, wrapped["5.bias"]], rules=_rules(preset))
+    ex_rx, ex_rb = dynamiclrp.relevance(m(x)[:, 0], [x, m[5].bias], rules=_rules(preset))
+    torch.testing.assert_close(rx, ex_rx, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(rb, ex_rb, rtol=1e-12, atol=1e-14)
+
+
+def test_plain_tensors_are_data_where_no_data_meets_them() -> None:
+    # x @ y with both plain tensors requested: two inputs, the bilinear rule (half each), as before
+    x, y = _x(3, 4), _x(4, 2)
+    out = (x @ y)[:, 0]
+    rx, ry = dynamiclrp.relevance(out, [x, y], rules="zero")
+    torch.testing.assert_close(rx.sum() + ry.sum(), out.detach().sum(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(rx.sum(), ry.sum(), rtol=1e-12, atol=1e-14)
+    # a plain weight used by a layer whose other operand carries data is a weight: x gets all of it
+    (r_only,) = dynamiclrp.relevance((x @ y)[:, 0], x, rules="zero")
+    torch.testing.assert_close(r_only.sum(), out.detach().sum(), rtol=1e-12, atol=1e-14)
+    # a constant times a plain tensor: the plain tensor is the data
+    c = torch.randn(3, 4, dtype=DT)
+    (ry,) = dynamiclrp.relevance((c @ y)[:, 0], y, rules="zero")
+    torch.testing.assert_close(ry.sum(), (c @ y)[:, 0].detach().sum(), rtol=1e-12, atol=1e-14)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 9. full backward hooks
+# -----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ALL_PRESETS)
+def test_full_backward_hooks_are_identities_and_never_fire(preset: str) -> None:
+    m = mlp()
+    hooked = copy.deepcopy(m)
+    fired: list[str] = []
+    hooked[0].register_full_backward_hook(lambda *a: fired.append("full"))
+    hooked[2].register_full_backward_pre_hook(lambda *a: fired.append("pre"))
+    hooked.register_full_backward_hook(lambda *a: fired.append("outer"))
+    x = _x(5, 4)
+    (ref,) = dynamiclrp.relevance(m(x)[:, 0], x, rules=_rules(preset))
+    out = hooked(x)[:, 0]
+    assert "BackwardHookFunctionBackward" in {type(n).__name__ for n in _nodes(out)}
+    (got,) = dynamiclrp.relevance(out, x, rules=_rules(preset))
+    assert torch.equal(got, ref)
+    _closes(dynamiclrp.explain(out, x, rules=_rules(preset)))
+    frozen = copy.deepcopy(hooked).requires_grad_(False)
+    out = frozen(x)[:, 0]
+    (fr,) = dynamiclrp.relevance(out, x, rules=_rules(preset), model=frozen)
+    torch.testing.assert_close(fr, ref, rtol=1e-12, atol=1e-14)
+    _closes(dynamiclrp.explain(out, x, rules=_rules(preset), model=frozen))
+    assert fired == []
+    out.sum().backward()  # the hooks still work for the user's own backward
+    assert fired
+
+
+def _nodes(t: torch.Tensor) -> list:
+    seen, todo = [], [t.grad_fn]
+    while todo:
+        n = todo.pop()
+        if n is None or any(n is s for s in seen):
+            continue
+        seen.append(n)
+        todo.extend(c for c, _ in n.next_functions)
+    return seen
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 10. reentrant checkpointing: the error names use_reentrant=False, which works
+# -----------------------------------------------------------------------------------------------------------
+def test_reentrant_checkpoint_error_names_use_reentrant_false() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    m = mlp()
+    x = _x(5, 4)
+    out = checkpoint(m, x, use_reentrant=True)[:, 0]
+    with pytest.raises(UnsupportedOperationError, match="use_reentrant=False") as err:
+        dynamiclrp.relevance(out, x)
+    assert "CheckpointFunctionBackward" in str(err.value)
+    assert "with_ops({'CheckpointFunctionBackward': dynamiclrp.rules.Routing()})" not in str(err.value)
+    # what the message advises
+    out = checkpoint(m, x, use_reentrant=False)[:, 0]
+    ex = dynamiclrp.explain(out, x)
+    torch.testing.assert_close(ex.relevance[0], dynamiclrp.relevance(m(x)[:, 0], x)[0], rtol=1e-12, atol=1e-14)
+    _closes(ex)
