@@ -149,12 +149,15 @@ class Replay(Recipe):
 
 class Total(Recipe):
     """The full value of ``slot`` recovered *upwards*: an addend of a sum whose output and other addend are both
-    known in full (``h = sum − other``, e.g. a residual stream from the normalisation layer that saved the sum)."""
+    known in full (``h = sum − other``, e.g. a residual stream from the normalisation layer that saved the sum), or
+    the input of an invertible element-wise op that saved its output (``x = logit(sigmoid(x))``), checked to be exact
+    everywhere when evaluated."""
 
-    __slots__ = ("part",)
+    __slots__ = ("slot", "part")
 
-    def __init__(self, slot: int, part: "SumPart"):
+    def __init__(self, slot: int, part: "Part"):
         super().__init__(slot)
+        self.slot = slot
         self.part = part
 
     def children(self) -> tuple[Recipe, ...]:
@@ -441,6 +444,14 @@ class PromiseResolver:
         both the sum's output and the other addend have full values (a residual stream whose sum a norm layer
         saved). ``Unavailable(reason)`` otherwise. Guarded against cycles (the other addend computed from ``s``)."""
         g = self.graph
+        for c, pos in g.consumers[s]:
+            # an invertible element-wise consumer that saved its output (sigmoid, tanh, exp...): its input, checked
+            # when evaluated to be exact everywhere (not saturated)
+            spec = self.specs[c]
+            k = spec.kernel if spec is not None else None
+            if (getattr(k, "inverse", None) is not None and getattr(k, "from_output", None) is not None
+                    and saved(g.nodes[c], k.y_field) is not None):
+                return Total(s, InversePart(s, c, pos))
         if s in self._upward_busy or len(self._upward_busy) > 256:
             return Unavailable(s, reason)
         self._upward_busy.add(s)
@@ -757,7 +768,14 @@ class ValueStore:
             with torch.no_grad():
                 return spec.replay(g.nodes[rec.node], args, rec.nr)
         if isinstance(rec, Total):
-            return local[rec.part.key][0]
+            v, m = local[rec.part.key]
+            if m is not None and not bool(m.all()):
+                raise ValueUnavailableError(
+                    f"The forward value of output {g.slot_nr[rec.slot]} of {g.describe(g.slot_node[rec.slot])} is "
+                    f"needed in full, but the graph holds it only through {g.describe(rec.part.node)}'s saved output, "
+                    "which cannot be inverted where it saturates (e.g. a sigmoid at exactly 0 or 1). Choose a rule "
+                    "that does not need this value, or explain in float64.")
+            return v
         if isinstance(rec, Support):
             v, m = _combine([local[p.key] for p in rec.parts], g.meta(rec.slot))
             if rec.missing:
@@ -933,8 +951,10 @@ def _ones_or(mask: Mask, like: Tensor) -> Tensor:
 def _masked_mean(num: Tensor, cnt: Tensor, shape: torch.Size, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Values summed over copies (``num``) divided by their number (``cnt``), reduced to ``shape`` the way a
     broadcast is: ``(value, mask)`` with the value 0 where nothing was known."""
+    if cnt.shape != num.shape:
+        cnt = cnt.expand_as(num)
     num = fit_to(num, shape)
-    cnt = fit_to(cnt.expand_as(num) if cnt.shape != num.shape else cnt, shape)
+    cnt = fit_to(cnt, shape)
     ok = cnt > 0
     v = torch.where(ok, num / torch.where(ok, cnt, 1), 0)
     return v.to(dtype), ok

@@ -193,7 +193,9 @@ def _routing_rows() -> dict[str, OpSpec]:
     rows["FlipBackward0"] = _routing(routing.replay_flip)
     rows["RollBackward0"] = _routing(routing.replay_roll)
     rows["WhereBackward0"] = _routing(routing.replay_where, replay_inputs=(0, 1))
-    rows["ConstantPadNdBackward0"] = _routing(routing.replay_constant_pad)
+    # F.pad(mode="constant") keeps only the padding sizes, not the fill value: no replay (a replay with 0 would be
+    # silently wrong for any other value); a consumer that saved the padded tensor (a convolution) gives it
+    rows["ConstantPadNdBackward0"] = _routing()
     rows["MaskedFillBackward0"] = _routing()
     rows["MaskedFillBackward1"] = _routing()
     rows["IndexPutBackward0"] = _routing(selection=False)  # index_put_(accumulate=True) adds
@@ -203,20 +205,29 @@ def _routing_rows() -> dict[str, OpSpec]:
     rows["IndexAddBackward0"] = _routing(selection=False)
     rows["NativeDropoutBackward0"] = _routing(selection=False, view=True)
     rows["UnfoldBackward0"] = _routing()
-    rows["Im2ColBackward0"] = _routing()
+    rows["Im2ColBackward0"] = _routing(routing.replay_im2col)
     rows["Col2ImBackward0"] = _routing(selection=False)
-    for name in ("PixelShuffleBackward0", "PixelUnshuffleBackward0", "UpsampleNearest1DBackward0",
-                 "UpsampleNearest2DBackward0", "UpsampleNearest3DBackward0", "UpsampleNearestExact1DBackward0",
-                 "UpsampleNearestExact2DBackward0", "UpsampleNearestExact3DBackward0", "ReflectionPad1DBackward0",
-                 "ReflectionPad2DBackward0", "ReplicationPad1DBackward0", "ReplicationPad2DBackward0"):
-        rows[name] = _routing()
+    rows["PixelShuffleBackward0"] = _routing(routing.replay_pixel_shuffle)
+    rows["PixelUnshuffleBackward0"] = _routing(routing.replay_pixel_unshuffle)
+    for name, op in (("UpsampleNearest1DBackward0", "upsample_nearest1d"),
+                     ("UpsampleNearest2DBackward0", "upsample_nearest2d"),
+                     ("UpsampleNearest3DBackward0", "upsample_nearest3d"),
+                     ("UpsampleNearestExact1DBackward0", "_upsample_nearest_exact1d"),
+                     ("UpsampleNearestExact2DBackward0", "_upsample_nearest_exact2d"),
+                     ("UpsampleNearestExact3DBackward0", "_upsample_nearest_exact3d")):
+        rows[name] = _routing(routing.replay_upsample_nearest(op))
+    # reflection and replication padding save their input: rebuilt from it (every output element is a copy)
+    for name, mode in (("ReflectionPad1DBackward0", "reflect"), ("ReflectionPad2DBackward0", "reflect"),
+                       ("ReplicationPad1DBackward0", "replicate"), ("ReplicationPad2DBackward0", "replicate")):
+        rows[name] = OpSpec("routing", routing.RoutingKernel(routing.replay_pad(mode)), inputs_saved=((0, "self"),),
+                            rebuild=routing.rebuild_pad(mode), replay=routing.replay_pad(mode), selection=True)
     for name in ("TopkBackward0", "SortBackward0", "KthvalueBackward0"):
         rows[name] = _routing(routing.replay_take_indices)
     for name in ("AsStridedBackward0", "AsStridedBackward1"):
         rows[name] = _routing(routing.replay_as_strided)
     # winner-take-all maxima: the gradient routes everything to the arg-max
-    rows["MaxBackward0"] = _routing()
-    rows["MinBackward0"] = _routing()
+    rows["MaxBackward0"] = _routing(routing.replay_take_indices)  # max(dim): the input at the saved indices
+    rows["MinBackward0"] = _routing(routing.replay_take_indices)
     for name in ("MaxBackward1", "MinBackward1", "AmaxBackward0", "AminBackward0"):  # they keep their result
         rows[name] = OpSpec("routing", routing.RoutingKernel(), results=((0, "result"),), inputs_saved=((0, "self"),),
                             selection=True, reduction=name in ("MaxBackward1", "AmaxBackward0"))

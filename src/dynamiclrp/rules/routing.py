@@ -17,15 +17,27 @@ if TYPE_CHECKING:  # pragma: no cover
 Tensor = torch.Tensor
 
 
-class RoutingStep(Step):
-    """Selection, permutation, copy and broadcast ops: relevance moves exactly like gradient, in both forms."""
+#: routing ops whose output has positions that come from no input (a fill value autograd does not keep): the
+#: relevance arriving there is the fill value's share, booked under this ledger kind
+_FILLS = {"ConstantPadNdBackward0": "padding", "MaskedFillBackward0": "constant"}
 
-    __slots__ = ("meta",)
+
+class RoutingStep(Step):
+    """Selection, permutation, copy and broadcast ops: relevance moves exactly like gradient, in both forms.
+
+    A constant padding (or ``masked_fill`` with a scalar) also has output positions that hold a fill value, not a
+    copy of the input: relevance arriving there stays with the fill value, and the ledger books it (``"padding"``,
+    ``"constant"``)."""
+
+    __slots__ = ("meta", "conservative", "sink_kind")
     handles_r = True
 
     def __init__(self, site: Site):
         super().__init__(site)
         self.meta = _child_meta(site)
+        fill = _FILLS.get(site.type)
+        self.conservative = fill is None
+        self.sink_kind = fill or "rule"
 
     def _route(self, run: "Run", parts: list[Tensor | None]) -> list[Tensor | None]:
         node = run.graph.nodes[self.index]
