@@ -517,8 +517,9 @@ class PromiseResolver:
         """A recipe of the value of ``slot`` valid wherever gradient-form relevance can reach it: the full value
         when there is one, else a :class:`Support` walk over the slot's consumers."""
         full = self.recipe(slot)
-        if available(full):
+        if available(full) and not (isinstance(full, Total) and isinstance(full.part, InversePart)):
             return full
+        # an inverse is exact only where the op did not saturate: on the support, that is enough
         return self._support(slot, 0)
 
     def _support(self, slot: int, depth: int) -> Recipe:

@@ -32,7 +32,7 @@ from .elementwise import BLOOM_GELU, PRELU, RG_SQRT, UNARY, NegKernel, ProductKe
 from .linear import (AddmmKernel, BaddbmmKernel, BmmKernel, ConvKernel, GroupedMmFallbackKernel, GroupedMmKernel,
                      LinearKernel, MmKernel, MvKernel)
 from .norm import NormKernel
-from .reduce import (VECTOR_NORM, SumKernel, _adaptive_avg_pool_nd, _alpha, _avg_pool2d, _avg_pool3d, add_forward,
+from .reduce import (VECTOR_NORM, AddKernel, SumKernel, _adaptive_avg_pool_nd, _alpha, _avg_pool2d, _avg_pool3d, add_forward,
                      avg_pool_rebuild, cumsum_forward, mean_forward, nll_forward, rsub_forward, sub_forward,
                      sum_forward, upsample_forward, vector_norm_forward)
 from .special import CopySlicesKernel, LeafKernel, RecurrentKernel, WeightNormKernel, function_family
@@ -93,8 +93,9 @@ def _unary(name: str) -> OpSpec:
 
 
 def _sum(forward: Callable | None, coefficients: Callable | None = None, rebuild: Callable | None = None,
-         inputs_saved: tuple = (), replay_inputs: Any = None, family: str = "add", **traits: Any) -> OpSpec:
-    return OpSpec(family, SumKernel(forward, coefficients, rebuild), rebuild=rebuild, replay=forward,
+         inputs_saved: tuple = (), replay_inputs: Any = None, family: str = "add", kernel: type = SumKernel,
+         **traits: Any) -> OpSpec:
+    return OpSpec(family, kernel(forward, coefficients, rebuild), rebuild=rebuild, replay=forward,
                   replay_inputs=replay_inputs, inputs_saved=inputs_saved, **traits)
 
 
@@ -272,7 +273,7 @@ def _build() -> Mapping[str, OpSpec]:
     t["GeneratedBackwardFor_transformers_grouped_mm_fallback_defaultBackward"] = _linear(
         GroupedMmFallbackKernel(), ((0, "saved_tensors.0"), (1, "saved_tensors.1")))
     # sums
-    t["AddBackward0"] = _sum(add_forward, _add_coefs, replay_inputs=(0, 1), elementwise="binary")
+    t["AddBackward0"] = _sum(add_forward, _add_coefs, replay_inputs=(0, 1), elementwise="binary", kernel=AddKernel)
     t["AddBackward1"] = _sum(None, lambda n: (1.0,), elementwise="unary")
     t["SubBackward0"] = _sum(sub_forward, _sub_coefs, replay_inputs=(0, 1), elementwise="binary")
     t["SubBackward1"] = _sum(None, lambda n: (1.0,), elementwise="unary")

@@ -62,24 +62,39 @@ class IdentityStep(Step):
         return x, y
 
     def ratio(self, run, node) -> Tensor:
+        return self._ratio(run, node)[0]
+
+    def _ratio(self, run, node) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``y / x`` (the limit where ``x == 0``), and, where ``x`` could only be had by inverting the saved output
+        and the inverse is not finite (a saturated ``tanh``/``sigmoid``), the mask of those positions and ``y``."""
         k = self.kernel
         x, y = self._xy(run, node) if k._ratio is None or k.x_field is not None else (None, saved(node, k.y_field))
         if k._ratio is not None:
             if x is None and k.x_field is not None:
                 x = saved(node, k.x_field)
-            return k._ratio(node, x, y)
+            return k._ratio(node, x, y), None, None
         lim = self.limit(node) if callable(self.limit) else self.limit
         zero = x == 0
         r = y / torch.where(zero, 1, x)
         r = torch.where(zero, torch.as_tensor(lim, dtype=r.dtype, device=r.device), r)
-        return torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)
+        lost = ~torch.isfinite(x)
+        if bool(lost.any()) and bool(torch.isfinite(y).all()):
+            return torch.where(lost, torch.zeros((), dtype=r.dtype, device=r.device), r), lost, y
+        return torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0), None, None
 
     def g(self, run, gs):
         node = run.graph.nodes[self.index]
         if self.kernel.identity_is_gradient:
             (gx,) = call_backward(node, gs)[:1]
             return [Msg(g=_fit(gx, self.meta[0]))]
-        return [Msg(g=_fit(gs[0] * self.ratio(run, node), self.meta[0]))]
+        ratio, lost, y = self._ratio(run, node)
+        if lost is not None and run.ledger is not None:
+            # where x is unknown (the saved output saturated, e.g. tanh = ±1 exactly, and x is in no other place of
+            # the graph), gradient form cannot carry R_x = G_y·y: that relevance stops here, and the ledger says so
+            kept = torch.where(lost, gs[0] * y, torch.zeros((), dtype=gs[0].dtype, device=gs[0].device))
+            run.book_local("rule", self.index, kept.sum(), "a saturated activation whose input is not in the graph: "
+                           "the relevance at the saturated positions cannot be passed on")
+        return [Msg(g=_fit(gs[0] * ratio, self.meta[0]))]
 
     def r(self, run, rs):
         return [Msg(r=_fit(rs[0], self.meta[0]))]
