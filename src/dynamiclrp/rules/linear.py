@@ -140,8 +140,11 @@ class LinearStep(Step):
                          and not zero_bias)
         out = self.out_slots[0] if self.bn is None else self.bn.out_slot
         self.z_source = _cheap_output_source(site, out)
-        self.bias_wanted = (self.bias_pos is not None and site.edges[self.bias_pos] >= 0
-                            and (planner.everywhere or site.edges[self.bias_pos] in planner.requested))
+        # the bias's relevance is computed when someone reads it: the ledger, a requested bias, or a requested
+        # tensor behind it (b = b_ih + b_hh, a bias cast or viewed on its way in)
+        b_edge = site.edges[self.bias_pos] if self.bias_pos is not None else -1
+        self.bias_wanted = b_edge >= 0 and (planner.everywhere or b_edge in planner.requested
+                                            or planner.needed_below[site.graph.slot_node[b_edge]])
         if self.bias_kind == "edge":
             planner.mark_bias(site.edges[self.bias_pos])
         # plan the values the expected path reads: the lean path (gradient form) for LRP-0 and ε, the full
