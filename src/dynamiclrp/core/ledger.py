@@ -188,7 +188,7 @@ def settle(step: "Step", run: "Run", t_out: Any, t_ins: list[Any], outs: list[Ms
     for t in t_ins:
         if isinstance(t, torch.Tensor):
             known = t if known is None else known + t
-    has_const = any(e < 0 for e in step.in_edges) and not step.constant_share_zero(run, outs)
+    has_const = step.has_constant(run, outs)
     carried = run.carried  # upstream constants whose shares are included in t_out (see below)
     label = where if not carried else f"{where} (incl. constants of {', '.join(carried)})"
     if t_out is UNKNOWN:
@@ -198,7 +198,8 @@ def settle(step: "Step", run: "Run", t_out: Any, t_ins: list[Any], outs: list[Ms
     if conservative:
         if not unknown:
             if has_const or carried:
-                book.book("constant", label, t_out if known is None else t_out - known)
+                book.book(step.constant_kind if not carried else "constant", label,
+                          t_out if known is None else t_out - known)
         elif len(unknown) == 1:
             # the one input we cannot measure gets what exact conservation leaves; if this node also sent
             # relevance to constants, that share travels inside the derived total and is booked, measured,

@@ -123,6 +123,14 @@ class Step:
         """Whether the relevance this node sends to inputs that do not require grad is provably zero."""
         return False
 
+    #: ledger kind of the share of constant operands (``"padding"`` for a padding's fill value)
+    constant_kind = "constant"
+
+    def has_constant(self, run: "Run", outs: list[Msg | None]) -> bool:
+        """Whether some of the relevance arriving here may go to a constant (an input that does not require grad,
+        or a fill value that is no input at all); the ledger books that share (:func:`~.ledger.settle`)."""
+        return any(e < 0 for e in self.in_edges) and not self.constant_share_zero(run, outs)
+
     def book(self, run: "Run", t_out: Any, t_ins: list[Any], outs: list[Msg | None]) -> list[Any]:
         """Book this node's sinks given the relevance that arrived (``t_out``) and what it sent on
         (:func:`dynamiclrp.core.ledger.settle`: conservative steps book only the share of constant inputs,

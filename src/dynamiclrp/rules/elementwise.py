@@ -56,10 +56,19 @@ class IdentityStep(Step):
                 try:
                     x = run.value(self.in_edges[0], run.graph.describe(self.index))
                 except ValueUnavailableError:  # fall back to the inverse map
-                    x = k.inverse(node, y)
+                    x = self._inverse(node, y)
             elif k.inverse is not None:
-                x = k.inverse(node, y)
+                x = self._inverse(node, y)
         return x, y
+
+    def _inverse(self, node, y: Tensor) -> Tensor:
+        """``x`` from the saved output, ``inf`` where the inverse is not exact (saturation: see
+        :func:`~dynamiclrp.ops.elementwise.well_conditioned`), which :meth:`_ratio` treats as unknown."""
+        k = self.kernel
+        if k.from_output is None:
+            return k.inverse(node, y)
+        x, ok = k.from_output(node, y)
+        return torch.where(ok, x, torch.full((), float("inf"), dtype=x.dtype, device=x.device))
 
     def ratio(self, run, node) -> Tensor:
         return self._ratio(run, node)[0]

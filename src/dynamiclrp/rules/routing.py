@@ -29,15 +29,22 @@ class RoutingStep(Step):
     copy of the input: relevance arriving there stays with the fill value, and the ledger books it (``"padding"``,
     ``"constant"``)."""
 
-    __slots__ = ("meta", "conservative", "sink_kind")
+    __slots__ = ("meta", "fill")
     handles_r = True
 
     def __init__(self, site: Site):
         super().__init__(site)
         self.meta = _child_meta(site)
-        fill = _FILLS.get(site.type)
-        self.conservative = fill is None
-        self.sink_kind = fill or "rule"
+        self.fill = _FILLS.get(site.type)
+
+    @property
+    def constant_kind(self) -> str:  # type: ignore[override]
+        return self.fill or "constant"
+
+    def has_constant(self, run, outs) -> bool:
+        if self.fill is not None:  # the fill value is a constant operand without an edge
+            return True
+        return super().has_constant(run, outs)
 
     def _route(self, run: "Run", parts: list[Tensor | None]) -> list[Tensor | None]:
         node = run.graph.nodes[self.index]

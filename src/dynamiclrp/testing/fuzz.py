@@ -295,10 +295,12 @@ class Case:
     ops: list[str] = field(default_factory=list)
     seed: int = 0
     lossy: list[str] = field(default_factory=list)
+    extra: int = 0  # parameters requested besides the input (trainable models)
 
     def describe(self) -> str:
         return (f"preset={self.preset} frozen={self.frozen} pl={self.piecewise_linear} x={tuple(self.x.shape)} "
-                f"target={self.target} seed={self.seed} lossy={self.lossy}\n  ops: " + " -> ".join(self.ops))
+                f"target={self.target} seed={self.seed} lossy={self.lossy} params requested={self.extra}\n  ops: "
+                + " -> ".join(self.ops))
 
 
 class _Builder:
@@ -496,7 +498,8 @@ def build(c: Choices, seed: int = 0) -> Case:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=DT) * (0.8 if p.dim() > 1 else 0.3))
     x = (torch.randn(shape, generator=g, dtype=DT) * c.pick((1.0, 1.0, 3.0))).requires_grad_(True)
-    return Case(model, x, target, name, frozen, b.pl, b.ops, seed, b.lossy)
+    extra = 0 if frozen else c.pick((0, 0, 1, 3))
+    return Case(model, x, target, name, frozen, b.pl, b.ops, seed, b.lossy, extra)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -504,9 +507,13 @@ def build(c: Choices, seed: int = 0) -> Case:
 # -----------------------------------------------------------------------------------------------------------
 def documented(err: DynamicLRPError, case: Case) -> bool:
     """Whether ``err`` is a documented limit for ``case``: a value the graph does not hold (ValueUnavailableError)
-    in a graph with an op of :data:`LOSSY`. Everything else is a failure. (Likewise a ledger entry in ``unmeasured``
-    is accepted only in such a graph, where it names relevance on a constant autograd did not keep.)"""
-    return isinstance(err, ValueUnavailableError) and bool(case.lossy)
+    in a graph with an op of :data:`LOSSY`, or the input of a saturated activation that only its output gives (a
+    ``tanh`` or ``sigmoid`` at ±1 in the dtype's precision). Everything else is a failure. (Likewise a ledger entry in
+    ``unmeasured`` is accepted only in a graph with an op of :data:`LOSSY`, where it names relevance on a constant
+    autograd did not keep.)"""
+    if not isinstance(err, ValueUnavailableError):
+        return False
+    return bool(case.lossy) or "where it saturates" in str(err)
 
 REL_TOL = 1e-8  # relative to the scale of the relevance involved (float64)
 
@@ -537,10 +544,15 @@ def check(case: Case) -> dict[str, Any]:
     rules = preset(case.preset)
     model, x = case.model, case.x
     facts: dict[str, Any] = {}
+    # besides the input, some parameters (biases first) are requested: relevance() = explain() for each of them
+    params = [p for n, p in model.named_parameters() if n.endswith("bias")][: case.extra]
+    params += [p for n, p in model.named_parameters() if not n.endswith("bias")][: max(0, case.extra - len(params))]
+    wanted = [x, *params]
     try:
         out = model(x)[:, case.target]
-        (rel,) = relevance(out, x, rules=rules)
-        ex = explain(out, x, rules=rules)
+        rels = relevance(out, wanted, rules=rules)
+        rel = rels[0]
+        ex = explain(out, wanted, rules=rules)
         if case.frozen:
             fz = copy.deepcopy(model).requires_grad_(False)
             out_f = fz(x)[:, case.target]
@@ -554,11 +566,12 @@ def check(case: Case) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - any other exception is the failure being looked for
         raise PropertyFailure(f"crash:{type(err).__name__}",
                               f"{err}\n{traceback.format_exc(limit=-4)}\n{case.describe()}") from err
-    if not bool(torch.isfinite(rel).all()):
-        raise PropertyFailure("non-finite", case.describe())
-    if not _close(rel, ex.relevance[0], REL_TOL):
-        d = float((rel - ex.relevance[0]).abs().max())
-        raise PropertyFailure("relevance!=explain", f"max diff {d:.3g}\n{case.describe()}")
+    for k, (r, e) in enumerate(zip(rels, ex.relevance)):
+        if not bool(torch.isfinite(r).all()):
+            raise PropertyFailure("non-finite", f"inputs[{k}]\n{case.describe()}")
+        if not _close(r, e, REL_TOL):
+            d = float((r - e).abs().max())
+            raise PropertyFailure("relevance!=explain", f"inputs[{k}]: max diff {d:.3g}\n{case.describe()}")
     _ledger(ex, case, "", facts)
     if case.frozen:
         if not _close(rel_f, rel, 1e-7):
