@@ -52,6 +52,15 @@ class StoreError(DynamicLRPError):
     """A relevance store cannot be used for this job (written by a different job, not a relevance store...)."""
 
 
+class PropertyFailure(DynamicLRPError, AssertionError):
+    """A property every explanation must have does not hold for a fuzzed graph (:mod:`dynamiclrp.testing.fuzz`);
+    ``kind`` names which (for counting), the message holds the case to reproduce it."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
 class MissingExtraError(DynamicLRPError, ImportError):
     """An optional dependency is not installed. ``str(err)`` is one line that says what to install.
 

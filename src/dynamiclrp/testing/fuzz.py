@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .. import presets
 from ..api import explain, relevance
-from ..errors import DynamicLRPError, ValueUnavailableError
+from ..errors import DynamicLRPError, PropertyFailure, ValueUnavailableError
 
 Tensor = torch.Tensor
 DT = torch.float64
@@ -49,14 +49,6 @@ PRESETS = ("epsilon", "zero", "attnlrp", "cplrp", "epsilon_plus", "epsilon_plus_
 def preset(name: str) -> Any:
     """The rule set of a preset name (``epsilon_gamma_box`` with bounds ±4, wider than the fuzzed inputs)."""
     return presets.epsilon_gamma_box(-4.0, 4.0) if name == "epsilon_gamma_box" else presets.by_name(name)
-
-
-class PropertyFailure(AssertionError):
-    """A property of :func:`check` that does not hold; ``kind`` names which (for counting)."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(f"{kind}: {message}")
-        self.kind = kind
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -304,8 +296,9 @@ class Case:
 
 
 class _Builder:
-    def __init__(self, c: Choices):
+    def __init__(self, c: Choices, pl_only: bool = False):
         self.c = c
+        self.pl_only = pl_only  # piecewise-linear ops only (for the LRP-0 = gradient × input property)
         self.blocks: list[nn.Module] = []
         self.ops: list[str] = []
         self.pl = True  # piecewise linear so far
@@ -318,6 +311,9 @@ class _Builder:
         self.pl = self.pl and pl
         if name.split("@")[0] in LOSSY:
             self.lossy.append(name)
+
+    def _pairs(self) -> tuple[str, ...]:
+        return ("max", "min", "sub", "cat") if self.pl_only else ("max", "min", "mul", "gate", "sub", "cat")
 
     # -- image stage (N, C, H, W) ----------------------------------------------------------------------------
     def image(self, ch: int, h: int, w: int, steps: int) -> tuple[int, int, int]:
@@ -338,7 +334,7 @@ class _Builder:
             elif kind == "relu":
                 self.add(nn.ReLU(), "relu", True)
             elif kind == "unary":
-                name = c.pick(sorted(Unary.FUNCS))
+                name = c.pick(sorted(Unary.LINEAR if self.pl_only else Unary.FUNCS))
                 self.add(Unary(name), name, name in Unary.LINEAR)
             elif kind == "pool":
                 how = c.pick(("max", "avg", "adaptive_avg", "adaptive_max"))
@@ -351,7 +347,8 @@ class _Builder:
                     self.add(mod, f"{how}pool{size}", True)
                     h = w = size
             elif kind == "pad":
-                how = c.pick(("zero", "zero", "value", "reflect", "replicate", "zeropad_module"))
+                how = c.pick(("zero", "zero", "reflect", "replicate", "zeropad_module", *(
+                    () if self.pl_only else ("value",))))
                 p = 1
                 if how == "reflect" and min(h, w) < 2:
                     continue
@@ -401,7 +398,7 @@ class _Builder:
                     bn.bias.uniform_(-0.3, 0.3)
                 self.add(bn, "batchnorm", True)
             elif kind == "pair":
-                how = c.pick(("max", "min", "mul", "gate", "sub", "cat"))
+                how = c.pick(self._pairs())
                 a = nn.Conv2d(ch, ch, 1, bias=c.flag(0.5))
                 b = nn.Conv2d(ch, ch, 1, bias=c.flag(0.5))
                 self.add(Pair(a, b, how), f"pair_{how}", how in ("max", "min", "sub", "cat"))
@@ -422,7 +419,7 @@ class _Builder:
             elif kind == "relu":
                 self.add(nn.ReLU(), "relu", True)
             elif kind == "unary":
-                name = c.pick(sorted(Unary.FUNCS))
+                name = c.pick(sorted(Unary.LINEAR if self.pl_only else Unary.FUNCS))
                 self.add(Unary(name), name, name in Unary.LINEAR)
             elif kind == "residual":
                 bias = c.flag(0.6)
@@ -440,20 +437,21 @@ class _Builder:
                 self.add(Route(name, 1, arg), f"{name}", True)
                 d = arg[1] if name == "slice" else len(arg) if name == "index" else 2 * d if name == "cat" else d
             elif kind == "pair":
-                how = c.pick(("max", "min", "mul", "gate", "sub", "cat"))
+                how = c.pick(self._pairs())
                 a = nn.Linear(d, d, bias=c.flag(0.5))
                 b = nn.Linear(d, d, bias=c.flag(0.5))
                 self.add(Pair(a, b, how), f"pair_{how}", how in ("max", "min", "sub", "cat"))
                 d = 2 * d if how == "cat" else d
             elif kind == "reduce":
-                name = c.pick(("sub_amax", "sub_max", "sub_mean", "softmax", "log_softmax"))
+                name = c.pick(("sub_amax", "sub_max", "sub_mean", *(() if self.pl_only else ("softmax", "log_softmax"))))
                 self.add(Reduce(name, 1), name, name in ("sub_max", "sub_amax", "sub_mean"))
             elif kind == "seq":
                 t = c.pick([k for k in (2, 3, 4) if d % k == 0 and d // k >= 1] or [1])
                 dh = d // t
                 self.add(ToSeq(t), f"to_seq{t}", True)
                 for _ in range(c.int(1, 2)):
-                    what = c.pick(("attention", "attention", "linear", "norm", "relu"))
+                    what = c.pick(("linear", "relu") if self.pl_only else ("attention", "attention", "linear", "norm",
+                                                                            "relu"))
                     if what == "attention":
                         sdpa, causal = c.flag(), c.flag()
                         self.add(Residual(Attention(dh, c.flag(0.6), sdpa, causal)),
@@ -472,9 +470,10 @@ class _Builder:
         return d
 
 
-def build(c: Choices, seed: int = 0) -> Case:
-    """A random model, input, target, preset and frozen flag from the choices ``c`` (weights from ``seed``)."""
-    b = _Builder(c)
+def build(c: Choices, seed: int = 0, presets: Sequence[str] = PRESETS, pl_only: bool = False) -> Case:
+    """A random model, input, target, preset and frozen flag from the choices ``c`` (weights from ``seed``);
+    ``presets`` to choose from; ``pl_only``: piecewise-linear ops only."""
+    b = _Builder(c, pl_only)
     n = 2
     if c.flag(0.5):
         ch, h, w = c.int(1, 3), c.int(2, 6), c.int(2, 6)
@@ -489,7 +488,7 @@ def build(c: Choices, seed: int = 0) -> Case:
     k = c.int(1, 3)
     head_bias = c.flag(0.7)
     b.add(nn.Linear(d, k, bias=head_bias), f"head{d}x{k}b{int(head_bias)}", True)
-    name = c.pick(PRESETS)
+    name = c.pick(tuple(presets))
     frozen = c.flag(0.5)
     target = c.int(0, k - 1)
     g = torch.Generator().manual_seed(seed)
