@@ -403,3 +403,120 @@ def test_reentrant_checkpoint_error_names_use_reentrant_false() -> None:
     ex = dynamiclrp.explain(out, x)
     torch.testing.assert_close(ex.relevance[0], dynamiclrp.relevance(m(x)[:, 0], x)[0], rtol=1e-12, atol=1e-14)
     _closes(ex)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 11-15. Ledgers that did not close
+# -----------------------------------------------------------------------------------------------------------
+def _both(out_fn, x, preset, model=None):
+    """relevance() and explain() of ``out_fn()`` (a fresh forward each), checked equal; returns the explanation."""
+    (r,) = dynamiclrp.relevance(out_fn(), x, rules=_rules(preset), model=model)
+    ex = dynamiclrp.explain(out_fn(), x, rules=_rules(preset), model=model)
+    torch.testing.assert_close(ex.relevance[0], r, rtol=1e-10, atol=1e-12)
+    return ex
+
+
+@pytest.mark.parametrize("preset", ALL_PRESETS)
+def test_exact_cancellation(preset: str) -> None:
+    torch.manual_seed(1)
+    t0 = _x(3, 4)
+    w1, w2 = torch.randn(5, 4, dtype=DT), torch.randn(5, 4, dtype=DT)
+
+    def out():
+        t1 = -t0
+        return (F.linear(t1, w1) + F.linear(t1 + t0, w2))[:, 0]  # t1 + t0 is exactly 0
+
+    ex = _both(out, t0, preset)
+    _closes(ex)
+    if preset == "zero":  # LRP-0: gradient × input, here -w1[0]·t0
+        torch.testing.assert_close(ex.relevance[0], -(w1[0] * t0.detach()), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("preset", ["epsilon_plus_flat", "epsilon_gamma_box", "epsilon", "epsilon_alpha2_beta1_flat",
+                                    "paper"])
+@pytest.mark.parametrize("pad", ["ZeroPad2d", "F.pad", "F.pad value=0.5"])
+def test_relevance_sent_to_a_padded_border_is_booked_as_padding(preset: str, pad: str) -> None:
+    torch.manual_seed(0)
+    padder = {"ZeroPad2d": nn.ZeroPad2d(1), "F.pad": lambda t: F.pad(t, (1, 1, 1, 1)),
+              "F.pad value=0.5": lambda t: F.pad(t, (1, 1, 1, 1), value=0.5)}[pad]
+    conv, head = nn.Conv2d(3, 4, 3).to(DT), nn.Linear(4 * 6 * 6, 2).to(DT)
+    x = _x(2, 3, 6, 6)
+
+    def out():
+        return head(torch.relu(conv(padder(x))).flatten(1))[:, 0]
+
+    ex = _both(out, x, preset)
+    _closes(ex)
+    kinds = ex.ledger.by_kind()
+    if preset.endswith("flat") or preset == "epsilon_gamma_box" or pad.endswith("0.5"):
+        # flat / z^B send explicit relevance to every input position, border included; a non-zero fill value holds
+        # relevance even in gradient form
+        assert abs(kinds.get("padding", 0.0)) > 1e-6, ex.ledger.summary()
+        assert any(s.kind == "padding" and "ConstantPadNd" in s.where for s in ex.ledger.sinks)
+    # the same with a frozen model: same relevance, closing ledger
+    frozen = nn.ModuleList([conv, head]).requires_grad_(False)
+    exf = _both(out, x, preset, model=frozen)
+    torch.testing.assert_close(exf.relevance[0], ex.relevance[0], rtol=1e-9, atol=1e-12)
+    _closes(exf)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, DT])
+@pytest.mark.parametrize("preset", ALL_PRESETS)
+def test_saturated_tanh_of_a_maximum(preset: str, dtype: torch.dtype) -> None:
+    m = mlp(dtype)
+    torch.manual_seed(2)
+    a, b = _x(5, 4, dtype=dtype), _x(5, 4, dtype=dtype)
+
+    def out():
+        return m(torch.tanh(torch.maximum(a * 40, b * 40)))[:, 0]  # most of the tanh saturates at ±1
+
+    assert (torch.tanh(torch.maximum(a * 40, b * 40)).abs() == 1).float().mean() > 0.5
+    (r,) = dynamiclrp.relevance(out(), (a, b), rules=_rules(preset))[:1]
+    ex = dynamiclrp.explain(out(), (a, b), rules=_rules(preset))
+    torch.testing.assert_close(ex.relevance[0], r, rtol=1e-5, atol=1e-6)
+    _closes(ex, 1e-9 if dtype == DT else 1e-5)
+
+
+def test_a_saturated_activation_whose_input_is_lost_books_what_it_cannot_pass() -> None:
+    # tanh(x·k + 0.5): the constant 0.5 is not kept, so tanh's input is known only by inverting its output, which is
+    # impossible where tanh saturated: that relevance stops there, and the ledger names it
+    m = mlp()
+    x = _x(5, 4)
+    out = m(torch.tanh(x * 40 + 0.5))[:, 0]
+    ex = dynamiclrp.explain(out, x)
+    _closes(ex)
+    assert any(s.kind == "rule" and "TanhBackward0" in s.where and s.total != 0 for s in ex.ledger.sinks)
+    torch.testing.assert_close(ex.relevance[0], dynamiclrp.relevance(out, x)[0], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("preset", ALL_PRESETS)
+def test_head_of_sigmoid_of_a_shifted_input_is_measured(preset: str) -> None:
+    # the sigmoid saved its output, so its input x + 0.5 is known (its inverse), and the constant 0.5 with it
+    torch.manual_seed(3)
+    head = nn.Linear(4, 3).to(DT)
+    x = _x(5, 4)
+    ex = _both(lambda: head(torch.sigmoid(x + 0.5))[:, 0], x, preset)
+    _closes(ex)
+    frozen = copy.deepcopy(head).requires_grad_(False)
+    exf = _both(lambda: frozen(torch.sigmoid(x + 0.5))[:, 0], x, preset, model=frozen)
+    torch.testing.assert_close(exf.relevance[0], ex.relevance[0], rtol=1e-9, atol=1e-12)
+    _closes(exf)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("preset", ALL_PRESETS)
+def test_shift_by_the_row_maximum(preset: str, frozen: bool) -> None:
+    torch.manual_seed(4)
+    head = nn.Linear(4, 3).to(DT)
+    x = _x(5, 4)
+    model = copy.deepcopy(head).requires_grad_(False) if frozen else head
+
+    def out():
+        z = x * 2.0
+        return model(z - z.amax(1, keepdim=True))[:, 0]
+
+    ex = _both(out, x, preset, model=model if frozen else None)
+    _closes(ex)
+    if frozen:
+        ref = _both(lambda: head((x * 2.0) - (x * 2.0).amax(1, keepdim=True))[:, 0], x, preset)
+        torch.testing.assert_close(ex.relevance[0], ref.relevance[0], rtol=1e-9, atol=1e-12)
