@@ -78,7 +78,7 @@ def _randomise_batchnorm(model: nn.Module, gen: torch.Generator) -> None:
 
 
 #: where and in which dtype models are built (set by ``run.py --device/--dtype``)
-PLACEMENT: dict[str, Any] = {"device": "cpu", "dtype": torch.float32}
+PLACEMENT: dict[str, Any] = {"device": "cpu", "dtype": torch.float32, "frozen": True}
 
 
 def _finish(case_name: str, kind: str, model: nn.Module, x: Tensor, call, desc: str, **kw) -> Case:
@@ -92,8 +92,8 @@ def _finish(case_name: str, kind: str, model: nn.Module, x: Tensor, call, desc: 
     if str(dev) != "cpu":
         desc += f", {dev}"
     model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)  # an ordinary training graph: weight gradients are part of the baseline
+    # as explanations are run: the model frozen, only the input requires grad (run.py --trainable: a training graph)
+    model.requires_grad_(not PLACEMENT["frozen"])
     x = x.detach().requires_grad_(True)
     with torch.no_grad():
         target = call(model, x).argmax(1)

@@ -6,11 +6,14 @@
     python benchmarks/run.py --models cnn bert --presets epsilon --repeats 9 --markdown bench.md
     python benchmarks/run.py --sections main plan # only some tables
 
+Models are frozen (``requires_grad_(False)``, ``eval()``) and only the input requires grad, as explanations are run.
 Every ratio is measured in one process with the variants interleaved: each repetition runs the forward pass
-alone, forward + plain backward (the baseline: the gradient of the summed explained logits w.r.t. the input and
-every parameter, as a training step would), forward + our explanation for each preset, and forward + each peer's
+alone, forward + plain backward (the baseline: ``torch.autograd.grad(y.sum(), x)``, the gradient w.r.t. the input
+only — what an explanation replaces), forward + our explanation for each preset, and forward + each peer's
 explanation, in an order rotated every repetition; the ratio is taken inside each repetition and the table shows
-the median over repetitions and its interquartile range. See ``benchmarks/README.md``.
+the median over repetitions and its interquartile range. Peak memory is measured in a separate process per model
+(a profiler session distorts later timings in the same process). ``--trainable`` runs the old set-up (parameters
+require grad; the baseline then also differentiates w.r.t. every parameter). See ``benchmarks/README.md``.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import json
 import os
 import platform
 import statistics
@@ -180,7 +184,7 @@ def v_ours(case: M.Case, preset: str, key: str | None = None) -> Variant:
     rules = P.our_rules(case, preset)
 
     def run(y):
-        return dynamiclrp.relevance(y, case.x, rules=rules)
+        return dynamiclrp.relevance(y, case.x, rules=rules, model=case.model)
     return Variant(key or f"ours:{preset}", "ours", preset, lambda: case.forward(), run)
 
 
@@ -189,7 +193,7 @@ def v_cached(case: M.Case, preset: str, key: str | None = None) -> Variant | Non
     cls = getattr(dynamiclrp, "Explainer", None)
     if cls is None:
         return None
-    explainer = cls(P.our_rules(case, preset))
+    explainer = cls(P.our_rules(case, preset), model=case.model)
 
     def run(y):
         return explainer.relevance(y, case.x)
@@ -332,6 +336,53 @@ def measure_memory(v: Variant) -> tuple[float, float, float]:
     return max(peak_f, level + peak_p), level, peak_p
 
 
+def memory_in_child(args, build: dict, keys: list[str], log: Callable[[str], None]) -> dict[str, tuple]:
+    """``measure_memory`` of the variants ``keys`` of the case ``build`` (``{"name": ..., **build kwargs}``), in a
+    fresh process: a profiler session leaves the process it ran in slower, so timings and memory never share one.
+    Returns ``{key: (peak, level after forward, pass peak)}``; keys that failed are left out."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", json.dumps({"build": build, "keys": keys}),
+           "--device", args.device, "--dtype", args.dtype]
+    if args.trainable:
+        cmd.append("--trainable")
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if res.returncode != 0:
+        log(f"[memory] child failed for {build}: {res.stderr.strip().splitlines()[-1:] if res.stderr else ''}")
+        return {}
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _memory_child(spec: str) -> int:
+    """The child side of :func:`memory_in_child`: build the case, warm every variant up once, measure each."""
+    job = json.loads(spec)
+    build = dict(job["build"])
+    name = build.pop("name")
+    case = M.build(name, **build)
+    variants: dict[str, Variant] = {"base": v_base(case, graph_params(case)), "base_x": v_base(case, [], "base_x")}
+    for key in job["keys"]:
+        kind, _, preset = key.partition(":")
+        if kind == "ours":
+            variants[key] = v_ours(case, preset)
+        elif kind in ("zennit", "autolrp"):
+            r = (P.zennit_for if kind == "zennit" else P.autolrp_for)(case, preset)
+            if not isinstance(r, str):
+                variants[key] = v_peer(kind, r, preset)
+    out = {}
+    for key in job["keys"]:
+        v = variants.get(key)
+        if v is None:
+            continue
+        try:
+            v.run(v.prepare())  # warm-up, untraced
+            out[key] = measure_memory(v)
+        except Exception as err:  # noqa: BLE001 - a peer that fails is reported by the parent as missing
+            print(f"{key}: {type(err).__name__}: {err}", file=sys.stderr)
+    print(json.dumps(out))
+    return 0
+
+
 def _cuda_memory(v: Variant) -> tuple[float, float, float]:
     """The same three numbers from the CUDA caching allocator's statistics."""
     torch.cuda.synchronize()
@@ -455,6 +506,9 @@ def machine_header(args) -> list[str]:
         f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), python {platform.python_version()}, "
         + ", ".join(vers),
         f"dynamiclrp {getattr(dynamiclrp, '__version__', '?')} at {commit}",
+        ("models trainable (--trainable): the baseline differentiates w.r.t. the input and every parameter"
+         if args.trainable else "models frozen (requires_grad_(False), eval()); baseline: forward + "
+         "torch.autograd.grad(y.sum(), x), the input only"),
         f"repeats {args.repeats} (interleaved, rotated order), clock: "
         + ("wall clock, CUDA-synchronised" if _cuda() else "CPU time (time.process_time) unless noted")
         + (", QUICK (toy sizes)" if args.quick else ""),
@@ -536,13 +590,13 @@ def section_main(args, log, results: dict) -> Table:
         log(f"[main] {name}: timed in {time.perf_counter() - t0:.0f} s")
         byk = {v.key: v for v in variants}
         if not args.no_memory:
+            keys = ["base", "base_x"] + [v.key for v in variants if v.kind in ("ours", "zennit", "autolrp")
+                                         and not v.single]
+            mem = memory_in_child(args, {"name": name, "quick": args.quick, "attn": args.attn,
+                                         "cnn_width": args.cnn_width}, keys, log)
             for v in variants + [base_x]:
-                if v.kind == "fwd" or v.single:
-                    continue
-                try:
-                    v.mem = measure_memory(v)
-                except Exception as err:  # noqa: BLE001
-                    log(f"[main] memory of {v.key} failed: {err}")
+                if v.key in mem:
+                    v.mem = mem[v.key]
         base, fwd = byk["base"], byk["fwd"]
         tb, tf = med(base.cpu), med(fwd.cpu)
         for p in presets:
@@ -579,11 +633,12 @@ def _mem_cells(o: Variant, base: Variant, base_x: Variant, byk: dict) -> list[st
 MEM_COLS = ["model", "preset", "after fwd MB", "bwd peak MB", "dx-bwd peak MB", "ours peak MB", "ours/bwd",
             "ours/dx-bwd", "pass ours/bwd", "pass ours/dx-bwd", "Zennit/bwd", "autoLRP/bwd"]
 MEM_NOTES = [
-    "Live bytes of PyTorch's CPU allocator (torch.profiler memory events, an untimed run per variant), counted "
-    "from just before the forward pass (parameters and the input are not counted).",
-    "bwd: forward + backward w.r.t. the input and all parameters (the timed baseline); dx-bwd: forward + "
-    "backward w.r.t. the input only (what a gradient saliency map needs). peak = highest live total of "
-    "forward + pass; pass = highest level during the pass above the level right after the forward.",
+    "Live bytes of PyTorch's CPU allocator (torch.profiler memory events, an untimed run per variant in a child "
+    "process), counted from just before the forward pass (parameters and the input are not counted).",
+    "bwd: the timed baseline, forward + backward w.r.t. the input (and, with --trainable, every parameter); "
+    "dx-bwd: forward + backward w.r.t. the input only (the same as bwd for frozen models). peak = highest live "
+    "total of forward + pass; pass = highest level during the pass above the level right after the forward. "
+    "Measured in a separate process per model.",
 ]
 
 
@@ -654,8 +709,10 @@ def section_depth(args, log) -> Table:
         byk = {v.key: v for v in variants}
         base, fwd = byk["base"], byk["fwd"]
         if not args.no_memory:
+            mem = memory_in_child(args, {"name": name, "quick": args.quick, "attn": args.attn, "tokens": tok},
+                                  ["base"] + [f"ours:{p}" for p in presets], log)
             for v in (base, *[byk[f"ours:{p}"] for p in presets]):
-                v.mem = measure_memory(v)
+                v.mem = mem.get(v.key)
         tb, tf = med(base.cpu), med(fwd.cpu)
         for p in presets:
             o = byk[f"ours:{p}"]
@@ -778,6 +835,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; on CUDA the clock is the "
                     "synchronised wall clock and memory comes from torch.cuda's allocator statistics")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    ap.add_argument("--trainable", action="store_true",
+                    help="parameters require grad (a training graph); the baseline then also differentiates w.r.t. "
+                         "every parameter. Default: frozen models, baseline = gradient w.r.t. the input only")
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     a = ap.parse_args(argv)
     all_models = ["mlp", "cnn", "bert", "gpt2", "llama"]
@@ -796,7 +857,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    M.PLACEMENT.update(device=torch.device(args.device), dtype=getattr(torch, args.dtype))
+    M.PLACEMENT.update(device=torch.device(args.device), dtype=getattr(torch, args.dtype), frozen=not args.trainable)
+    if args.memory_child:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return _memory_child(args.memory_child)
     if _cuda() and "threads" in args.sections:
         args.sections = [s for s in args.sections if s != "threads"]
     if args.threads:
@@ -835,7 +900,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         PHASES.uninstall()
-        M.PLACEMENT.update(device="cpu", dtype=torch.float32)
+        M.PLACEMENT.update(device="cpu", dtype=torch.float32, frozen=True)
 
 
 if __name__ == "__main__":

@@ -412,6 +412,45 @@ def test_log_softmax_hides_the_logits_row_offset() -> None:
     assert _rel(a, b) > 0.1  # the same graph contents, different relevance: only the model can tell
 
 
+class _TwoBranches(nn.Module):
+    """A ResNet downsampling block: two conv + batch norm branches summed before a ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.c2, self.b2 = nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.b1(self.c1(x)) + self.b2(self.c2(x)))
+        return self.head(h.mean((2, 3)))
+
+
+def test_two_summed_batch_norms_are_truly_unrecoverable_without_the_model() -> None:
+    """Shifting one batch norm's β by δ and the other's by −δ leaves the sum, every saved tensor and the output
+    unchanged, but moves each branch's merged bias, so the branches' ε-relevance differs: only the model can tell."""
+    torch.manual_seed(5)
+    a = _TwoBranches().to(DT).eval()
+    for bn in (a.b1, a.b2):
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.b1.bias.add_(0.7)
+        b.b2.bias.sub_(0.7)
+    x = torch.randn(2, 3, 6, 6, dtype=DT, requires_grad=True)
+    assert torch.allclose(a(x), b(x))
+    rules = presets.epsilon(epsilon=0.05)  # a visible ε: the denominators differ between a and b
+    refs = [dynamiclrp.relevance(m(x)[:, 0], x, rules=rules)[0] for m in (a, b)]
+    assert _rel(refs[0], refs[1]) > 1e-3
+    for m, ref in zip((a, b), refs):
+        frozen = copy.deepcopy(m).requires_grad_(False)
+        with pytest.raises(dynamiclrp.ValueUnavailableError, match="model="):
+            dynamiclrp.relevance(frozen(x)[:, 0], x, rules=rules)
+        assert _rel(dynamiclrp.relevance(frozen(x)[:, 0], x, rules=rules, model=frozen)[0], ref) <= TOL
+
+
 def test_error_names_the_module_and_the_fix() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).to(DT).requires_grad_(False)
     x = torch.randn(2, 4, dtype=DT, requires_grad=True)
