@@ -520,3 +520,44 @@ def test_shift_by_the_row_maximum(preset: str, frozen: bool) -> None:
     if frozen:
         ref = _both(lambda: head((x * 2.0) - (x * 2.0).amax(1, keepdim=True))[:, 0], x, preset)
         torch.testing.assert_close(ex.relevance[0], ref.relevance[0], rtol=1e-9, atol=1e-12)
+
+
+class _RMSNorm(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class _TinyLM(nn.Module):
+    """Embedding, a hand-written RMSNorm (weight multiplied in), LayerNorm, a gated MLP, a layer scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.norm = _RMSNorm(6)
+        self.ln = nn.LayerNorm(6)
+        self.up, self.gate, self.down = nn.Linear(6, 8), nn.Linear(6, 8, bias=False), nn.Linear(8, 6)
+        self.scale = nn.Parameter(torch.rand(6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        h = self.ln(self.norm(e))
+        h = h + self.scale * self.down(self.up(h) * F.silu(self.gate(h)))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("preset", ["epsilon", "zero", "attnlrp", "cplrp", "epsilon_plus"])
+def test_functional_call_with_norms_products_and_embeddings_equals_eager(preset: str) -> None:
+    torch.manual_seed(5)
+    m = _TinyLM().to(DT).eval()
+    ids = torch.randint(0, 11, (2, 4))
+    e = m.emb(ids).detach().requires_grad_(True)
+    (ref,) = dynamiclrp.relevance(m(e)[:, 0], e, rules=preset)
+    params = {k: v.detach().clone().requires_grad_() for k, v in m.named_parameters()}
+    out = torch.func.functional_call(m, params, (e,))[:, 0]
+    (got,) = dynamiclrp.relevance(out, e, rules=preset)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    _closes(dynamiclrp.explain(torch.func.functional_call(m, params, (e,))[:, 0], e, rules=preset))

@@ -173,9 +173,10 @@ class Planner:
         return active
 
     def _layer_uses(self, i: int) -> list[tuple[int, int]] | None:
-        """Where leaf ``i`` enters layer ops: ``(node, input position)`` pairs reached through views, each an operand
-        or the bias of a ``linear``/``conv`` op (kernels with ``operands`` and ``bias_pos``); ``None`` if it is used
-        any other way."""
+        """Where leaf ``i`` is used, through views: ``(node, input position)`` pairs, each a place where a model's
+        parameter goes — an operand or the bias of a ``linear``/``conv`` op (kernels with ``operands`` and
+        ``bias_pos``), an operand of an element-wise product, the weight or bias of a normalisation, the table of an
+        embedding lookup, an addend — or ``None`` if it is used any other way."""
         g = self.graph
         uses: list[tuple[int, int]] = []
         todo = [g.slot_base[i]]
@@ -195,6 +196,11 @@ class Planner:
                         uses.append((c, pos))
                         continue
                     return None
+                if ((spec.family == "product" and spec.elementwise == "binary" and pos in (0, 1))
+                        or (spec.family == "norm" and pos >= 1) or (spec.family == "embedding" and pos == 0)
+                        or (spec.family == "add" and spec.elementwise == "binary")):
+                    uses.append((c, pos))
+                    continue
                 if spec.view and sum(1 for e in g.edges[c] if e >= 0) == 1 and (g.n_out[c] or 1) == 1:
                     todo.append(g.slot_base[c])
                     continue
@@ -219,17 +225,20 @@ class Planner:
         return found
 
     def _other_operand_active(self, i: int, active: list[bool]) -> bool:
+        """Whether every use of leaf ``i`` meets data: the other operand of a layer op or a product is an
+        activation (a normalisation's weight, an embedding table or an addend qualify by their place alone)."""
         g = self.graph
         for c, pos in self._uses[i]:
-            k = self.specs[c].kernel
-            ops = tuple(getattr(k, "operands", ()))
-            if pos in ops:
-                other = ops[1 - ops.index(pos)]
-            else:  # the bias: the layer must have a data operand
-                other = next((p for p in ops if p < len(g.edges[c]) and g.edges[c][p] >= 0
-                              and active[g.edges[c][p]]), ops[0] if ops else -1)
-            e = g.edges[c][other] if 0 <= other < len(g.edges[c]) else -1
-            if e < 0 or not active[e]:
+            spec = self.specs[c]
+            edges = g.edges[c]
+            if spec.family in ("linear", "conv"):
+                ops = tuple(getattr(spec.kernel, "operands", ()))
+                others = [ops[1 - ops.index(pos)]] if pos in ops else list(ops)  # a bias: any data operand
+            elif spec.family == "product":
+                others = [1 - pos]
+            else:
+                continue
+            if not any(0 <= o < len(edges) and edges[o] >= 0 and active[edges[o]] for o in others):
                 return False
         return True
 
