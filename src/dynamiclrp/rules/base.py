@@ -71,17 +71,17 @@ def _fit_mask(mask: Tensor, like: Tensor) -> Tensor:
 
 def _check_number(name: str, v: Any, minimum: float | None = 0.0) -> float:
     """``v`` as a float, after checking it is a real number (not a bool or a string), finite and ``>= minimum``;
-    raises :class:`RuleError` saying which parameter is wrong and why."""
+    raises :class:`RuleError` saying which parameter is wrong and what is valid."""
+    valid = "a real number" if minimum is None else f"a number >= {minimum:g}"
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool:
             v = v.item()
         else:
-            raise RuleError(f"{name} must be a real number, got {v!r} ({type(v).__name__})")
+            raise RuleError(f"{name} must be {valid}, got {v!r} ({type(v).__name__})")
     f = float(v)
-    if not math.isfinite(f):
-        raise RuleError(f"{name} must be finite, got {f}")
-    if minimum is not None and f < minimum:
-        raise RuleError(f"{name} must be >= {minimum:g}, got {f}")
+    if not math.isfinite(f) or (minimum is not None and f < minimum):
+        bound = "finite" if minimum is None else f">= {minimum:g} and finite"
+        raise RuleError(f"{name} must be {bound}, got {f}")
     return f
 
 
@@ -89,6 +89,6 @@ def _check_stabilizer(stabilizer: Any) -> None:
     if callable(stabilizer) and not isinstance(stabilizer, torch.Tensor):
         return
     if isinstance(stabilizer, bool) or not isinstance(stabilizer, (numbers.Real, torch.Tensor)):
-        raise RuleError(f"a stabilizer must be a real number >= 0 or a callable z -> stabilized z, got "
+        raise RuleError(f"a stabilizer must be a float >= 0 or a callable z -> stabilized z, got "
                         f"{stabilizer!r} ({type(stabilizer).__name__})")
     _check_number("a stabilizer", stabilizer)

@@ -768,8 +768,10 @@ class AlphaBeta(_LinearRule):
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: Stabilizer = 1e-6,
                  zero_params: Sequence[str] = ()):
-        alpha = _check_number("alpha", alpha)
-        beta = _check_number("beta", beta)
+        alpha = _check_number("alpha", alpha, minimum=None)
+        beta = _check_number("beta", beta, minimum=None)
+        if alpha < 0 or beta < 0:
+            raise RuleError(f"alpha and beta must both be >= 0, got alpha={alpha}, beta={beta}")
         if abs(alpha - beta - 1.0) > 1e-9 * max(1.0, alpha):
             raise RuleError(f"alpha - beta must equal 1 (conservation), got alpha={alpha}, beta={beta} "
                             f"(alpha - beta = {alpha - beta!r})")
