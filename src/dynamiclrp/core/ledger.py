@@ -60,6 +60,18 @@ class Sink:
     note: str = ""
 
 
+def _read(tensors: list[torch.Tensor]) -> list[float]:
+    """The values of 0-dim tensors as floats, in order: one stack and one host transfer per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for k, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(k)
+    values = [0.0] * len(tensors)
+    for ks in by_device.values():
+        for k, v in zip(ks, torch.stack([tensors[k].detach().double().reshape(()) for k in ks]).tolist()):
+            values[k] = v
+    return values
+
+
 class Ledger:
     """Where every unit of seed relevance ended: requested inputs or named sinks.
 
@@ -96,11 +108,15 @@ class Ledger:
     def seed(self, total: torch.Tensor) -> None:
         self._seed = total.detach() if isinstance(total, torch.Tensor) else torch.tensor(float(total))
 
+    def pending(self) -> list[tuple[str, str, torch.Tensor, str]]:
+        """The sinks booked so far and not yet read: ``(kind, where, total, note)`` with ``total`` a 0-dim tensor on
+        the device it was measured on (an inner pass hands them to the outer ledger without reading them)."""
+        return list(self._pending)
+
     def finish(self) -> None:
-        """Read every total once (one host sync) and compute :attr:`unaccounted`."""
-        tensors = [t.double().cpu().reshape(()) for _, _, t, _ in self._pending]
-        tensors += [t.double().cpu().reshape(()) for _, t in self._inputs]
-        values = torch.stack(tensors).tolist() if tensors else []
+        """Read every total once (one host transfer per device) and compute :attr:`unaccounted`."""
+        tensors = [t for _, _, t, _ in self._pending] + [t for _, t in self._inputs]
+        values = _read(tensors)
         n = len(self._pending)
         merged: dict[tuple[str, str], list[Any]] = {}
         for (kind, where, _, note), v in zip(self._pending, values[:n]):
@@ -113,7 +129,7 @@ class Ledger:
         self.inputs = {}
         for (name, _), v in zip(self._inputs, values[n:]):
             self.inputs[name] = self.inputs.get(name, 0.0) + v
-        self.seed_total = float(self._seed.double().item()) if self._seed is not None else 0.0
+        self.seed_total = _read([self._seed])[0] if self._seed is not None else 0.0
         self.unaccounted = self.seed_total - sum(self.inputs.values()) - sum(s.total for s in self.sinks)
         self._pending.clear()
         self._inputs.clear()

@@ -39,8 +39,8 @@ class Prepared:
         Requested slots that are activation sources (not parameters).
     input_slots : list of int or None
         The slot of each input (``None``: not in the graph).
-    default_seeds : list of int
-        The outputs seeded with their own value (no seed given).
+    default_seeds : list of bool
+        Per output: seeded with its own value (``seeds=None`` or a ``None`` entry).
     """
 
     outputs: tuple[Tensor, ...]
@@ -52,7 +52,7 @@ class Prepared:
     requested: dict[int, int]
     sources: set[int]
     input_slots: list[int | None]
-    default_seeds: list[int]
+    default_seeds: list[bool]
 
 
 def as_tuple(x: Any, what: str, edges_ok: bool = False) -> tuple[Any, ...]:
@@ -122,9 +122,8 @@ def prepare(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any, allow_u
         unused = [k for k, slot in enumerate(input_slots) if slot is None]
         if unused:
             raise UnusedInputError(_unused_message(unused, ins))
-    default = [k for k in range(len(outs))] if seeds is None else [
-        k for k, s in enumerate([seeds] if isinstance(seeds, torch.Tensor) or _is_number(seeds) else seeds) if s is None]
-    return Prepared(outs, ins, seed_tensors, graph, held, known, requested, sources, input_slots, default)
+    default_seeds = [s is None for s in _seed_list(outs, seeds)]
+    return Prepared(outs, ins, seed_tensors, graph, held, known, requested, sources, input_slots, default_seeds)
 
 
 def _check_kind(t: Tensor, what: str) -> None:
@@ -163,18 +162,23 @@ def _is_number(s: Any) -> bool:
     return isinstance(s, numbers.Real) and not isinstance(s, bool)
 
 
-def _seeds(outs: tuple[Tensor, ...], seeds: Any) -> list[Tensor]:
-    """One seed per output. A Python number is the seed of every element of every output (``seeds=1.0``: each
+def _seed_list(outs: tuple[Tensor, ...], seeds: Any) -> list[Any]:
+    """One entry per output. A Python number is the seed of every element of every output (``seeds=1.0``: each
     output element starts with relevance 1)."""
     if seeds is None:
-        seed_list: list[Any] = [None] * len(outs)
-    elif isinstance(seeds, torch.Tensor) or _is_number(seeds):
-        seed_list = [seeds] * len(outs) if _is_number(seeds) else [seeds]
-    elif isinstance(seeds, (list, tuple)):
-        seed_list = list(seeds)
-    else:
-        raise TypeError(f"seeds must be None, a number, a tensor, or a sequence of those (one per output), got "
-                        f"{type(seeds).__name__}")
+        return [None] * len(outs)
+    if _is_number(seeds):
+        return [seeds] * len(outs)
+    if isinstance(seeds, torch.Tensor):
+        return [seeds]
+    if isinstance(seeds, (list, tuple)):
+        return list(seeds)
+    raise TypeError(f"seeds must be None, a number, a tensor, or a sequence of those (one per output), got "
+                    f"{type(seeds).__name__}")
+
+
+def _seeds(outs: tuple[Tensor, ...], seeds: Any) -> list[Tensor]:
+    seed_list = _seed_list(outs, seeds)
     if len(seed_list) != len(outs):
         raise ValueError(f"got {len(seed_list)} seeds for {len(outs)} outputs; pass one seed per output "
                          "(or None for the default, the output's own value)")

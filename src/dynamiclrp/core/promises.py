@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Hashable, Sequence
 import torch
 
 from ..errors import ValueUnavailableError
+from .checks import DeferredChecks
 from .graph import GraphView, call_backward, fit_to, leaf_tensor, output_meta, saved
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -145,6 +146,23 @@ class Replay(Recipe):
 
     def children(self) -> tuple[Recipe, ...]:
         return tuple(r for r in self.inputs if r is not None)
+
+
+class Unview(Recipe):
+    """The full value of ``slot`` recovered *upwards* through a one-to-one rearrangement that consumes it (a view,
+    transpose, permute or clone): the consumer's backward maps its output's value back (``x = y.reshape(...)``).
+    Used before recomputing a costly op's output: a projection whose output a reshape hands to an op that saved it
+    (attention saves its query, key and value) costs nothing to recover."""
+
+    __slots__ = ("node", "up")
+
+    def __init__(self, slot: int, node: int, up: Recipe):
+        super().__init__(slot)
+        self.node = node
+        self.up = up
+
+    def children(self) -> tuple[Recipe, ...]:
+        return (self.up,)
 
 
 class Total(Recipe):
@@ -387,32 +405,22 @@ class PromiseResolver:
     def _resolve(self, s: int) -> list[int]:
         """Direct strategies, cheapest first; returns slots still to resolve (for a replay) or [] when done."""
         g = self.graph
-        if s in self.known:
-            self.recipes[s] = Known(s, self.known[s])
+        direct = self._direct(s)
+        if direct is not None:
+            self.recipes[s] = direct
             return []
         node_i = g.slot_node[s]
         nr = g.slot_nr[s]
         node = g.nodes[node_i]
         spec = self.specs[node_i]
-        if g.types[node_i] == "AccumulateGrad":
-            self.recipes[s] = Leaf(s, node_i)
-            return []
-        if spec is not None:
-            for out_nr, fld in spec.results:
-                if out_nr == nr and saved(node, fld) is not None:
-                    self.recipes[s] = Saved(s, node_i, fld)
-                    return []
-        for cons_i, pos in g.consumers[s]:
-            cspec = self.specs[cons_i]
-            if cspec is None:
-                continue
-            for in_pos, fld in cspec.inputs_saved:
-                if in_pos == pos and saved(g.nodes[cons_i], fld) is not None:
-                    self.recipes[s] = Saved(s, cons_i, fld)
-                    return []
         if spec is None:
             self.recipes[s] = Unavailable(s, f"{g.describe(node_i)} has no registry entry")
             return []
+        if spec.costly:  # a matrix product or convolution: first look for its output downstream
+            cheap = self._cheap_up(s, 0)
+            if cheap is not None:
+                self.recipes[s] = cheap
+                return []
         if spec.rebuild is not None and _can_rebuild(spec, node, nr):
             self.recipes[s] = Rebuild(s, node_i, nr)
             return []
@@ -436,8 +444,104 @@ class PromiseResolver:
                 self.recipes[s] = self._upward(s, f"{g.describe(node_i)} <- {child.reason}")
                 return []
             inputs[k] = child
-        self.recipes[s] = Replay(s, node_i, nr, tuple(inputs))
+        replay = Replay(s, node_i, nr, tuple(inputs))
+        if self.avoid(replay):  # a view of a projection's output: look downstream first
+            replay = self._cheap_up(s, 0) or replay
+        self.recipes[s] = replay
         return []
+
+    def _direct(self, s: int) -> Recipe | None:
+        """A value held at no cost: a requested input or explained output, a leaf, a saved output or a consumer's
+        saved input."""
+        g = self.graph
+        if s in self.known:
+            return Known(s, self.known[s])
+        node_i = g.slot_node[s]
+        if g.types[node_i] == "AccumulateGrad":
+            return Leaf(s, node_i)
+        spec = self.specs[node_i]
+        if spec is not None:
+            for out_nr, fld in spec.results:
+                if out_nr == g.slot_nr[s] and saved(g.nodes[node_i], fld) is not None:
+                    return Saved(s, node_i, fld)
+        for cons_i, pos in g.consumers[s]:
+            cspec = self.specs[cons_i]
+            if cspec is None:
+                continue
+            for in_pos, fld in cspec.inputs_saved:
+                if in_pos == pos and saved(g.nodes[cons_i], fld) is not None:
+                    return Saved(s, cons_i, fld)
+        return None
+
+    def _cheap(self, s: int, depth: int) -> Recipe | None:
+        """The full value of ``s`` without recomputing a costly op: held at no cost, rebuilt by a cheap op from its
+        own saved tensors, or recovered upwards (:meth:`_cheap_up`)."""
+        got = self.recipes.get(s)
+        if got is not None:
+            return got if available(got) and not self.avoid(got) else None
+        got = self._direct(s)
+        if got is None:
+            g = self.graph
+            node_i = g.slot_node[s]
+            spec = self.specs[node_i]
+            if (spec is not None and not spec.costly and spec.rebuild is not None
+                    and _can_rebuild(spec, g.nodes[node_i], g.slot_nr[s])):
+                got = Rebuild(s, node_i, g.slot_nr[s])
+            else:
+                got = self._cheap_up(s, depth)
+        if got is not None:
+            self.recipes[s] = got
+        return got
+
+    def _cheap_up(self, s: int, depth: int) -> Recipe | None:
+        """``s`` recovered from a consumer at element-wise cost: through a one-to-one rearrangement
+        (:class:`Unview`), or, in float64, as ``sum − other`` (:class:`Total`) with both held cheaply. ``None`` if
+        neither."""
+        g = self.graph
+        if depth > 8 or s in self._upward_busy:
+            return None
+        self._upward_busy.add(s)
+        try:
+            for c, pos in g.consumers[s]:
+                spec = self.specs[c]
+                edges = g.edges[c]
+                if spec is None:
+                    continue
+                if spec.bijection and len(edges) == 1 and len(g.slots_of(c)) == 1:
+                    up = self._cheap(g.slot_base[c], depth + 1)
+                    if up is not None:
+                        return Unview(s, c, up)
+                elif (getattr(spec.kernel, "support_role", None) == "sum" and len(edges) == 2 and min(edges) >= 0
+                        and edges[0] != edges[1] and g.meta(edges[pos]) == g.meta(g.slot_base[c])
+                        and g.meta(s)[1] == torch.float64):  # see avoid(): a difference is exact in float64 only
+                    total = self._cheap(g.slot_base[c], depth + 1)
+                    other = self._cheap(edges[1 - pos], depth + 1) if total is not None else None
+                    if other is not None:
+                        return Total(s, SumPart(s, c, pos, (total, other)))
+        finally:
+            self._upward_busy.discard(s)
+        return None
+
+    def avoid(self, recipe: Recipe) -> bool:
+        """Whether recomputing a value beats evaluating ``recipe``: it recomputes a costly op (a matrix product or
+        convolution) itself, or it takes a difference ``sum − other`` in less than float64 (a residual stream is
+        large next to a layer's output, and the subtraction cancels its digits)."""
+        g = self.graph
+        stack = [recipe]
+        seen: set[Hashable] = set()
+        while stack:
+            r = stack.pop()
+            if r.key in seen:
+                continue
+            seen.add(r.key)
+            if isinstance(r, (Rebuild, Replay)):
+                spec = self.specs[r.node]
+                if spec is not None and spec.costly:
+                    return True
+            elif isinstance(r, SumPart) and g.meta(r.slot)[1] != torch.float64:
+                return True
+            stack.extend(r.children())
+        return False
 
     def _upward(self, s: int, reason: str) -> Recipe:
         """The full value of ``s`` from a consumer that adds it to something known: ``s = sum − other`` where
@@ -517,10 +621,14 @@ class PromiseResolver:
         """A recipe of the value of ``slot`` valid wherever gradient-form relevance can reach it: the full value
         when there is one, else a :class:`Support` walk over the slot's consumers."""
         full = self.recipe(slot)
-        if available(full) and not (isinstance(full, Total) and isinstance(full.part, InversePart)):
+        # an inverse of a saved output is exact only where the op did not saturate: on the support, that is enough
+        inverse = isinstance(full, Total) and isinstance(full.part, InversePart)
+        if available(full) and not inverse and not self.avoid(full):
             return full
-        # an inverse is exact only where the op did not saturate: on the support, that is enough
-        return self._support(slot, 0)
+        walk = self._support(slot, 0)
+        if available(full) and not inverse and (not available(walk) or self.avoid(walk)):
+            return full  # recomputing a matrix product beats a walk that recomputes one too
+        return walk
 
     def _support(self, slot: int, depth: int) -> Recipe:
         key = ("support", slot)
@@ -557,7 +665,12 @@ class PromiseResolver:
     def _up(self, slot: int, depth: int) -> Recipe:
         """A consumer's output value for a support part: full, or itself on the support."""
         full = self.recipe(slot)
-        return full if available(full) else self._support(slot, depth + 1)
+        if available(full) and not self.avoid(full):
+            return full
+        walk = self._support(slot, depth + 1)
+        if available(full) and (not available(walk) or self.avoid(walk)):
+            return full
+        return walk
 
     def _part(self, slot: int, c: int, pos: int, depth: int) -> Recipe:
         g = self.graph
@@ -667,6 +780,8 @@ class ValueStore:
         self.remaining = dict(resolver.requests)
         self.trace = trace
         self.records: list[PromiseRecord] = []
+        #: exactness checks on recovered values, read after the propagation loop (no host sync inside it)
+        self.checks = DeferredChecks()
 
     def get(self, slot: int, origin: str = "") -> torch.Tensor:
         """The full forward value of ``slot``.
@@ -768,24 +883,30 @@ class ValueStore:
             args = [None if r is None else local[r.key] for r in rec.inputs]
             with torch.no_grad():
                 return spec.replay(g.nodes[rec.node], args, rec.nr)
+        if isinstance(rec, Unview):
+            node = g.nodes[rec.node]
+            with torch.no_grad():
+                out = call_backward(node, [local[rec.up.key]])[0]
+            meta = g.meta(rec.key)
+            return out if out.dtype == meta[1] else out.to(meta[1])
         if isinstance(rec, Total):
             v, m = local[rec.part.key]
-            if m is not None and not bool(m.all()):
-                raise ValueUnavailableError(
+            if m is not None:  # an inverse: exact where the op did not saturate, checked after the loop
+                self.checks.add(~m.all(), lambda: ValueUnavailableError(
                     f"The forward value of output {g.slot_nr[rec.slot]} of {g.describe(g.slot_node[rec.slot])} is "
                     f"needed in full, but the graph holds it only through {g.describe(rec.part.node)}'s saved output, "
                     "which cannot be inverted where it saturates (e.g. a sigmoid at exactly 0 or 1). Choose a rule "
-                    "that does not need this value, or explain in float64.")
+                    "that does not need this value, or explain in float64."))
             return v
         if isinstance(rec, Support):
             v, m = _combine([local[p.key] for p in rec.parts], g.meta(rec.slot))
             if rec.missing:
-                if m is not None and not bool(m.all()):
-                    raise ValueUnavailableError(
+                if m is not None:
+                    self.checks.add(~m.all(), lambda: ValueUnavailableError(
                         f"The value of output {g.slot_nr[rec.slot]} of {g.describe(g.slot_node[rec.slot])} cannot be "
                         f"recovered everywhere relevance reaches it ({rec.missing}; the other consumers know it only "
                         "in part, e.g. a saturated tanh). Pass model= so frozen constants can be read from the "
-                        "model, or choose a rule that does not need this value.")
+                        "model, or choose a rule that does not need this value."))
                 m = None
             return v, m
         if isinstance(rec, Part):
@@ -841,11 +962,10 @@ class ValueStore:
             ov, omask = other
             if omask is not None:  # the other addend known on its support only: it must cover ours
                 need = torch.ones_like(total, dtype=torch.bool) if tmask is None else tmask
-                if bool((need & ~torch.broadcast_to(omask, need.shape)).any()):
-                    raise ValueUnavailableError(
-                        f"The value of output {g.slot_nr[rec.slot]} of {g.describe(g.slot_node[rec.slot])} cannot be "
-                        f"recovered from the sum {g.describe(rec.node)}: the other addend is not known everywhere "
-                        "relevance reaches the sum. Pass model= so frozen constants can be read from the model.")
+                self.checks.add((need & ~torch.broadcast_to(omask, need.shape)).any(), lambda: ValueUnavailableError(
+                    f"The value of output {g.slot_nr[rec.slot]} of {g.describe(g.slot_node[rec.slot])} cannot be "
+                    f"recovered from the sum {g.describe(rec.node)}: the other addend is not known everywhere "
+                    "relevance reaches the sum. Pass model= so frozen constants can be read from the model."))
             v = (total - c[1 - rec.pos] * ov) / c[rec.pos]
             return _masked_mean(_masked(v, tmask), _ones_or(tmask, v), shape, dtype)
         kernel = self.specs[rec.node].kernel
@@ -856,13 +976,12 @@ class ValueStore:
             chosen = (w != 0).to(total.dtype)
             (back,) = call_backward(red, [self.specs[rec.reducer].kernel.forward(red, [chosen], 0)])[:1]
             (tb,) = call_backward(red, [_masked(total, tmask)])[:1]
-            if bool(((chosen != 0) & (back > 1)).any()):
-                raise ValueUnavailableError(
-                    f"The value of output {g.slot_nr[rec.slot]} of {g.describe(g.slot_node[rec.slot])} cannot be "
-                    f"recovered from the graph: it is weighted and summed by {g.describe(rec.node)} and "
-                    f"{g.describe(rec.reducer)} with several non-zero weights per sum, so the sum does not tell the "
-                    "parts apart. Pass model= so frozen constants can be read from the model, or choose a rule "
-                    "that does not need this value.")
+            self.checks.add(((chosen != 0) & (back > 1)).any(), lambda: ValueUnavailableError(
+                f"The value of output {g.slot_nr[rec.slot]} of {g.describe(g.slot_node[rec.slot])} cannot be "
+                f"recovered from the graph: it is weighted and summed by {g.describe(rec.node)} and "
+                f"{g.describe(rec.reducer)} with several non-zero weights per sum, so the sum does not tell the "
+                "parts apart. Pass model= so frozen constants can be read from the model, or choose a rule "
+                "that does not need this value."))
             ok = (chosen != 0) & (back == 1)
             if tmask is not None:
                 (mb,) = call_backward(red, [tmask.to(total.dtype)])[:1]

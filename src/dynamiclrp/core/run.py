@@ -85,12 +85,13 @@ class Run:
             v = self.value(slot, "conversion to gradient form")
         else:
             v, mask = self.support_masked(slot, "conversion to gradient form")
-            if mask is not None and bool((r != 0).logical_and_(~mask.expand_as(r)).any()):
-                raise ValueUnavailableError(
-                    f"explicit relevance reaches output {self.graph.slot_nr[slot]} of "
-                    f"{self.graph.describe(self.graph.slot_node[slot])} where its forward value cannot be recovered "
+            if mask is not None:
+                graph = self.graph
+                self.values.checks.add((r != 0).logical_and_(~mask.expand_as(r)).any(), lambda: ValueUnavailableError(
+                    f"explicit relevance reaches output {graph.slot_nr[slot]} of "
+                    f"{graph.describe(graph.slot_node[slot])} where its forward value cannot be recovered "
                     "from the graph; pass model= so frozen constants can be read from the model, or choose rules "
-                    "that keep relevance in gradient form there")
+                    "that keep relevance in gradient form there"))
         if v.shape != r.shape:
             v = v.expand_as(r)
         g = safe_div(r, v)
@@ -144,18 +145,24 @@ class Run:
 
 def compute(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any = None, *, rules: "RuleChooser",
             ledger: bool = False, model: torch.nn.Module | None = None, trace_promises: bool = False,
-            cache: PlanCache | None = None, allow_unused: bool = False) -> Explanation:
+            cache: PlanCache | None = None, seed_messages: Sequence[Msg] | None = None,
+            finish_ledger: bool = True, allow_unused: bool = False) -> Explanation:
     """Run one relevance pass with the rule set ``rules`` (see :func:`dynamiclrp.explain` for the parameters);
-    ``cache`` reuses plans.
+    ``cache`` reuses plans. For rules that run an inner pass on a re-expressed node: ``seed_messages`` gives the
+    starting messages themselves, one per output, in the form they arrived at the node (``seeds`` must still be
+    their explicit relevance, for the ledger); ``finish_ledger=False`` leaves the ledger's totals unread on the
+    device (:meth:`~dynamiclrp.core.ledger.Ledger.pending`), so that the outer pass books them without a sync.
 
     Works inside ``torch.inference_mode()`` too, for a graph recorded outside it: the pass itself runs with
     inference mode off (it reads the graph and creates ordinary tensors; nothing is recorded)."""
     with torch.inference_mode(False):
-        return _compute(outputs, inputs, seeds, rules, ledger, model, trace_promises, cache, allow_unused)
+        return _compute(outputs, inputs, seeds, rules, ledger, model, trace_promises, cache, seed_messages,
+                        finish_ledger, allow_unused)
 
 
 def _compute(outputs: Any, inputs: Any, seeds: Any, rules: "RuleChooser", ledger: bool, model: torch.nn.Module | None,
-             trace_promises: bool, cache: PlanCache | None, allow_unused: bool) -> Explanation:
+             trace_promises: bool, cache: PlanCache | None, seed_messages: Sequence[Msg] | None,
+             finish_ledger: bool, allow_unused: bool) -> Explanation:
     call = prepare(outputs, inputs, seeds, allow_unused)
     _warn_whole_matrix(call, rules)
     if model is None:
@@ -166,7 +173,7 @@ def _compute(outputs: Any, inputs: Any, seeds: Any, rules: "RuleChooser", ledger
                             trace=trace_promises)
         book = Ledger() if ledger else None
         run = Run(planner, values, book)
-        captured = propagate(run, call.seeds, call.held)
+        captured = propagate(run, call.seeds, call.held, call.default_seeds, seed_messages)
     relevance = _collect(call, captured)
     if book is not None:
         n_out = len(call.outputs)
@@ -174,14 +181,17 @@ def _compute(outputs: Any, inputs: Any, seeds: Any, rules: "RuleChooser", ledger
             if slot is not None and slot in planner.terminal and call.requested.get(slot) == n_out + k:
                 book.requested(f"inputs[{k}]", relevance[k].sum())
         book.seed(sum(s.sum() for s in call.seeds))
-        book.finish()
+        if finish_ledger:
+            book.finish()
     return Explanation(tuple(relevance), book, values.records if trace_promises else [])
 
 
 def _warn_whole_matrix(call: Prepared, rules: "RuleChooser") -> None:
     """Warn when an output explained with the default seed looks like a whole logits matrix: the explanation is then
     that of the *sum* of all its classes, which is rarely what was meant (``relevance(logits, x)``)."""
-    for k in call.default_seeds:
+    for k, default in enumerate(call.default_seeds):
+        if not default:
+            continue
         o = call.outputs[k]
         if o.dim() < 2 or o.shape[-1] < 2:
             continue
@@ -233,15 +243,36 @@ def _collect(call: Prepared, captured: dict[int, Tensor]) -> list[Tensor]:
     return out
 
 
-def propagate(run: Run, seeds: list[Tensor], held: list[Tensor | None]) -> dict[int, Tensor]:
+def propagate(run: Run, seeds: list[Tensor], held: list[Tensor | None], default_seeds: Sequence[bool] = (),
+              seed_messages: Sequence[Msg] | None = None) -> dict[int, Tensor]:
     """The relevance pass: every node in topological order, messages summed per slot; returns the relevance
-    captured at the requested slots."""
+    captured at the requested slots.
+
+    The loop never waits for the device: no step reads a tensor's value on the host except the ledger's totals
+    (``explain(..., ledger=True)``). Checks on values are deferred (:class:`~dynamiclrp.core.checks.DeferredChecks`)
+    and read once, after the loop. ``default_seeds[k]`` says that output ``k`` is seeded with its own value;
+    ``seed_messages`` replaces the seeds' messages (see :func:`compute`).
+    """
+    try:
+        captured = _loop(run, seeds, held, default_seeds, seed_messages)
+    except Exception:
+        run.values.checks.raise_first()  # a failed value check explains what went wrong next
+        raise
+    run.values.checks.raise_first()
+    return captured
+
+
+def _loop(run: Run, seeds: list[Tensor], held: list[Tensor | None], default_seeds: Sequence[bool],
+          seed_messages: Sequence[Msg] | None) -> dict[int, Tensor]:
     planner, g = run.planner, run.graph
     requested, terminal, steps, wanted = planner.requested, planner.terminal, planner.steps, planner.wanted
     observer = LedgerObserver(run) if run.ledger is not None else None
     msgs: list[Msg | None] = [None] * len(g.slot_node)
     for k, (slot, s) in enumerate(zip(g.root_slots, seeds)):
-        m = _seed_message(s, held[k].detach())
+        if seed_messages is not None:
+            m = Msg(seed_messages[k].g, seed_messages[k].r)
+        else:
+            m = _seed_message(s, held[k].detach(), k < len(default_seeds) and default_seeds[k])
         cur = msgs[slot]
         if cur is None:
             msgs[slot] = m
@@ -281,10 +312,16 @@ def propagate(run: Run, seeds: list[Tensor], held: list[Tensor | None]) -> dict[
     return captured
 
 
-def _seed_message(seed: Tensor, out: Tensor) -> Msg:
+def _seed_message(seed: Tensor, out: Tensor, default: bool = False) -> Msg:
     """A seed in gradient form, ``G = seed / output`` (exactly 1 for the default seed), so that no rule needs
-    the output's value to read it; seed elements on an exactly-zero output stay explicit relevance."""
+    the output's value to read it; seed elements on an exactly-zero output stay explicit relevance.
+
+    The default seed (the output's own value) is zero wherever the output is, so it needs no explicit part and
+    no look at the values on the host; another seed costs one host sync per output, before the loop."""
     zero = out == 0
+    if default:
+        return Msg(g=torch.where(zero, torch.zeros((), dtype=seed.dtype, device=seed.device),
+                                 seed / torch.where(zero, 1, out)))
     if not bool(zero.any()):
         return Msg(g=seed / out)
     g = torch.where(zero, torch.zeros((), dtype=seed.dtype, device=seed.device), seed / torch.where(zero, 1, out))

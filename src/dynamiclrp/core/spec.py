@@ -54,6 +54,12 @@ class OpSpec:
         dropout): structural questions look through it.
     reshape : bool
         A view that keeps the element order (view, reshape, squeeze, clone, a cast).
+    bijection : bool
+        A one-to-one rearrangement (view, reshape, transpose, permute, clone): the node's backward maps the
+        output's value back onto the input's, exactly. The Promise System recovers an input from its output this way.
+    costly : bool
+        Recomputing the output costs as much as the op itself (a matrix product, a convolution): the Promise
+        System first looks for the value downstream (a consumer that saved it, a sum that saved its total).
     elementwise : str or None
         ``"unary"`` (one tensor operand: a non-linearity, or a scale/shift by a scalar) or ``"binary"`` (``+ - * /``
         of two tensors).
@@ -68,6 +74,12 @@ class OpSpec:
     merges_batchnorm : bool
         A linear op whose output channel is a following batch norm's channel (conv, dense layer): eval-mode batch
         norms after it can be merged into it.
+    nonnegative : bool
+        The output is ``>= 0`` whatever the input (ReLU, sigmoid, softmax): rules may take a non-negative input's
+        fast path, decided from the graph (no look at the values, no host sync).
+    keeps_sign : bool
+        Every output element is a copy, a maximum or minimum, or a non-negative average of input elements (pooling,
+        selections without constants): non-negative inputs give a non-negative output. Views keep the sign too.
     function : tuple of str or None
         For the row of a known custom ``torch.autograd.Function`` (matched by node class name): the
         ``(module, qualname)`` of the Function the node must come from.
@@ -85,10 +97,14 @@ class OpSpec:
     selection: bool = False
     view: bool = False
     reshape: bool = False
+    bijection: bool = False
+    costly: bool = False
     elementwise: str | None = None
     reduction: bool = False
     activation: bool = False
     gate: bool = False
     data_lookup: bool = False
     merges_batchnorm: bool = False
+    nonnegative: bool = False
+    keeps_sign: bool = False
     function: tuple[str, str] | None = None

@@ -13,13 +13,42 @@ Tensor = torch.Tensor
 class NormKernel:
     """Normalisation ``y = (x - mean) * rstd * weight + bias`` with its statistics saved.
 
-    ``kind`` is ``"layer"``, ``"batch"`` or ``"group"``. :meth:`grad_const` is the gradient with the
-    normaliser (``rstd``, and for batch norm in eval mode also the mean) held constant; :meth:`shift` is the
-    per-element additive term (``bias`` minus the scaled running mean) that the rule books as a bias sink.
+    ``kind`` is ``"layer"``, ``"batch"``, ``"group"`` or ``"rms"`` (``y = x * rstd * weight``, the fused
+    ``_fused_rms_norm`` of ``F.rms_norm`` / ``nn.RMSNorm`` on a GPU: ``rstd`` saved as ``result1``).
+    :meth:`grad_const` is the gradient with the normaliser (``rstd``, and for batch norm in eval mode also the mean)
+    held constant. Batch norms save their epsilon as ``eps`` (``native_batch_norm``) or ``epsilon``
+    (``cudnn_batch_norm``, ``miopen_batch_norm``): ``eps_field`` names it.
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, eps_field: str | None = "eps"):
         self.kind = kind
+        self.eps_field = eps_field if kind == "batch" else None
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The saved fields this kernel reads (checked against torch's generated node classes by the tests)."""
+        per_kind = {
+            "layer": ("input", "weight", "bias", "normalized_shape", "result1", "result2"),
+            "batch": ("input", "weight", "running_mean", "running_var", "training", "result1", "result2"),
+            "group": ("input", "weight", "group", "result1", "result2"),
+            "rms": ("input", "weight", "result1", "normalized_shape"),
+        }
+        return per_kind[self.kind] + ((self.eps_field,) if self.eps_field else ())
+
+    def eps(self, node: Any) -> float:
+        """The batch norm's epsilon."""
+        return float(saved(node, self.eps_field or "eps"))
+
+    @staticmethod
+    def _rstd(node: Any) -> Tensor:
+        """``_fused_rms_norm``'s ``rstd`` shaped to broadcast against the input (the normalised dimensions as 1)."""
+        x, rstd = saved(node, "input"), saved(node, "result1")
+        k = len(saved(node, "normalized_shape"))
+        return rstd.reshape(tuple(x.shape[:x.dim() - k]) + (1,) * k)
+
+    def running_var_eps(self, node: Any) -> Tensor:
+        """``running_var + eps`` of an eval-mode batch norm."""
+        return saved(node, "running_var") + self.eps(node)
 
     # -- statistics broadcast to x ------------------------------------------------------------------------
     def _layer_stats(self, node):
@@ -45,9 +74,12 @@ class NormKernel:
                 gw = g * w.reshape(shape) if w is not None else g
                 dims = (0,) + tuple(range(2, x.dim()))
                 return invstd * (gw - gw.mean(dim=dims, keepdim=True))
-            invstd = torch.rsqrt(saved(node, "running_var") + saved(node, "eps")).reshape(shape)
+            invstd = torch.rsqrt(self.running_var_eps(node)).reshape(shape)
             scale = invstd * w.reshape(shape) if w is not None else invstd
             return g * scale
+        if self.kind == "rms":
+            w = saved(node, "weight")
+            return self._rstd(node) * (g * w if w is not None else g)
         if self.kind == "group":
             x = saved(node, "input")
             w = saved(node, "weight")
@@ -75,11 +107,14 @@ class NormKernel:
                 invstd = saved(node, "result2").reshape(shape)
             else:
                 mean = saved(node, "running_mean").reshape(shape)
-                invstd = torch.rsqrt(saved(node, "running_var") + saved(node, "eps")).reshape(shape)
+                invstd = torch.rsqrt(self.running_var_eps(node)).reshape(shape)
             y = (x - mean) * invstd
             w, b = saved(node, "weight"), None
             if w is not None:
                 w = w.reshape(shape)
+        elif self.kind == "rms":
+            y = x * self._rstd(node)
+            w, b = saved(node, "weight"), None
         else:
             n, groups = x.shape[0], saved(node, "group")
             mean = saved(node, "result1").reshape(n, groups, 1)
@@ -101,12 +136,12 @@ class NormKernel:
         if pos == 1:
             return saved(node, "weight") is None
         if pos == 2:
-            return saved(node, "bias" if self.kind == "layer" else "weight") is None
+            return self.kind == "rms" or saved(node, "bias" if self.kind == "layer" else "weight") is None
         return False
 
     def companion(self, node: Any, pos: int) -> tuple | None:
         """The shift of a frozen batch or group norm sits next to its running mean or weight in the model."""
-        if pos != 2 or self.kind == "layer":
+        if pos != 2 or self.kind in ("layer", "rms"):
             return None
         if self.kind == "batch" and saved(node, "running_mean") is not None:
             rm = saved(node, "running_mean")
@@ -117,12 +152,12 @@ class NormKernel:
     def rebuild(self, node, nr):
         if nr != 0 or saved(node, "input") is None:
             return None
-        if self.kind != "layer":
+        if self.kind not in ("layer", "rms"):
             return None  # batch/group norm do not save their bias: rebuilt with the bias via replay
         return self.forward(node)
 
     def can_rebuild(self, node, nr):
-        return nr == 0 and self.kind == "layer" and saved(node, "input") is not None
+        return nr == 0 and self.kind in ("layer", "rms") and saved(node, "input") is not None
 
     def replay(self, node, xs, nr):
         """Output from the saved statistics plus the bias value (input 2) where the bias is not saved."""

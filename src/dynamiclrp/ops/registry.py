@@ -17,6 +17,7 @@ special ops of :mod:`dynamiclrp.ops.special`.
 """
 from __future__ import annotations
 
+import dataclasses
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
@@ -35,7 +36,8 @@ from .norm import NormKernel
 from .reduce import (VECTOR_NORM, AddKernel, SumKernel, _adaptive_avg_pool_nd, _alpha, _avg_pool2d, _avg_pool3d, add_forward,
                      avg_pool_rebuild, cumsum_forward, mean_forward, nll_forward, rsub_forward, sub_forward,
                      sum_forward, upsample_forward, vector_norm_forward)
-from .special import CopySlicesKernel, LeafKernel, RecurrentKernel, WeightNormKernel, function_family
+from .special import (CopySlicesKernel, CudnnRnnKernel, FusedCellKernel, LeafKernel, RecurrentKernel, WeightNormKernel,
+                      function_family)
 
 #: element-wise non-linearities used as activation functions (the activated operand of a gated MLP)
 _ACTIVATIONS = frozenset({
@@ -45,6 +47,24 @@ _ACTIVATIONS = frozenset({
 })
 #: gates: a signal multiplied by one of these takes all the relevance (LSTM/GRU, squeeze-excitation)
 _GATES = frozenset({"SigmoidBackward0", "HardsigmoidBackward0"})
+#: element-wise non-linearities whose output is never negative
+_NONNEGATIVE = frozenset({"ReluBackward0", "SigmoidBackward0", "HardsigmoidBackward0", "SoftplusBackward0"})
+#: routing ops whose every output element is a copy, maximum or minimum of input elements (no constant fill)
+_KEEPS_SIGN = frozenset({
+    "SliceBackward0", "SelectBackward0", "SelectBackward1", "IndexBackward0", "IndexSelectBackward0",
+    "GatherBackward0", "CatBackward0", "StackBackward0", "SplitBackward0", "SplitBackward1",
+    "SplitWithSizesBackward0", "SplitWithSizesBackward1", "UnsafeSplitBackward0", "UnsafeSplitWithSizesBackward0",
+    "UnbindBackward0", "FlipBackward0", "RollBackward0", "PixelShuffleBackward0", "PixelUnshuffleBackward0",
+    "UpsampleNearest1DBackward0", "UpsampleNearest2DBackward0", "UpsampleNearest3DBackward0",
+    "UpsampleNearestExact1DBackward0", "UpsampleNearestExact2DBackward0", "UpsampleNearestExact3DBackward0",
+    "ReflectionPad1DBackward0", "ReflectionPad2DBackward0", "ReplicationPad1DBackward0", "ReplicationPad2DBackward0",
+    "MaxBackward0", "MinBackward0", "MaxBackward1", "MinBackward1", "AmaxBackward0", "AminBackward0",
+    "MaximumBackward0", "MinimumBackward0", "MaxPool2DWithIndicesBackward0", "MaxPool3DWithIndicesBackward0",
+    "AdaptiveMaxPool2DBackward0", "AdaptiveMaxPool3DBackward0",
+})
+#: average pools: non-negative averages of input elements
+_AVERAGE_POOLS = frozenset({"AvgPool2DBackward0", "AvgPool3DBackward0", "AdaptiveAvgPool2DBackward0",
+                            "AdaptiveAvgPool3DBackward0"})
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -56,7 +76,7 @@ def _family_of_linear(site: Site) -> str:
 
 def _linear(kernel: LinearKernel, inputs_saved: tuple[tuple[int, str], ...], **traits: Any) -> OpSpec:
     return OpSpec("linear", kernel, inputs_saved=inputs_saved, rebuild=kernel.rebuild, replay=_linear_replay(kernel),
-                  family_of=_family_of_linear, **traits)
+                  family_of=_family_of_linear, costly=True, **traits)
 
 
 def _linear_replay(kernel: LinearKernel) -> Callable:
@@ -79,9 +99,10 @@ def _routing(replay: Callable | None = None, replay_inputs: Any = None, inputs_s
                   inputs_saved=inputs_saved, selection=selection, **traits)
 
 
-def _view(replay: Callable, reshape: bool = False) -> OpSpec:
-    """A view, copy or cast: the output *is* the input rearranged (``reshape``: in the same element order)."""
-    return _routing(replay, view=True, reshape=reshape)
+def _view(replay: Callable, reshape: bool = False, bijection: bool = True) -> OpSpec:
+    """A view, copy or cast: the output *is* the input rearranged (``reshape``: in the same element order;
+    ``bijection``: one to one, so the input can be read back from the output)."""
+    return _routing(replay, view=True, reshape=reshape, bijection=bijection)
 
 
 def _unary(name: str) -> OpSpec:
@@ -89,7 +110,8 @@ def _unary(name: str) -> OpSpec:
     results = ((0, k.y_field),) if k.y_field else ()
     inputs_saved = ((0, k.x_field),) if k.x_field else ()
     return OpSpec("activation", k, results=results, inputs_saved=inputs_saved, rebuild=k.rebuild,
-                  replay=k.replay, elementwise="unary", activation=name in _ACTIVATIONS, gate=name in _GATES)
+                  replay=k.replay, elementwise="unary", activation=name in _ACTIVATIONS, gate=name in _GATES,
+                  nonnegative=name in _NONNEGATIVE)
 
 
 def _sum(forward: Callable | None, coefficients: Callable | None = None, rebuild: Callable | None = None,
@@ -141,13 +163,13 @@ def _embedding_replay(node: Any, xs: Any, nr: int) -> torch.Tensor:
     return F.embedding(saved(node, "indices"), xs[0], saved(node, "padding_idx"))
 
 
-def _norm(kind: str) -> OpSpec:
-    k = NormKernel(kind)
-    inputs_saved: tuple = ((0, "input"),) + (((1, "weight"),) if kind in ("layer", "batch", "group") else ())
+def _norm(kind: str, eps_field: str = "eps") -> OpSpec:
+    k = NormKernel(kind, eps_field if kind == "batch" else None)
+    inputs_saved: tuple = ((0, "input"),) + (((1, "weight"),) if kind in ("layer", "batch", "group", "rms") else ())
     if kind == "layer":
         inputs_saved = inputs_saved + ((2, "bias"),)
     return OpSpec("norm", k, inputs_saved=inputs_saved, rebuild=k.rebuild, replay=k.replay,
-                  replay_inputs=(2,) if kind != "layer" else (),
+                  replay_inputs=(2,) if kind in ("batch", "group") else (),
                   static_fields=("training",) if kind == "batch" else ())
 
 
@@ -171,14 +193,14 @@ def _routing_rows() -> dict[str, OpSpec]:
     for name in ("CloneBackward0", "AliasBackward0", "ContiguousBackward0", "LiftFreshBackward0", "DetachBackward0"):
         rows[name] = _view(routing.replay_identity, reshape=True)
     rows["ViewAsRealBackward0"] = _routing(routing.replay_identity)
-    rows["ToCopyBackward0"] = _view(routing.replay_to_copy, reshape=True)
+    rows["ToCopyBackward0"] = _view(routing.replay_to_copy, reshape=True, bijection=False)  # a cast may round
     rows["TBackward0"] = _view(routing.replay_t)
     rows["TBackward1"] = _view(routing.replay_t)  # in-place t_()
     rows["TransposeBackward0"] = _view(routing.replay_transpose)
     rows["TransposeBackward1"] = _view(routing.replay_transpose)
     rows["PermuteBackward0"] = _view(routing.replay_permute)
-    rows["ExpandBackward0"] = _view(routing.replay_expand)
-    rows["RepeatBackward0"] = _view(routing.replay_repeat)
+    rows["ExpandBackward0"] = _view(routing.replay_expand, bijection=False)
+    rows["RepeatBackward0"] = _view(routing.replay_repeat, bijection=False)
     rows["SliceBackward0"] = _routing(routing.replay_slice)
     rows["SelectBackward0"] = _routing(routing.replay_select)
     rows["SelectBackward1"] = _routing(routing.replay_select)
@@ -267,7 +289,7 @@ def _build() -> Mapping[str, OpSpec]:
     t["MvBackward0"] = _linear(MvKernel(), ((0, "self"), (1, "vec")))
     t["ConvolutionBackward0"] = OpSpec("conv", ConvKernel(), inputs_saved=((0, "input"), (1, "weight")),
                                        replay=_linear_replay(ConvKernel()), family_of=_family_of_linear,
-                                       static_fields=("bias_sym_sizes_opt",), merges_batchnorm=True)
+                                       static_fields=("bias_sym_sizes_opt",), merges_batchnorm=True, costly=True)
     # MoE experts (torch._grouped_mm): a linear op with weights
     t["GroupedMmBackward0"] = _linear(GroupedMmKernel(), ((0, "self"), (1, "mat2")))
     t["GeneratedBackwardFor_transformers_grouped_mm_fallback_defaultBackward"] = _linear(
@@ -319,14 +341,47 @@ def _build() -> Mapping[str, OpSpec]:
     # normalisation
     t["NativeLayerNormBackward0"] = _norm("layer")
     t["NativeBatchNormBackward0"] = _norm("batch")
+    # cudnn_batch_norm (a CUDA GPU in float32/float16 with an affine batch norm; bfloat16 takes the native kernel)
+    # and miopen_batch_norm (ROCm): derivatives.yaml saves input, weight, running_mean, running_var, training,
+    # epsilon (not eps), result1 = save_mean, result2 = save_var (cuDNN's and MIOpen's "SaveInvVariance": the
+    # inverse standard deviation, like native_batch_norm's result2) and, for cuDNN, result3 = the reserve space.
+    # Differentiable inputs: input, weight, bias (as native_batch_norm); merged into the conv/linear before it alike.
+    t["CudnnBatchNormBackward0"] = _norm("batch", eps_field="epsilon")
+    t["MiopenBatchNormBackward0"] = _norm("batch", eps_field="epsilon")
     t["NativeGroupNormBackward0"] = _norm("group")
+    # _fused_rms_norm(input, normalized_shape, weight, eps) -> (output, rstd): F.rms_norm / nn.RMSNorm on a GPU
+    # (on a CPU it decomposes into primitive ops). derivatives.yaml saves input, normalized_shape, weight and
+    # result1 (rstd, shaped like input with the normalised dimensions kept as 1); differentiable: input, weight
+    t["FusedRmsNormBackward0"] = _norm("rms")
     # softmax and attention
-    t["SoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(), results=((0, "result"),))
-    t["SafeSoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(), results=((0, "result"),))
+    t["SoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(), results=((0, "result"),), nonnegative=True)
+    t["SafeSoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(), results=((0, "result"),), nonnegative=True)
     t["LogSoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(log=True), results=((0, "result"),))
-    for name in ("ScaledDotProductFlashAttentionForCpuBackward0", "ScaledDotProductEfficientAttentionBackward0",
-                 "ScaledDotProductFlashAttentionBackward0", "ScaledDotProductCudnnAttentionBackward0"):
-        t[name] = OpSpec("attention", AttentionKernel(), results=((0, "output"),),
+    # fused scaled_dot_product_attention, per backend (derivatives.yaml and the generated node classes):
+    # * _scaled_dot_product_flash_attention_for_cpu: differentiable query, key, value; saves query, key, value,
+    #   attn_mask, output, logsumexp, dropout_p, is_causal, scale;
+    # * _scaled_dot_product_efficient_attention (CUDA "memory-efficient"): differentiable query, key, value,
+    #   attn_bias; saves query, key, value, attn_bias, output, log_sumexp (spelled so), philox_seed,
+    #   philox_offset, dropout_p, is_causal, scale;
+    # * _scaled_dot_product_flash_attention (CUDA flash, half precision only): differentiable query, key, value;
+    #   saves query, key, value, output, logsumexp, cum_seq_q/k, max_q/k, rng_state, unused, dropout_p,
+    #   is_causal, scale (no mask: masks select another backend);
+    # * _scaled_dot_product_cudnn_attention: differentiable query, key, value (attn_bias saved, no edge in the
+    #   versions checked); saves query, key, value, attn_bias, output, logsumexp, cum_seq_q/k, max_q/k,
+    #   philox_seed, philox_offset, dropout_p, is_causal, scale;
+    # * _flash_attention_forward / _efficient_attention_forward (the kernels called directly, e.g. for nested or
+    #   variable-length batches; layout (B, S, H, D)): query, key, value (+ bias); they save the output and the
+    #   inputs under the same names, the log-sum-exp as softmax_logsumexp / logsumexp.
+    # The rule calls the node's own backward (exact for every mask, causal flag, GQA layout, scale and dropout mask
+    # the kernel saw: dropout is a constant scaling of the attention weights, which the AttnLRP and CP-LRP factors
+    # pass through); only the output and the inputs are read, under the names common to every backend.
+    for name, mask, lse in (("ScaledDotProductFlashAttentionForCpuBackward0", "attn_mask", "logsumexp"),
+                            ("ScaledDotProductEfficientAttentionBackward0", "attn_bias", "log_sumexp"),
+                            ("ScaledDotProductFlashAttentionBackward0", None, "logsumexp"),
+                            ("ScaledDotProductCudnnAttentionBackward0", "attn_bias", "logsumexp"),
+                            ("FlashAttentionBackward0", None, "softmax_logsumexp"),
+                            ("EfficientAttentionBackward0", "bias", "logsumexp")):
+        t[name] = OpSpec("attention", AttentionKernel(mask_field=mask, lse_field=lse), results=((0, "output"),),
                          inputs_saved=((0, "query"), (1, "key"), (2, "value")))
     t.update(_routing_rows())
     # fused oneDNN LSTM layer (nn.LSTM on CPU): re-expressed with primitive ops, explained with the rule set
@@ -335,6 +390,29 @@ def _build() -> Mapping[str, OpSpec]:
         "recurrent", rnn, results=((0, "result0"), (1, "result1"), (2, "result2")),
         inputs_saved=((0, "input"), (1, "weight0"), (2, "weight1"), (5, "hx_"), (6, "cx_")), rebuild=rnn.rebuild,
         static_fields=("mode", "has_biases", "batch_sizes"))
+    # fused cuDNN / MIOpen RNN (nn.LSTM, nn.GRU, nn.RNN on a GPU), every layer and direction in one node: see
+    # CudnnRnnKernel for the saved fields (derivatives.yaml's _cudnn_rnn: input, weight[], weight_stride0, hx, cx,
+    # mode, hidden_size, proj_size, num_layers, batch_first, dropout, train, bidirectional, batch_sizes,
+    # result0 = output; hy and cy are not saved). The weight list's positions depend on the network, so only the
+    # input's saved field is declared here; the rule reads the rest.
+    cudnn_rnn = CudnnRnnKernel()
+    rnn_static = ("mode", "num_layers", "bidirectional", "batch_first", "weight_stride0", "batch_sizes", "train",
+                  "dropout")
+    t["CudnnRnnBackward0"] = OpSpec("recurrent", cudnn_rnn, results=((0, "result0"),), inputs_saved=((0, "input"),),
+                                    rebuild=cudnn_rnn.rebuild, static_fields=rnn_static + ("proj_size",))
+    # fused LSTM/GRU cells (nn.LSTMCell / nn.GRUCell on a GPU; nn.LSTM / nn.GRU where cuDNN does not take the input):
+    # see FusedCellKernel for derivatives.yaml's saved fields (the LSTM cell keeps cy as result1; hy is not saved)
+    lstm_cell = FusedCellKernel("lstm")
+    t["ThnnFusedLstmCellBackward0"] = OpSpec("recurrent", lstm_cell, results=((1, "result1"),),
+                                             inputs_saved=((0, "input_gates"), (1, "hidden_gates"), (2, "cx"),
+                                                           (3, "input_bias"), (4, "hidden_bias")),
+                                             rebuild=lstm_cell.rebuild)
+    gru_cell = FusedCellKernel("gru")
+    t["ThnnFusedGruCellBackward0"] = OpSpec("recurrent", gru_cell,
+                                            inputs_saved=((0, "input_gates"), (1, "hidden_gates"), (2, "hx"),
+                                                          (3, "input_bias"), (4, "hidden_bias")))
+    t["MiopenRnnBackward0"] = OpSpec("recurrent", cudnn_rnn, results=((0, "result0"),), inputs_saved=((0, "input"),),
+                                     rebuild=cudnn_rnn.rebuild, static_fields=rnn_static)
     # weight normalisation (wav2vec2's positional convolution)
     wn = WeightNormKernel()
     t["WeightNormInterfaceBackward0"] = OpSpec("parametrization", wn, inputs_saved=((0, "v"), (1, "g")),
@@ -344,6 +422,8 @@ def _build() -> Mapping[str, OpSpec]:
                                           "activation")
     t["SqrtBoundDerivativeBackward"] = _function(
         RG_SQRT, "transformers.models.recurrent_gemma.modeling_recurrent_gemma", "SqrtBoundDerivative", "activation")
+    for name in _KEEPS_SIGN | _AVERAGE_POOLS:
+        t[name] = dataclasses.replace(t[name], keeps_sign=True)
     return MappingProxyType(t)
 
 

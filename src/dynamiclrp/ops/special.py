@@ -21,7 +21,7 @@ _MKLDNN_LSTM = 2
 
 
 def lstm_layer_forward(x: Tensor, h0: Tensor, c0: Tensor, weight: Tensor, bias: Tensor | None,
-                       reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                       reverse: bool = False, proj: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer and direction with primitive ops (PyTorch's gate order ``i, f, g, o``).
 
     Parameters
@@ -37,11 +37,13 @@ def lstm_layer_forward(x: Tensor, h0: Tensor, c0: Tensor, weight: Tensor, bias: 
         ``b_ih + b_hh``, ``(4H,)``.
     reverse : bool
         Process the sequence from the last step to the first (the backward direction of a bidirectional layer).
+    proj : Tensor or None
+        ``W_hr``, ``(P, H)``: an LSTM with projections (``proj_size=P``) emits ``h = W_hr (o · tanh(c))``.
 
     Returns
     -------
     output, h_T, c_T : Tensor
-        ``(T, B, H)`` (in time order), ``(B, H)``, ``(B, H)``.
+        ``(T, B, H)`` (in time order; ``P`` instead of ``H`` with a projection), ``(B, H)`` (or ``P``), ``(B, H)``.
     """
     steps = x.unbind(0)
     T = len(steps)
@@ -52,8 +54,84 @@ def lstm_layer_forward(x: Tensor, h0: Tensor, c0: Tensor, weight: Tensor, bias: 
         i, f, g, o = z.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
+        if proj is not None:
+            h = F.linear(h, proj)
         outs[t] = h
     return torch.stack(outs, 0), h, c
+
+
+def gru_layer_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
+                      reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """One GRU layer and direction with primitive ops, the way ATen computes ``nn.GRU`` on a CPU.
+
+    PyTorch's gate order is ``r, z, n``: ``r = σ(W_ir x + b_ir + W_hr h + b_hr)``, ``z = σ(W_iz x + b_iz + W_hz h +
+    b_hz)``, ``n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))``, ``h' = (h − n) ⊙ z + n`` (= ``(1 − z) ⊙ n + z ⊙ h``).
+    Unlike the LSTM's, the new gate's recurrent term is multiplied by ``r`` before it meets the input term, so the
+    input and recurrent maps stay two linear layers, each with its own bias (as in ``aten/src/ATen/native/RNN.cpp``:
+    the input map over the whole sequence at once, then one ``GRUCell`` per step): the relevance a CPU ``nn.GRU``
+    gets is the relevance of this graph, under every rule set.
+
+    Parameters
+    ----------
+    x : Tensor
+        Time-major input ``(T, B, I)``.
+    h0 : Tensor
+        Initial state ``(B, H)``.
+    w_ih, w_hh : Tensor
+        ``(3H, I)`` and ``(3H, H)``.
+    b_ih, b_hh : Tensor or None
+        ``(3H,)`` each.
+    reverse : bool
+        Process the sequence from the last step to the first.
+
+    Returns
+    -------
+    output, h_T : Tensor
+        ``(T, B, H)`` (in time order) and ``(B, H)``.
+    """
+    gi = F.linear(x, w_ih, b_ih).unbind(0)
+    T = len(gi)
+    outs: list[Tensor | None] = [None] * T
+    h = h0
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        h = gru_cell(gi[t], F.linear(h, w_hh, b_hh), h)
+        outs[t] = h
+    return torch.stack(outs, 0), h
+
+
+def gru_cell(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:
+    """ATen's GRU cell from the input and recurrent pre-activations ``gi``, ``gh`` (``(B, 3H)``, biases included)."""
+    i_r, i_z, i_n = gi.chunk(3, dim=1)
+    h_r, h_z, h_n = gh.chunk(3, dim=1)
+    r = torch.sigmoid(h_r + i_r)
+    z = torch.sigmoid(h_z + i_z)
+    n = torch.tanh(i_n + h_n * r)
+    return (h - n) * z + n
+
+
+def lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """The LSTM cell from its gate pre-activations ``(B, 4H)`` (order ``i, f, g, o``): ``(h, c)``."""
+    i, f, g, o = gates.chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def rnn_layer_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
+                      reverse: bool = False, relu: bool = False) -> tuple[Tensor, Tensor]:
+    """One Elman RNN layer and direction (``nn.RNN``): ``h' = act(W_hh h + b_hh + W_ih x + b_ih)`` with ``act``
+    tanh or ReLU, the input map over the whole sequence at once, as ATen computes it on a CPU.
+
+    Returns ``output (T, B, H)`` and ``h_T (B, H)``.
+    """
+    gi = F.linear(x, w_ih, b_ih).unbind(0)
+    T = len(gi)
+    outs: list[Tensor | None] = [None] * T
+    h = h0
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        a = F.linear(h, w_hh, b_hh) + gi[t]
+        h = torch.relu(a) if relu else torch.tanh(a)
+        outs[t] = h
+    return torch.stack(outs, 0), h
 
 
 class RecurrentKernel:
@@ -64,6 +142,7 @@ class RecurrentKernel:
     """
 
     inputs = ("input", "weight0", "weight1", "weight2", "weight3", "hx_", "cx_")
+    fields = inputs + ("mode", "has_biases", "batch_sizes", "reverse", "result0", "result1", "result2")
 
     @staticmethod
     def check(site: "Site") -> None:
@@ -79,6 +158,132 @@ class RecurrentKernel:
 
     def rebuild(self, node: Any, nr: int) -> Tensor | None:
         return saved(node, f"result{nr}") if nr < 3 else None
+
+
+#: cuDNN's RNN modes (``cudnnRNNMode_t``, passed as ``mode`` to ``_cudnn_rnn``); MIOpen's ``miopenRNNMode_t`` numbers
+#: them the same way
+RNN_RELU, RNN_TANH, RNN_LSTM, RNN_GRU = 0, 1, 2, 3
+_RNN_MODES = {RNN_RELU: "RNN_RELU", RNN_TANH: "RNN_TANH", RNN_LSTM: "LSTM", RNN_GRU: "GRU"}
+
+
+class CudnnRnnKernel:
+    """``CudnnRnnBackward0`` (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` on a CUDA GPU) and ``MiopenRnnBackward0`` (ROCm):
+    the whole network (every layer and direction) in one node.
+
+    ``_cudnn_rnn(input, weight[], weight_stride0, weight_buf, hx, cx, mode, hidden_size, proj_size, num_layers,
+    batch_first, dropout, train, bidirectional, batch_sizes, dropout_state)`` (``derivatives.yaml``: differentiable
+    inputs ``input, weight, hx, cx``, so the node's inputs are ``input``, one per tensor of ``weight``, ``hx``,
+    ``cx``; differentiable outputs ``output, hy, cy``). Saved: ``input``, ``weight`` (the list), ``weight_stride0``,
+    ``hx``, ``cx``, the configuration and ``result0`` (the output), ``result3`` (cuDNN's reserve space), ``result4``
+    (the flat weight buffer).
+
+    The parameters are read from the saved ``weight`` list, in PyTorch's order (per layer, per direction:
+    ``W_ih, W_hh[, b_ih, b_hh][, W_hr]``, ``weight_stride0`` tensors each) — not from ``result4``, whose layout is
+    cuDNN's own (matrices per gate, padded and aligned as the cuDNN version chooses). When the module's weights were
+    flattened (``flatten_parameters``) the list's tensors are views into that buffer; either way they hold the
+    values cuDNN used.
+    """
+
+    #: the saved fields the rule reads (checked against torch's generated node classes by the tests)
+    fields = ("input", "weight", "weight_stride0", "hx", "cx", "mode", "hidden_size", "num_layers", "batch_first",
+              "dropout", "train", "bidirectional", "batch_sizes", "result0")
+
+    @staticmethod
+    def mode(node: Any) -> int:
+        return int(saved(node, "mode"))
+
+    @staticmethod
+    def check(site: "Site") -> None:
+        node = site.node
+        mode = saved(node, "mode")
+        where = site.describe()
+        if mode not in _RNN_MODES:
+            raise UnsupportedOperationError(f"{where}: RNN mode {mode} is unknown (0-3: RNN_RELU, RNN_TANH, LSTM, GRU)")
+        if saved(node, "batch_sizes"):
+            raise UnsupportedOperationError(
+                f"{where}: packed sequences (nn.utils.rnn.pack_padded_sequence) through the fused cuDNN RNN are not "
+                "supported; pass the padded batch and explain the positions you want")
+        layers = int(saved(node, "num_layers"))
+        if saved(node, "train") and float(saved(node, "dropout") or 0.0) > 0 and layers > 1:
+            raise UnsupportedOperationError(
+                f"{where}: the RNN ran in training mode with dropout between layers, whose random mask cuDNN does not "
+                "keep; explain the model in eval() mode")
+        weights = saved(node, "weight")
+        stride = int(saved(node, "weight_stride0"))
+        dirs = 2 if saved(node, "bidirectional") else 1
+        if weights is None or len(weights) != stride * layers * dirs:
+            raise UnsupportedOperationError(
+                f"{where}: expected {layers * dirs} groups of {stride} saved weights, found "
+                f"{None if weights is None else len(weights)}")
+        # input, the weights, hx, cx (and weight_buf before hx, should a torch version make it differentiable: the
+        # rule reads hx and cx from the end)
+        if len(site.edges) not in (len(weights) + 3, len(weights) + 4):
+            raise UnsupportedOperationError(
+                f"{where}: expected {len(weights) + 3} inputs (input, {len(weights)} weights, hx, cx), found "
+                f"{len(site.edges)}; this torch version lays out _cudnn_rnn's inputs differently")
+
+    @staticmethod
+    def groups(node: Any) -> list[dict[str, Tensor | None]]:
+        """The parameters of every layer and direction (``k = layer · directions + direction``), by name
+        (``w_ih, w_hh, b_ih, b_hh, w_hr``; ``None`` where the network has none), with their positions in the saved
+        list (``pos_<name>``)."""
+        weights = list(saved(node, "weight"))
+        stride = int(saved(node, "weight_stride0"))
+        proj = int(saved(node, "proj_size") or 0) if CudnnRnnKernel.mode(node) == RNN_LSTM else 0
+        names = ["w_ih", "w_hh"]
+        if stride - (1 if proj else 0) == 4:
+            names += ["b_ih", "b_hh"]
+        if proj:
+            names.append("w_hr")
+        out = []
+        for k in range(len(weights) // stride):
+            g: dict[str, Any] = {n: None for n in ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")}
+            for j, n in enumerate(names):
+                g[n] = weights[k * stride + j]
+                g["pos_" + n] = k * stride + j
+            out.append(g)
+        return out
+
+    def rebuild(self, node: Any, nr: int) -> Tensor | None:
+        return saved(node, "result0") if nr == 0 else None
+
+
+class FusedCellKernel:
+    """``ThnnFusedLstmCellBackward0`` / ``ThnnFusedGruCellBackward0``: the element-wise part of one LSTM or GRU
+    step fused by CUDA (``nn.LSTMCell``/``nn.GRUCell`` on a GPU, and ``nn.LSTM``/``nn.GRU`` where cuDNN does not
+    take the input). The gate pre-activations come in as separate inputs: ``input_gates = x W_ihᵀ`` and
+    ``hidden_gates = h W_hhᵀ`` (matrix products of their own, without bias), ``cx`` (LSTM) or ``hx`` (GRU), and the
+    two biases.
+
+    derivatives.yaml: ``_thnn_fused_lstm_cell(input_gates, hidden_gates, cx, input_bias, hidden_bias) -> (hy, cy,
+    workspace)``, differentiable outputs ``hy, cy``, saved ``input_gates, hidden_gates, cx, input_bias,
+    hidden_bias, result1 (cy), result2 (workspace)``; ``_thnn_fused_gru_cell(input_gates, hidden_gates, hx,
+    input_bias, hidden_bias) -> (hy, workspace)``, differentiable output ``hy``, saved ``input_gates, hidden_gates,
+    hx, input_bias, hidden_bias, result1 (workspace)``. All five inputs are differentiable.
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind  # "lstm" or "gru"
+        self.state_field = "cx" if kind == "lstm" else "hx"
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The saved fields the rule reads (checked against torch's generated node classes by the tests)."""
+        return ("input_gates", "hidden_gates", self.state_field, "input_bias", "hidden_bias") + (
+            ("result1",) if self.kind == "lstm" else ())
+
+    def forward(self, ig: Tensor, hg: Tensor, state: Tensor, ib: Tensor | None,
+                hb: Tensor | None) -> tuple[Tensor, ...]:
+        """The cell with primitive ops, written as the CPU cell computes the same step (``aten/src/ATen/native/
+        RNN.cpp``): an LSTM's four pre-activations summed, a GRU's input and recurrent halves each with its bias."""
+        gi = ig if ib is None else ig + ib
+        gh = hg if hb is None else hg + hb
+        if self.kind == "lstm":
+            return lstm_cell(gh + gi, state)
+        return (gru_cell(gi, gh, state),)
+
+    def rebuild(self, node: Any, nr: int) -> Tensor | None:
+        return saved(node, "result1") if self.kind == "lstm" and nr == 1 else None
 
 
 class WeightNormKernel:

@@ -101,8 +101,13 @@ class AttentionStep(Step):
 
     def g(self, run, gs):
         node = run.graph.nodes[self.index]
-        n_out = len(output_meta(node))
-        grads_in = [gs[0]] + [None] * (n_out - 1)
+        metas = output_meta(node)
+        # the fused kernels' backwards expect the gradient the autograd engine would pass: the output's dtype and,
+        # for the CUDA kernels (cuDNN's checks it), the output's memory layout
+        g0 = gs[0].to(metas[0].dtype)
+        out = saved(node, "output")
+        g0 = torch.empty_like(out).copy_(g0) if out is not None and out.shape == g0.shape else g0.contiguous()
+        grads_in = [g0] + [None] * (len(metas) - 1)
         grads = call_backward(node, grads_in)
         res: list[Msg | None] = []
         for k, t in enumerate(grads[:self.n_in]):

@@ -92,7 +92,7 @@ class _MergedBN:
 
     def _scale(self, run: "Run") -> Tensor:
         node = run.graph.nodes[self.bn]
-        s = 1.0 / torch.sqrt(saved(node, "running_var") + saved(node, "eps"))
+        s = 1.0 / torch.sqrt(run.planner.specs[self.bn].kernel.running_var_eps(node))
         gamma = saved(node, "weight")
         return s if gamma is None else gamma * s
 
@@ -178,7 +178,9 @@ class MergedBatchNorm(Rule):
 class BatchNormMerges:
     """Which eval-mode batch norms are merged into the linear/conv op that produces their input.
 
-    A ``NativeBatchNormBackward0`` node ``bn`` is merged into the node ``op`` that produced its input when
+    A batch norm node ``bn`` (a row of the ``norm`` family with a batch-norm kernel: ``NativeBatchNormBackward0``,
+    and on a GPU ``CudnnBatchNormBackward0`` / ``MiopenBatchNormBackward0``) is merged into the node ``op`` that
+    produced its input when
 
     * the batch norm is in eval mode (``training`` saved as ``False``: running statistics, no batch statistics);
     * ``op`` is a convolution (1-3 d, transposed, grouped) or a dense layer (``addmm``/``mm`` with a 2-d output and the

@@ -8,6 +8,7 @@ import torch
 
 from ..core.graph import call_backward, saved
 from ..core.messages import Msg, gmsg
+from ..core.promises import InversePart, Total
 from ..core.step import Site, Step
 from ..errors import ValueUnavailableError
 from ..ops.elementwise import UnaryKernel
@@ -41,9 +42,14 @@ class IdentityStep(Step):
                              and k.inverse is not None and k.y_field is not None and site.edges[0] >= 0
                              and site.type in ("TanhBackward0", "SigmoidBackward0"))
         if self.need_x_value:
-            site.planner.need_value(site.edges[0])
+            recipe = site.planner.resolver.recipe(site.edges[0])
+            if isinstance(recipe, Total) and isinstance(recipe.part, InversePart) and recipe.part.node == site.index:
+                self.need_x_value = False  # x would be this node's own inverse: read it directly (see _inverse)
+            else:
+                site.planner.need_value(site.edges[0])
 
-    def _xy(self, run, node) -> tuple[Tensor | None, Tensor | None]:
+    def _xy(self, run, node) -> tuple[Tensor | None, Tensor | None, bool]:
+        """``x``, ``y``, and whether ``x`` is the inverse of the saved ``y`` (``inf`` where that is not exact)."""
         k = self.kernel
         x = saved(node, k.x_field) if k.x_field else None
         y = saved(node, k.y_field) if k.y_field else None
@@ -51,15 +57,16 @@ class IdentityStep(Step):
             x = run.value(self.in_edges[0], run.graph.describe(self.index))
         if y is None and x is not None:
             y = k.f(node, x)
+        inverted = False
         if x is None:
             if self.need_x_value:
                 try:
                     x = run.value(self.in_edges[0], run.graph.describe(self.index))
                 except ValueUnavailableError:  # fall back to the inverse map
-                    x = self._inverse(node, y)
+                    x, inverted = self._inverse(node, y), True
             elif k.inverse is not None:
-                x = self._inverse(node, y)
-        return x, y
+                x, inverted = self._inverse(node, y), True
+        return x, y, inverted
 
     def _inverse(self, node, y: Tensor) -> Tensor:
         """``x`` from the saved output, ``inf`` where the inverse is not exact (saturation: see
@@ -74,10 +81,11 @@ class IdentityStep(Step):
         return self._ratio(run, node)[0]
 
     def _ratio(self, run, node) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """``y / x`` (the limit where ``x == 0``), and, where ``x`` could only be had by inverting the saved output
-        and the inverse is not finite (a saturated ``tanh``/``sigmoid``), the mask of those positions and ``y``."""
+        """``y / x`` (the limit where ``x == 0``) and, where ``x`` is the inverse of the saved output, the mask of the
+        positions where that inverse is not exact (a saturated ``tanh``/``sigmoid``: the ratio is 0 there) and ``y``."""
         k = self.kernel
-        x, y = self._xy(run, node) if k._ratio is None or k.x_field is not None else (None, saved(node, k.y_field))
+        x, y, inverted = self._xy(run, node) if k._ratio is None or k.x_field is not None else (
+            None, saved(node, k.y_field), False)
         if k._ratio is not None:
             if x is None and k.x_field is not None:
                 x = saved(node, k.x_field)
@@ -85,11 +93,13 @@ class IdentityStep(Step):
         lim = self.limit(node) if callable(self.limit) else self.limit
         zero = x == 0
         r = y / torch.where(zero, 1, x)
-        r = torch.where(zero, torch.as_tensor(lim, dtype=r.dtype, device=r.device), r)
-        lost = ~torch.isfinite(x)
-        if bool(lost.any()) and bool(torch.isfinite(y).all()):
-            return torch.where(lost, torch.zeros((), dtype=r.dtype, device=r.device), r), lost, y
-        return torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0), None, None
+        lim_t = lim.to(dtype=r.dtype, device=r.device) if isinstance(lim, torch.Tensor) else \
+            torch.full((), float(lim), dtype=r.dtype, device=r.device)  # a fill, not a copy from the host
+        r = torch.where(zero, lim_t, r)
+        r = torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)
+        if inverted:  # where the inverse is not exact: x unknown, nothing passes (no host sync to ask if any)
+            return r, ~torch.isfinite(x) & torch.isfinite(y), y
+        return r, None, None
 
     def g(self, run, gs):
         node = run.graph.nodes[self.index]

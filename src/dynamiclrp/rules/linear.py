@@ -30,6 +30,7 @@ from ..errors import RuleError, ValueUnavailableError
 from ..ops.linear import ConvKernel, LinearKernel
 from .base import Rule, Stabilizer, _check_number, _check_stabilizer, _child_meta, _fit, _fit_mask, _stab, _wrong_family
 from .batchnorm import _MergedBN
+from .structure import structure_of
 from .sums import SumStep
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -100,7 +101,7 @@ class LinearStep(Step):
     __slots__ = ("kernel", "which", "x_pos", "w_pos", "bias_pos", "branches", "stabilizer", "zero_bias",
                  "x_field", "w_field", "x_meta", "b_meta", "kind", "needs_z", "conservative",
                  "sink_kind", "bn", "fast_eps", "z_source", "bias_wanted", "params", "bias_kind", "z_plan",
-                 "lean_ledger", "x_ok")
+                 "lean_ledger", "x_ok", "x_nonneg")
     handles_r = True
 
     def __init__(self, site: Site, branches: Sequence[Branch], stabilizer: Stabilizer, zero_bias: bool,
@@ -154,12 +155,21 @@ class LinearStep(Step):
         lean = not self.needs_z or self.fast_eps
         self.lean_ledger = lean and planner.everywhere
         x_edge, w_edge = site.edges[self.x_pos], site.edges[self.w_pos]
+        # a non-negative input (after ReLU, pooling...) takes the one-branch path of γ, z⁺, α-β: decided from the
+        # graph, so the run never reads the input's values on the host
+        self.x_nonneg = (kind in ("gamma", "zplus", "alphabeta") and x_edge >= 0
+                         and structure_of(planner).is_nonnegative(x_edge))
         x_ok = saved(node, self.x_field) is not None or (x_edge >= 0 and planner.can_value(x_edge))
         self.x_ok = x_ok
         known_bias = self.bn.known if self.bn is not None else self.bias_kind != "lost"
         self.z_plan = None
         if lean and self.needs_z and self.z_source is None:
-            if x_ok and known_bias:
+            resolver = planner.resolver
+            if planner.can_value(out) and not resolver.avoid(resolver.recipe(out)):
+                self.z_plan = "value"  # held downstream (a reshape away from a saved tensor, sum − residual...)
+            elif planner.can_support(out) and not resolver.avoid(resolver.support(out)):
+                self.z_plan = "support"  # e.g. the logits, from the explained entries a gather picked
+            elif x_ok and known_bias:
                 self.z_plan = "compute"
             elif planner.can_value(out):
                 self.z_plan = "value"
@@ -273,7 +283,8 @@ class LinearStep(Step):
             z_full = self._z_from_source(run)
             if z_full is None and self.z_plan in ("value", "support"):
                 out = self.out_slots[0] if self.bn is None else self.bn.out_slot
-                z_full = self._output(run, out, gradient_form_only=True)
+                where = run.graph.describe(self.index)
+                z_full = run.value(out, where) if self.z_plan == "value" else run.support(out, where)
             elif z_full is None:
                 z = alpha * self._f(node, x, w)
                 bias = (self._bias(run, node, z, gradient_form_only=True) if self.bn is None
@@ -486,8 +497,7 @@ class LinearStep(Step):
             has_bias_edge = False
         if lean:
             return self._fast(run, node, m, x, w, w_orig, alpha, res, has_bias_edge)
-        if (m.r is None and run.ledger is None and self.kind in ("gamma", "zplus", "alphabeta")
-                and not callable(self.stabilizer) and not bool((x < 0).any())):
+        if m.r is None and run.ledger is None and self.x_nonneg and not callable(self.stabilizer):
             return self._fast_nonnegative(run, node, m, x, w, w_orig, alpha, res, has_bias_edge)
         return self._general(run, node, m, x, w, w_orig, alpha, res, has_bias_edge)
 

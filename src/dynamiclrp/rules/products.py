@@ -14,7 +14,7 @@ from ..ops.elementwise import NegKernel, ProductKernel
 from ..ops.linear import LinearKernel
 from .base import Rule, _child_meta, _fit, _wrong_family
 from .linear import BilinearStep, Epsilon, LinearStep
-from .structure import Structure
+from .structure import Structure, structure_of
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
@@ -161,12 +161,8 @@ class Product(Rule):
         return _bind_product(self, site, detect=True)
 
 
-def _structure(site: Site):
-    st = site.planner.analyses.get("structure")
-    if st is None:
-        st = Structure(site.planner)
-        site.planner.analyses["structure"] = st
-    return st
+def _structure(site: Site) -> Structure:
+    return structure_of(site.planner)
 
 
 def _bind_product(rule: Rule, site: Site, detect: bool, softmax_constant: bool = False) -> Step:

@@ -90,6 +90,32 @@ class Structure:
             s = edges[0]
         return False
 
+    def is_nonnegative(self, slot: int) -> bool:
+        """``slot`` is ``>= 0`` by construction: produced by a non-negative op (ReLU, sigmoid, softmax) through
+        views, pooling and selections (every input of those non-negative too). Decided from the rows' traits, so
+        a rule can take a non-negative input's fast path without looking at the values."""
+        stack = [slot]
+        seen: set[int] = set()
+        while stack:
+            s = stack.pop()
+            if s in seen:
+                continue
+            seen.add(s)
+            if len(seen) > _LIMIT:
+                return False
+            spec = self._spec(s)
+            if spec is None:
+                return False
+            if spec.nonnegative:
+                continue
+            if not (spec.view or spec.keeps_sign):
+                return False
+            edges = self._tensor_edges(self.g.slot_node[s])
+            if not edges:
+                return False
+            stack.extend(edges)
+        return True
+
     def is_gate(self, slot: int) -> bool:
         """``slot`` is ``sigmoid(...)`` or ``1 - sigmoid(...)`` (through views)."""
         return self._produced_by(slot, lambda spec: spec.gate, _scalar_shift, 8)
@@ -169,3 +195,12 @@ class Structure:
                 continue
             return False
         return reached
+
+
+def structure_of(planner: "Planner") -> Structure:
+    """The planner's :class:`Structure` (one per plan, memoised in ``planner.analyses``)."""
+    st = planner.analyses.get("structure")
+    if st is None:
+        st = Structure(planner)
+        planner.analyses["structure"] = st
+    return st
