@@ -626,8 +626,10 @@ class PromiseResolver:
         if available(full) and not inverse and not self.avoid(full):
             return full
         walk = self._support(slot, 0)
-        if available(full) and not inverse and (not available(walk) or self.avoid(walk)):
-            return full  # recomputing a matrix product beats a walk that recomputes one too
+        if available(full) and not inverse and (not available(walk) or self.avoid(walk) or _inverts(walk)):
+            # recomputing a matrix product beats a walk that recomputes one too, or that inverts a saved output
+            # (exact only where the op is well conditioned, while the op's rule may pass relevance everywhere)
+            return full
         return walk
 
     def _support(self, slot: int, depth: int) -> Recipe:
@@ -1054,6 +1056,20 @@ class ValueStore:
             if r is not recipe and isinstance(r.key, int) and len(g.consumers[r.key]) > 1:
                 pre.append(g.describe(g.slot_node[r.key]))
         return pre, depth[recipe.key]
+
+
+def _inverts(recipe: Recipe) -> bool:
+    """Whether ``recipe`` reads a value by inverting an element-wise op's saved output somewhere."""
+    stack, seen = [recipe], set()
+    while stack:
+        r = stack.pop()
+        if r.key in seen:
+            continue
+        seen.add(r.key)
+        if isinstance(r, InversePart):
+            return True
+        stack.extend(r.children())
+    return False
 
 
 def _vm(value: Any) -> tuple[Tensor, Mask]:
