@@ -561,3 +561,17 @@ def test_functional_call_with_norms_products_and_embeddings_equals_eager(preset:
     (got,) = dynamiclrp.relevance(out, e, rules=preset)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
     _closes(dynamiclrp.explain(torch.func.functional_call(m, params, (e,))[:, 0], e, rules=preset))
+
+
+def test_a_plain_tensor_that_meets_no_data_stays_data() -> None:
+    # y + c: a plain leaf added to a constant (a decoder's input embeddings plus fixed positions) is data, so the
+    # product with the network's activation is a product of two activations (the uniform rule), as before
+    torch.manual_seed(6)
+    lin = nn.Linear(4, 4).to(DT)
+    x, y = _x(3, 4), _x(3, 4)
+    c = torch.randn(3, 4, dtype=DT)
+    out = (lin(x) * (y + c)).sum(1)
+    rx, ry = dynamiclrp.relevance(out, [x, y], rules="zero")
+    (rx_only,) = dynamiclrp.relevance(out, x, rules="zero")
+    torch.testing.assert_close(rx_only, rx, rtol=1e-12, atol=1e-14)  # requesting y changes nothing for x
+    assert ry.abs().sum() > 0

@@ -225,8 +225,8 @@ class Planner:
         return found
 
     def _other_operand_active(self, i: int, active: list[bool]) -> bool:
-        """Whether every use of leaf ``i`` meets data: the other operand of a layer op or a product is an
-        activation (a normalisation's weight, an embedding table or an addend qualify by their place alone)."""
+        """Whether every use of leaf ``i`` meets data: the other operand of a layer op, a product or a sum is an
+        activation (a normalisation's weight or an embedding table qualify by their place alone)."""
         g = self.graph
         for c, pos in self._uses[i]:
             spec = self.specs[c]
@@ -234,7 +234,7 @@ class Planner:
             if spec.family in ("linear", "conv"):
                 ops = tuple(getattr(spec.kernel, "operands", ()))
                 others = [ops[1 - ops.index(pos)]] if pos in ops else list(ops)  # a bias: any data operand
-            elif spec.family == "product":
+            elif spec.family in ("product", "add"):  # a factor or an addend of data (a scale, a bias)
                 others = [1 - pos]
             else:
                 continue

@@ -71,16 +71,11 @@ def as_tuple(x: Any, what: str, edges_ok: bool = False) -> tuple[Any, ...]:
     raise TypeError(f"{what} must be a tensor or a sequence of tensors, got {type(x).__name__}")
 
 
-def prepare(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any, allow_unused: bool = False) -> Prepared:
-    """Check the arguments of a relevance call and map them onto the graph of ``outputs``.
-
-    An input that is not in the graph of ``outputs`` (a copy of the tensor the model saw, a slice taken after the
-    forward pass, a tensor the outputs do not depend on) raises :class:`UnusedInputError`, as
-    ``torch.autograd.grad`` does, unless ``allow_unused`` (then its relevance is zeros)."""
+def prepare(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any) -> Prepared:
+    """Check the arguments of a relevance call and map them onto the graph of ``outputs`` (inputs not in the graph
+    get the slot ``None``: :func:`check_unused` decides what that means)."""
     outs = as_tuple(outputs, "outputs")
     ins = as_tuple(inputs, "inputs", edges_ok=True)
-    if not isinstance(allow_unused, bool):
-        raise TypeError(f"allow_unused must be True or False, got {allow_unused!r}")
     for k, o in enumerate(outs):
         _check_kind(o, f"outputs[{k}]")
         if o.grad_fn is None:
@@ -118,12 +113,21 @@ def prepare(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any, allow_u
             known[slot] = len(outs) + k
             if not isinstance(t, torch.nn.Parameter):
                 sources.add(slot)
-    if not allow_unused:
-        unused = [k for k, slot in enumerate(input_slots) if slot is None]
-        if unused:
-            raise UnusedInputError(_unused_message(unused, ins))
     default_seeds = [s is None for s in _seed_list(outs, seeds)]
     return Prepared(outs, ins, seed_tensors, graph, held, known, requested, sources, input_slots, default_seeds)
+
+
+def check_unused(call: Prepared, allow_unused: bool) -> None:
+    """An input that is not in the graph of the outputs (a copy of the tensor the model saw, a slice taken after the
+    forward pass, a tensor the outputs do not depend on) raises :class:`UnusedInputError`, as ``torch.autograd.grad``
+    does, unless ``allow_unused`` (then its relevance is zeros)."""
+    if not isinstance(allow_unused, bool):
+        raise TypeError(f"allow_unused must be True or False, got {allow_unused!r}")
+    if allow_unused:
+        return
+    unused = [k for k, slot in enumerate(call.input_slots) if slot is None]
+    if unused:
+        raise UnusedInputError(_unused_message(unused, call.inputs))
 
 
 def _check_kind(t: Tensor, what: str) -> None:

@@ -19,7 +19,7 @@ from .ledger import Ledger, LedgerObserver
 from .messages import Msg, finite_sum, safe_div
 from .params import ModelParams
 from .plan import PlanCache, Planner
-from .prepare import Prepared, prepare
+from .prepare import Prepared, check_unused, prepare
 from .promises import ValueStore
 from .results import Explanation
 
@@ -163,7 +163,8 @@ def compute(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any = None, 
 def _compute(outputs: Any, inputs: Any, seeds: Any, rules: "RuleChooser", ledger: bool, model: torch.nn.Module | None,
              trace_promises: bool, cache: PlanCache | None, seed_messages: Sequence[Msg] | None,
              finish_ledger: bool, allow_unused: bool) -> Explanation:
-    call = prepare(outputs, inputs, seeds, allow_unused)
+    call = prepare(outputs, inputs, seeds)
+    check_unused(call, allow_unused)
     _warn_whole_matrix(call, rules)
     if model is None:
         model = rules.model
