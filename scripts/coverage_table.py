@@ -172,16 +172,44 @@ NOTES = """## Rules added for coverage
 | `MkldnnRnnLayerBackward0` | `nn.LSTM` on CPU | re-expressed with primitive ops, explained with the rule set | Arras et al. 2017: gates multiplicative (signal takes all), ε on the gate pre-activation, sum rule on the cell |
 | `GeLUFunctionBackward` | BLOOM (custom Function) | identity | tanh-GELU; the row checks the Function's class |
 | `SqrtBoundDerivativeBackward` | RecurrentGemma (custom Function) | identity | `sqrt` with a clipped derivative |
+| `CeluBackward0`, `LogSigmoidBackward0`, `SignBackward0` | activations, losses, binarised features | identity | AttnLRP's rule for a function of one input, `R_x = R_y`; `log σ(0) ≠ 0` is the rule's sink at `x = 0` |
+| `RreluWithNoiseBackward0` | RReLU | identity | piecewise linear and homogeneous (the saved slope): gradient × input under LRP-0 |
+| `StdBackward0`, `VarBackward0`, `ProdBackward0/1`, `CumprodBackward0` | layer norms written out, products of gates | sum rule in gradient form, `Jᵀ(G / k)` | homogeneous of degree `k` (1, 2, `n`, `i + 1`): Euler's theorem makes `R_i = x_i ∂f/∂x_i / k` exact; for a product each factor gets `R / n` (AttnLRP's uniform rule); std and var are normalisers |
+| `LogsumexpBackward0` | MoE z-losses, soft pooling, hand-written log-softmax | `R_i = softmax(x)_i · R` | a smooth maximum: max pooling's winner-take-all made smooth (Kauffmann et al. 2022); exactly conservative |
+| `MaskedScatterBackward0` | LLaVA-style image features inserted into text embeddings | routing | a selection |
+| `MaxUnpool2D/3DBackward0`, `CopyBackwards`, `PackPaddedSequenceBackward0` | SegNet, `Tensor.copy_`, packed LSTM/GRU | routing | selections |
+| `ScatterReduceBackward0` | GAT edge softmax, message passing | routing (`sum`, `mean`, `amax`, `amin`), uniform (`prod`) | fixed coefficients or a selection; a product of `n` factors |
+| `EmbeddingBagBackward0` | fastText, recommender features | routing to the rows, or all to per-token weights | linear with fixed coefficients; with per-token weights the rows are a parameter |
+| `GridSampler2D/3DBackward0`, `AffineGridGeneratorBackward0` | spatial transformers, flow warping | sum rule (family `pool`) | for a given grid a linear map of the input (the grid, like a gate, gets nothing); the affine grid is linear in θ |
+| `GeneratedBackwardFor_torchvision_roi_align_defaultBackward` | Faster/Mask/Keypoint R-CNN heads | sum rule (family `pool`) | averages of bilinear samples inside fixed boxes |
+| `VdotBackward0` | spectral normalisation's `σ = uᵀWv` | the linear rules | a bilinear map |
+| `GluBackward0`, `TrilinearBackward0`, `CheckpointFunctionBackward` | Conformer convolution modules, `nn.Bilinear`, `checkpoint(use_reentrant=True)` | `Decompose`: re-expressed with primitive ops and explained with the rule set | an exact rewrite: GLU's sigmoid is a gate; two matmuls; the checkpointed function run again with a graph |
+| `FftR2C/C2C/C2RBackward0`, `ViewAsReal/ComplexBackward0` | FNet, global filter networks | gradient-form routing | the real read-out of an FFT is a real linear map: its transpose is the z-rule (LRP-0 = gradient × input); relevance at a complex slot is `Re(conj(G)·v)` |
+| `SubBackward0` of `x − max(...)` before `exp` | softmax written out, RWKV's WKV, GAT | the maximum held constant (`ShiftStep`) | the exp-normalisation trick: softmax is shift-invariant, so the stabiliser gets nothing and `x` everything, also where `x − max = 0` |
 
-Each has a test in `tests/test_ops_special.py` (LRP-0 = gradient × input on bias-free piecewise-linear graphs,
-conservation through the ledger, or equality with a reference: explicit dense-matrix z-rules, Zennit-parity
-reference rules, an independent float64 Arras LSTM, or the same computation written with primitive ops).
+Each has a test in `tests/test_ops_special.py` or `tests/test_ops_coverage.py` (LRP-0 = gradient × input on
+bias-free piecewise-linear graphs, conservation through the ledger with no unmeasured entry, or equality with a
+reference: explicit dense-matrix z-rules, Euler's decomposition written out, Zennit-parity reference rules, an
+independent float64 Arras LSTM, or the same computation written with other ops), and frozen models equal their
+trainable twins (`tests/test_frozen.py`).
 
 ## Custom autograd Functions
 
 A node of a custom `torch.autograd.Function` is named `<ClassName>Backward`. An unknown one raises
 `UnsupportedOperationError` naming the node type, the Function's class and how to register a rule, and
-`dynamiclrp.coverage` reports it as uncovered. Register a rule by node type:
+`dynamiclrp.coverage` reports it as uncovered. The few-line recipe is `dynamiclrp.rules.Decompose`: give the
+Function's math written with ordinary ops, and every op inside gets its usual rule (two real examples, SEW-D's
+`XSoftmax` and Reformer's reversible layers, are in [the rules guide](rules.md#7-custom-operations)):
+
+```python
+import torch, dynamiclrp
+
+rules = dynamiclrp.presets.epsilon().with_ops({
+    "MySoftmaxBackward": dynamiclrp.rules.Decompose(lambda ctx, x: torch.softmax(x, ctx.dim)),
+})
+```
+
+Or register a rule by node type:
 
 ```python
 import dynamiclrp
@@ -204,9 +232,18 @@ rules = dynamiclrp.presets.epsilon().with_ops({"MyActivationBackward": (spec, Id
 
 ## What is not covered, and why
 
-* **FNet** (`FftC2CBackward0`): the Fourier mixing passes relevance through complex-valued intermediates; a rule
-  would need relevance on complex tensors. Not registered.
-* **YOSO** (`YosoCumulationBackward`, a custom Function): not registered; use `with_ops`.
+* **Non-linear functions of complex tensors** (`abs`, `angle` of an FFT): a complex value is two real inputs, so
+  the identity rule does not apply and no other rule is derived; refused with that reason. Linear complex paths
+  (FNet's `fft(x).real`, global filters `irfft(rfft(x) · W)`) are covered; write `|z|` on the real view
+  (`torch.view_as_real(z).pow(2).sum(-1).sqrt()`) to explain a magnitude.
+* **YOSO** (`YosoCumulationBackward`, a custom Function): not registered; use `Decompose` or `with_ops`.
+* **Packed bidirectional GRUs**: covered and conservative, but a sequence's relevance depends on the batch it is
+  packed with — the reverse pass concatenates the zero initial state of sequences that join later with the running
+  states of the others, and the product rules see one activation tensor where the sequence alone has a constant.
+  (LSTMs and unidirectional GRUs explain each sequence as if it were alone.)
+* **Exact zeros the graph computes on purpose**: Mamba2's segment sums `cs_i − cs_i` are identically 0 on the
+  diagonal, so `exp(0) = 1` there is a constant; the relevance it receives (3e-4 of the seed on the tiny model) is
+  the identity rule's sink, booked as `rule`.
 * **In-place non-linear ops on views** (`x[..., :k].sigmoid_()`, `x[i] *= t`): the `CopySlices` node wraps the op's
   backward only, so its relevance rule cannot be recovered; refused with a clear error (write it out of place).
 * **`CudnnRnnBackward0`** (`nn.LSTM`/`nn.GRU` on CUDA, all layers fused): not registered (no GPU to test on); on CPU

@@ -116,8 +116,8 @@ def disguised(translations: dict[str, Translation]) -> Iterator[list[str]]:
     seen: list[str] = []
     orig = run_module.prepare
 
-    def prepare(outputs: Any, inputs: Any, seeds: Any) -> Any:
-        call = orig(outputs, inputs, seeds)
+    def prepare(outputs: Any, inputs: Any, seeds: Any, *args: Any, **kwargs: Any) -> Any:
+        call = orig(outputs, inputs, seeds, *args, **kwargs)
         book = _Book(translations)
         call.graph = GraphView([(book.wrap(o.grad_fn), o.output_nr) for o in call.outputs])
         seen.extend(book.seen)

@@ -369,6 +369,21 @@ def test_module_spec_for_coverage_without_cwd_on_sys_path(capsys, work, monkeypa
     monkeypatch.delitem(sys.modules, "mymodels", raising=False)
 
 
+def test_relative_file_spec_in_a_folder_for_coverage(capsys, work, monkeypatch):
+    """``dynamiclrp coverage folder/file.py:function``, like ``explain --model``, with a model of issue 11's ops."""
+    (work / "sub").mkdir()
+    (work / "sub" / "glu_models.py").write_text(
+        "import torch\n"
+        "def target():\n"
+        "    torch.manual_seed(0)\n"
+        "    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GLU(), torch.nn.Linear(4, 2))\n"
+        "    return model, torch.randn(3, 4)\n")
+    monkeypatch.chdir(work)
+    code, out, err = _main(capsys, "coverage", "sub/glu_models.py:target", "--explain")
+    assert code == 0, err
+    assert "GluBackward0" in out and "100.00 %" in out
+
+
 def test_file_spec_for_coverage_and_errors(capsys, work, monkeypatch):
     monkeypatch.chdir(work)
     code, out, _ = _main(capsys, "coverage", f"{work / 'mymodels.py'}:target")

@@ -389,6 +389,20 @@ def test_cli_reports_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "not a torch.nn.Module" in capsys.readouterr().err
 
 
+def test_cli_stores_concepts(tmp_path: Path) -> None:
+    """``--concepts``: every unit's relevance and activation of the named layers, next to unchanged heatmaps."""
+    from dynamiclrp.cli import main
+    common = ["attribute", "--model", f"{JOB}:model", "--data", f"{JOB}:data", "--batch-size", "50", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "a.zarr")]) == 0
+    assert main([*common, "--out", str(tmp_path / "b.zarr"), "--concepts", "features.2", "classifier.3:input",
+                 "--concept-unit", "channel"]) == 0
+    a, b = D.open_store(tmp_path / "a.zarr"), D.open_store(tmp_path / "b.zarr")
+    assert np.array_equal(a["relevance"][:], b["relevance"][:])
+    assert b["concepts/features.2/relevance"].shape == (300, 16)
+    assert b["concepts/classifier.3@input/activation"].shape == (300, 64)
+    assert b.attrs["dynamiclrp"]["job"]["concepts"] == ["features.2", "classifier.3:input"]
+
+
 @pytest.mark.slow  # a harness check, not a property: kept out of the default run's time budget
 def test_throughput_benchmark_runs_on_toy_sizes() -> None:
     """benchmarks/dataset_throughput.py end to end on a few samples (no timing assertions)."""

@@ -117,6 +117,16 @@ def test_frozen_zoo_models_equal_trainable(name: str, impl: str | None) -> None:
     _check_zoo(name, impl, presets_here)
 
 
+#: the families of issue 11 (a representative each); the slower ones (R-CNN, MViT, Swin-V2, packed RNNs, the
+#: transformers entries) are in the slow sweep below
+COVERAGE_ZOO = ["stn", "segnet", "gat", "bag_of_words", "bilinear", "spectral_norm", "checkpoint", "stats_mlp"]
+
+
+@pytest.mark.parametrize("name", COVERAGE_ZOO)
+def test_frozen_coverage_families_equal_trainable(name: str) -> None:
+    _check_zoo(name, None, ["epsilon"])
+
+
 def _sweep_params():
     out = []
     for name in zoo.names():
@@ -131,7 +141,11 @@ def _sweep_params():
 @pytest.mark.parametrize("name,impl", _sweep_params())
 def test_frozen_zoo_sweep_every_preset(name: str, impl: str | None) -> None:
     rule_names = ["epsilon", "zero", "attnlrp", "cplrp"]
-    if name in ("convnext", "resnet", "unet", "cnn_bn") or name.startswith("tv_") and name != "tv_vit_b_16":
+    # the Zennit presets' Norm rule on additions needs the sum's value, which autograd does not keep where a
+    # constant is added (attention biases and masks; the R-CNN transform's image mean): trainable and frozen alike
+    # raise there (see tests/test_zoo_explain.py), so those entries are compared under the other presets
+    value_needing = ("tv_vit_b_16", "tv_swin_v2_t", "tv_fasterrcnn", "tv_maskrcnn", "tv_keypointrcnn")
+    if name in ("convnext", "resnet", "unet", "cnn_bn") or name.startswith("tv_") and name not in value_needing:
         rule_names += ALL_PRESETS[4:]
     _check_zoo(name, impl, rule_names)
 

@@ -125,7 +125,8 @@ def test_every_exception_is_defined_in_errors_and_is_a_dynamiclrp_error() -> Non
 @pytest.mark.skipif(shutil.which("mypy") is None and importlib.util.find_spec("mypy") is None,
                     reason="mypy is not installed")
 def test_public_api_passes_mypy_strict() -> None:
-    files = [SRC / f for f in ("__init__.py", "api.py", "errors.py", "presets.py", "version.py")] + [
+    files = [SRC / f for f in ("__init__.py", "api.py", "errors.py", "presets.py", "version.py", "conditions.py",
+                               "concepts.py")] + [
         SRC / "core" / f for f in ("results.py", "ledger.py")]
     res = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent",
                           "--ignore-missing-imports", *map(str, files)], capture_output=True, text=True,

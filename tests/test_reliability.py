@@ -386,23 +386,23 @@ def _nodes(t: torch.Tensor) -> list:
 
 
 # -----------------------------------------------------------------------------------------------------------
-# 10. reentrant checkpointing: the error names use_reentrant=False, which works
+# 10. reentrant checkpointing: supported now (issue 11: the checkpointed function is re-expressed), so registering
+# Routing for it is never needed; both modes equal the plain model, frozen too
 # -----------------------------------------------------------------------------------------------------------
-def test_reentrant_checkpoint_error_names_use_reentrant_false() -> None:
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointing_either_way_equals_the_plain_model(reentrant: bool) -> None:
     from torch.utils.checkpoint import checkpoint
 
     m = mlp()
     x = _x(5, 4)
-    out = checkpoint(m, x, use_reentrant=True)[:, 0]
-    with pytest.raises(UnsupportedOperationError, match="use_reentrant=False") as err:
-        dynamiclrp.relevance(out, x)
-    assert "CheckpointFunctionBackward" in str(err.value)
-    assert "with_ops({'CheckpointFunctionBackward': dynamiclrp.rules.Routing()})" not in str(err.value)
-    # what the message advises
-    out = checkpoint(m, x, use_reentrant=False)[:, 0]
-    ex = dynamiclrp.explain(out, x)
-    torch.testing.assert_close(ex.relevance[0], dynamiclrp.relevance(m(x)[:, 0], x)[0], rtol=1e-12, atol=1e-14)
+    (ref,) = dynamiclrp.relevance(m(x)[:, 0], x)
+    ex = dynamiclrp.explain(checkpoint(m, x, use_reentrant=reentrant)[:, 0], x)
+    torch.testing.assert_close(ex.relevance[0], ref, rtol=1e-12, atol=1e-14)
     _closes(ex)
+    frozen = copy.deepcopy(m).requires_grad_(False)
+    exf = dynamiclrp.explain(checkpoint(frozen, x, use_reentrant=reentrant)[:, 0], x, model=frozen)
+    torch.testing.assert_close(exf.relevance[0], ref, rtol=1e-12, atol=1e-14)
+    _closes(exf)
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -32,6 +32,12 @@ KNOWN: dict[tuple[str, str | None, str | None], tuple[str, str]] = {
 #: with an attention mask added as a constant (not kept by autograd) that value is not in the graph
 VALUE_NEEDING_ADD = ("paper", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat")
 
+for _det in ("tv_fasterrcnn", "tv_maskrcnn", "tv_keypointrcnn"):
+    for _preset in VALUE_NEEDING_ADD:
+        KNOWN[(_det, None, _preset)] = (
+            "value", "the R-CNN transform normalises the image with a constant mean and std autograd does not keep "
+                     "(then resizes it); these presets' rule for the subtraction needs its value")
+
 ATTENTION_PRESETS = ("epsilon", "attnlrp", "cplrp")
 
 

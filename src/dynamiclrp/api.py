@@ -5,6 +5,7 @@ from typing import Sequence
 
 import torch
 
+from .conditions import Conditions, resolve_conditions
 from .core.plan import PlanCache
 from .core.results import Explanation
 from .core.run import compute
@@ -20,7 +21,9 @@ Seeds = Tensor | float | Sequence[Tensor | float | None] | None
 
 def relevance(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[InputLike],
               seeds: Seeds = None, *, rules: Rules = None,
-              model: torch.nn.Module | None = None, allow_unused: bool = False) -> tuple[Tensor, ...]:
+              model: torch.nn.Module | None = None, conditions: Conditions | None = None,
+              exclude_parallel: bool = True, create_graph: bool = False,
+              allow_unused: bool = False) -> tuple[Tensor, ...]:
     """Layer-wise Relevance Propagation relevance of ``inputs`` for ``outputs``, like ``torch.autograd.grad``.
 
     The autograd graph of an ordinary forward pass is walked operation by operation from ``outputs`` to
@@ -51,12 +54,31 @@ def relevance(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[I
         the usual way to explain): autograd does not keep a frozen bias, and some rules need it where no op of
         the graph kept the layer's output; it is then read, never modified, from the module that owns the
         layer's saved weight. Without ``model=`` such a case raises :class:`ValueUnavailableError` naming the op.
+    conditions : mapping, optional
+        Concept Relevance Propagation (Achtibat et al. 2023, Nat. Mach. Intell. 5:1006): explain the outputs
+        *through* chosen units of intermediate tensors, ``{tensor: units}`` — e.g. ``{feature_map: {"channel":
+        [12, 40]}}``, ``{"features.10": [12]}`` (a module name, resolved through the graph with ``model=``),
+        ``{edge: dynamiclrp.conditions.heads([3], 8)}``. The relevance passing each tensor is masked to its units;
+        several tensors combine with "and". See :mod:`dynamiclrp.conditions` for every way to name tensors and
+        units, and :mod:`dynamiclrp.concepts` for many concepts at once, concept relevance and reference samples.
+    exclude_parallel : bool
+        With ``conditions``: only relevance that passed every conditioned tensor continues below it; relevance on
+        parallel paths (a residual connection around a conditioned block) is dropped (zennit-crp's default).
+        ``False`` masks the conditioned tensors and lets everything else flow.
+    create_graph : bool
+        Record the relevance pass with autograd, so that the returned relevance is differentiable with respect
+        to the inputs and the model's parameters (those that require grad) and can be part of a training loss —
+        explanation-guided learning, e.g. "right for the right reasons" (Ross et al. 2017, IJCAI). Costs about
+        one more backward pass when differentiated.
+    allow_unused : bool, optional
+        Like ``torch.autograd.grad``: an input that is not in the graph of ``outputs`` (a copy of the tensor the
+        model saw, a slice taken after the forward pass, a tensor the outputs do not depend on) raises
+        :class:`UnusedInputError` by default; with ``allow_unused=True`` its relevance is zeros.
 
     Returns
     -------
     tuple of Tensor
-        One tensor per input, with the input's shape, dtype and device. Inputs the outputs do not depend on get
-        zeros.
+        One tensor per input, with the input's shape, dtype and device. Detached, unless ``create_graph=True``.
 
     Raises
     ------
@@ -79,13 +101,17 @@ def relevance(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[I
     >>> r.shape
     torch.Size([4, 3])
     """
-    return compute(outputs, inputs, seeds, rules=resolve(rules), ledger=False, model=model,
+    ruleset = resolve(rules)
+    conds = resolve_conditions(outputs, conditions, model or ruleset.model, ruleset)
+    return compute(outputs, inputs, seeds, rules=ruleset, ledger=False, model=model, conditions=conds,
+                   exclude_parallel=exclude_parallel, create_graph=create_graph,
                    allow_unused=allow_unused).relevance
 
 
 def explain(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[InputLike],
             seeds: Seeds = None, *, rules: Rules = None, ledger: bool = True,
-            model: torch.nn.Module | None = None, trace_promises: bool = False,
+            model: torch.nn.Module | None = None, trace_promises: bool = False, conditions: Conditions | None = None,
+            exclude_parallel: bool = True, create_graph: bool = False, values: bool = False,
             allow_unused: bool = False) -> Explanation:
     """Like :func:`relevance`, returning an :class:`~dynamiclrp.core.results.Explanation` with the ledger.
 
@@ -101,13 +127,22 @@ def explain(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[Inp
         As in :func:`relevance`; also names parameters in the ledger.
     trace_promises : bool, optional
         Keep every value the Promise System recovered (``ex.promises``), for inspection and tests.
+    conditions, exclude_parallel, create_graph
+        As in :func:`relevance`. With a ledger, the relevance a condition removes is booked as ``condition``
+        sinks, so the ledger still closes.
+    values : bool, optional
+        Also return the forward value of every requested input (``ex.values``): for an intermediate tensor
+        requested as a graph edge, its activation, recovered by the Promise System.
 
     Returns
     -------
     Explanation
     """
-    return compute(outputs, inputs, seeds, rules=resolve(rules), ledger=ledger, model=model,
-                   trace_promises=trace_promises, allow_unused=allow_unused)
+    ruleset = resolve(rules)
+    conds = resolve_conditions(outputs, conditions, model or ruleset.model, ruleset)
+    return compute(outputs, inputs, seeds, rules=ruleset, ledger=ledger, model=model,
+                   trace_promises=trace_promises, conditions=conds, exclude_parallel=exclude_parallel,
+                   create_graph=create_graph, values=values, allow_unused=allow_unused)
 
 
 class Explainer:
@@ -144,17 +179,26 @@ class Explainer:
         self._cache = PlanCache(cache_size)
 
     def relevance(self, outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[InputLike],
-                  seeds: Seeds = None, *, allow_unused: bool = False) -> tuple[Tensor, ...]:
+                  seeds: Seeds = None, *, conditions: Conditions | None = None,
+                  exclude_parallel: bool = True, create_graph: bool = False,
+                  allow_unused: bool = False) -> tuple[Tensor, ...]:
         """:func:`relevance` with this explainer's rules and plan cache."""
+        conds = resolve_conditions(outputs, conditions, self.model or self.rules.model, self.rules)
         return compute(outputs, inputs, seeds, rules=self.rules, ledger=False, model=self.model,
-                       cache=self._cache, allow_unused=allow_unused).relevance
+                       cache=self._cache, conditions=conds, exclude_parallel=exclude_parallel,
+                       create_graph=create_graph, allow_unused=allow_unused).relevance
 
     def explain(self, outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[InputLike],
-                seeds: Seeds = None, *, ledger: bool = True, trace_promises: bool = False,
+                seeds: Seeds = None, *, ledger: bool = True,
+                trace_promises: bool = False, conditions: Conditions | None = None, exclude_parallel: bool = True,
+                create_graph: bool = False, values: bool = False,
                 allow_unused: bool = False) -> Explanation:
         """:func:`explain` with this explainer's rules and plan cache."""
+        conds = resolve_conditions(outputs, conditions, self.model or self.rules.model, self.rules)
         return compute(outputs, inputs, seeds, rules=self.rules, ledger=ledger, model=self.model,
-                       trace_promises=trace_promises, cache=self._cache, allow_unused=allow_unused)
+                       trace_promises=trace_promises, cache=self._cache, conditions=conds,
+                       exclude_parallel=exclude_parallel, create_graph=create_graph, values=values,
+                       allow_unused=allow_unused)
 
     def cache_info(self) -> dict[str, int]:
         """``{"hits", "misses", "plans", "size"}`` of the plan cache."""

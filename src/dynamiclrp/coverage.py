@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from .core.graph import GraphView, forward_cls, forward_op_name, gradient_edge, is_custom_function
+from .core.params import ModelParams
 from .core.plan import Planner
 from .errors import DynamicLRPError
 from .presets import Rules, resolve
@@ -163,7 +164,9 @@ def _plan_without_binding(graph: GraphView, rules: RuleSet, sources: set[int], k
     Rules bind against it exactly as during :func:`dynamiclrp.explain` (same activation flags, structure
     queries and value recipes), but a node that cannot be handled is reported instead of raising.
     """
-    planner = Planner(graph, rules, {}, sources, known, everywhere=True, model=model, bind=False)
+    # with the model, frozen constants (a bias autograd does not keep) are read from it, as explain() does
+    params = ModelParams(model) if model is not None else None
+    planner = Planner(graph, rules, {}, sources, known, everywhere=True, model=model, bind=False, params=params)
     planner.needed_below = [True] * len(graph)
     planner.run_node = [True] * len(graph)
     return planner

@@ -25,6 +25,11 @@ name                shape                    content
 ``block_done``      ``(blocks,)`` uint8      1 once every array of the block is written (its commit flag)
 ==================  =======================  ===============================================================
 
+With ``concepts=[layer, ...]`` (Concept Relevance Propagation's reference samples, :mod:`dynamiclrp.concepts`), the
+group ``concepts/<layer>`` of each layer holds ``relevance`` ``(N, units)`` float32 (the relevance of every
+channel/neuron of the layer for the explained output, summed over its positions) and ``activation`` ``(N, units)``
+float32 (its largest activation), from the same relevance pass as the heatmaps.
+
 The group attribute ``"dynamiclrp"`` holds the job (rules, model class and parameter hash, target, reduction, dtype,
 batch size, seed, library versions) and, once finished, the summary.
 
@@ -67,6 +72,7 @@ import torch
 from torch import Tensor, nn
 
 from .api import Explainer
+from .conditions import Layer, Unit, layer_key, resolve_keys, unit_dim, unit_maxima, unit_totals
 from .errors import StoreError
 
 __all__ = ["attribute_dataset", "open_store", "AttributionSummary", "StoreError", "FORMAT", "FORMAT_VERSION",
@@ -666,9 +672,15 @@ class _Layout:
         return range(b * self.k, stop if n_batches is None else min(stop, n_batches))
 
 
+def _sample_arrays(schema: Mapping[str, Any]) -> tuple[str, ...]:
+    """Every per-sample array of a store: the fixed ones and those of its concept layers."""
+    return (*_SAMPLE_ARRAYS, *schema.get("concept_arrays", {}))
+
+
 class _Store:
-    def __init__(self, group: Any, layout: _Layout, n_blocks: int) -> None:
-        self.arrays = {name: group[name] for name in (*_SAMPLE_ARRAYS, *_BATCH_ARRAYS, "block_done")}
+    def __init__(self, group: Any, layout: _Layout, n_blocks: int, sample: Sequence[str] = _SAMPLE_ARRAYS) -> None:
+        self.sample = tuple(sample)
+        self.arrays = {name: group[name] for name in (*self.sample, *_BATCH_ARRAYS, "block_done")}
         self.layout, self.n_blocks = layout, n_blocks
 
     def ensure(self, b: int) -> None:
@@ -687,7 +699,7 @@ class _Store:
         start = b * self.layout.chunk
         stop = start + len(result["target"])
         first = b * self.layout.k
-        jobs = [(name, slice(start, stop)) for name in _SAMPLE_ARRAYS]
+        jobs = [(name, slice(start, stop)) for name in self.sample]
         if not np.isnan(result["batch_unaccounted"]).all():  # no ledger in this block: the fill value (NaN) stays
             jobs += [(name, slice(first, first + len(result[name]))) for name in _BATCH_ARRAYS]
 
@@ -757,6 +769,9 @@ def _create_store(zarr: Any, out: Any, job: dict, schema: dict, layout: _Layout,
     for name, (dtype, fill) in sample.items():
         group.create_array(name, shape=(n,), chunks=(chunk,), dtype=dtype, fill_value=fill, compressors=compress,
                            dimension_names=("sample",))
+    for name, units in schema.get("concept_arrays", {}).items():
+        group.create_array(name, shape=(n, units), chunks=(chunk, units), dtype="float32", fill_value=float("nan"),
+                           compressors=compress, dimension_names=("sample", "unit"))
     for name in _BATCH_ARRAYS:
         group.create_array(name, shape=(n_blocks * layout.k,), chunks=(layout.k,), dtype="float64",
                            fill_value=float("nan"), compressors=None, dimension_names=("batch",))
@@ -828,7 +843,8 @@ def attribute_dataset(model: nn.Module, data: Any, *, rules: Any = None, target:
                       seed: int = 0, forward: Callable[[nn.Module, Any], tuple[Tensor, Tensor]] | None = None,
                       device: str | torch.device | None = None, chunk_size: int | None = None,
                       collate_fn: Callable | None = None, num_workers: int = 0, overwrite: bool = False,
-                      progress: bool = True) -> AttributionSummary:
+                      progress: bool = True, concepts: Sequence[str | Layer] = (),
+                      concept_unit: Unit = "channel") -> AttributionSummary:
     """Explain every sample of a dataset with LRP and write the results to a resumable Zarr store.
 
     One :class:`~dynamiclrp.Explainer` serves the whole job, so the plan of a batch shape is made once. Runs
@@ -898,6 +914,13 @@ def attribute_dataset(model: nn.Module, data: Any, *, rules: Any = None, target:
         Replace a store written by a different job (default: raise :class:`StoreError`).
     progress : bool
         A tqdm bar (rank 0 only) and a summary on stderr.
+    concepts : sequence of str or Layer
+        Layers (module names resolved through each batch's graph, or :class:`~dynamiclrp.conditions.Layer`) whose
+        per-unit relevance and activation are stored for every sample, for Relevance Maximization
+        (:func:`dynamiclrp.concepts.reference_samples`; Achtibat et al. 2023). Same relevance pass: the stored
+        heatmaps are unchanged.
+    concept_unit : {"channel", "neuron"} or int
+        The unit dimension of those layers (1: channels or a ``Linear``'s features; ``"neuron"``: the last).
 
     Returns
     -------
@@ -936,9 +959,13 @@ def attribute_dataset(model: nn.Module, data: Any, *, rules: Any = None, target:
         warnings.warn("the model is in training mode (dropout, batch statistics): explanations are random and the "
                       "store is not reproducible; call model.eval() first", stacklevel=2)
     t0 = time.perf_counter()
+    layers = [Layer(c) if isinstance(c, str) and not c.endswith(":input") else c for c in concepts]
+    for c in layers:
+        if not isinstance(c, (str, Layer)):
+            raise TypeError(f"concepts must be module names or Layer objects, got {type(c).__name__}")
     job = _Job(model=model, explainer=Explainer(rules, model=model), device=_input_device(model, device),
                target=target, inputs=inputs, reduce=reduce, dtype=dtype, ledger_every=int(ledger_every),
-               seed=int(seed), forward=forward)
+               seed=int(seed), forward=forward, concepts=tuple(layers), concept_unit=concept_unit)
     source = _make_source(data, batch_size, collate_fn, num_workers)
     if chunk_size is not None:
         size = source.batch
@@ -966,6 +993,8 @@ class _Job:
     ledger_every: int
     seed: int
     forward: Any
+    concepts: tuple[Any, ...] = ()
+    concept_unit: Any = "channel"
     attributed: str = field(default="input", init=False)  # what the relevance is of, in words
 
     def fingerprint(self, source: Any) -> dict:
@@ -974,6 +1003,8 @@ class _Job:
                 "rules": repr(self.explainer.rules), "target": _describe(self.target), "inputs": self.inputs,
                 "reduce": _describe(self.reduce), "dtype": self.dtype, "ledger_every": self.ledger_every,
                 "seed": self.seed, "forward": _describe(self.forward), "data": source.describe(),
+                **({"concepts": [layer_key(c) for c in self.concepts], "concept_unit": self.concept_unit}
+                   if self.concepts else {}),
                 "batch_size": source.batch,
                 "versions": {k: v for k, v in _versions(self.model).items() if k in ("dynamiclrp", "torch")}}
 
@@ -1001,7 +1032,11 @@ class _Job:
                                  "scores (e.g. the last token's logits of a language model)")
             t = _targets(self.target, scores, labels)
             out = scores.gather(1, t[:, None]).squeeze(1)
-            (rel,) = self.explainer.relevance(out, x)
+            units: dict[str, np.ndarray] = {}
+            if self.concepts:
+                rel, units = self._with_concepts(out, x)
+            else:
+                (rel,) = self.explainer.relevance(out, x)
             seed_total = unaccounted = float("nan")
             if ledger:
                 ex = self.explainer.explain(out, x, ledger=True)
@@ -1016,7 +1051,29 @@ class _Job:
                 "logit": out.detach().float().cpu().numpy(),
                 "prediction": scores.detach().argmax(1).cpu().numpy().astype(np.int64), "label": lab,
                 "relevance_sum": total.cpu().numpy(), "batch_seed": np.array([seed_total]),
-                "batch_unaccounted": np.array([unaccounted])}
+                "batch_unaccounted": np.array([unaccounted]), **units}
+
+    def _with_concepts(self, out: Tensor, x: Tensor) -> tuple[Tensor, dict[str, np.ndarray]]:
+        """The heatmaps and, in the same pass, every unit's relevance and activation at the concept layers."""
+        edges = resolve_keys([out], list(self.concepts), self.model, self.explainer.rules)
+        ex = self.explainer.explain(out, [x, *edges], ledger=False, values=True)
+        units: dict[str, np.ndarray] = {}
+        for k, layer in enumerate(self.concepts):
+            r, v = ex.relevance[1 + k], (ex.values or ())[1 + k]
+            d = unit_dim(self.concept_unit, r.dim())
+            name = concept_path(layer)
+            units[f"{name}/relevance"] = unit_totals(r.detach(), d).float().cpu().numpy()
+            if v is not None:
+                act = unit_maxima(v.detach(), d)
+            else:  # the activation cannot be recovered from the graph: NaN, the store's fill value
+                act = torch.full_like(unit_totals(r.detach(), d), float("nan"))
+            units[f"{name}/activation"] = act.float().cpu().numpy()
+        return ex.relevance[0], units
+
+
+def concept_path(layer: Any) -> str:
+    """Where a concept layer's arrays are in a store: ``"concepts/<layer>"`` (``:`` of ``name:input`` as ``@``)."""
+    return "concepts/" + layer_key(layer).replace(":", "@")
 
 
 def _concat(results: list[dict]) -> dict:
@@ -1062,7 +1119,7 @@ def _run(zarr: Any, job: _Job, source: Any, group: _Group, *, out: Any, chunk_si
     # --- each rank explains its share of the unfinished blocks ----------------------------------------------------
     n_here = 0
     if not plan["complete"]:
-        store = _Store(zarr.open_group(out, mode="r+"), layout, plan["n_blocks"])
+        store = _Store(zarr.open_group(out, mode="r+"), layout, plan["n_blocks"], plan["sample"])
         done = set(plan["done"])
         n_batches = source.n_batches
         if n_batches is not None:
@@ -1169,6 +1226,7 @@ def _open_or_create(zarr: Any, out: Any, path: Path | None, job: _Job, source: A
                 g = zarr.open_group(out, mode="r")
                 done = np.asarray(g["block_done"][:]).astype(bool)
                 return {"complete": bool(meta.get("complete")), "done": np.flatnonzero(done).tolist(),
+                        "sample": list(_sample_arrays(meta["schema"])),
                         "n_blocks": int(done.shape[0]), "batch": fingerprint["batch_size"],
                         "k": stored_chunk // fingerprint["batch_size"], "n_samples": source.n_samples}, {}
         # ours but never ready (killed while creating it), or overwrite: start again
@@ -1184,11 +1242,12 @@ def _open_or_create(zarr: Any, out: Any, path: Path | None, job: _Job, source: A
     schema = {"shape": list(first["relevance"].shape[1:]), "dtype": str(first["relevance"].dtype),
               "chunk_size": layout.chunk,
               "relevance_of": job.attributed,
+              "concept_arrays": {name: int(v.shape[1]) for name, v in first.items() if name.startswith("concepts/")},
               "metadata": {"model": fingerprint["model"], "parameters_sha256": fingerprint["parameters_sha256"],
                            "rules": fingerprint["rules"], "seed": job.seed, "versions": _versions(job.model)}}
     _create_store(zarr, out, fingerprint, schema, layout, n_blocks)
     return {"complete": False, "done": [], "n_blocks": n_blocks, "batch": batch, "k": k,
-            "n_samples": source.n_samples}, {0: first}
+            "sample": list(_sample_arrays(schema)), "n_samples": source.n_samples}, {0: first}
 
 
 def _finalise(zarr: Any, out: Any, path: Path | None, plan: dict, layout: _Layout, stats: list, world: int,
@@ -1212,7 +1271,7 @@ def _finalise(zarr: Any, out: Any, path: Path | None, plan: dict, layout: _Layou
             raise StoreError(f"blocks {missing[:10]} of {os.fspath(out)!r} were not written; run the job again to "
                              "finish them")
         if g["target"].shape[0] != n_samples:  # streams: the exact length is known only now
-            for name in _SAMPLE_ARRAYS:
+            for name in _sample_arrays(meta["schema"]):
                 g[name].resize((n_samples, *g[name].shape[1:]))
             for name in _BATCH_ARRAYS:
                 g[name].resize((n_batches,))

@@ -36,6 +36,12 @@ class RuleError(DynamicLRPError):
     """A rule, rule set or preset was configured with invalid values or keys."""
 
 
+class ConditionError(DynamicLRPError, ValueError):
+    """Concept conditions (``conditions=``) that cannot be applied: a tensor that is not in the graph, a module name
+    that does not name one tensor, units out of range, or conditions on parallel branches with
+    ``exclude_parallel=True``. The message says which and what to pass instead."""
+
+
 class UsageError(DynamicLRPError):
     """A problem with the command line: reported without a traceback, exit code 2."""
 

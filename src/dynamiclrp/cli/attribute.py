@@ -67,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a store written by a different job instead of refusing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar and summary")
+    parser.add_argument("--concepts", nargs="+", default=(), metavar="LAYER",
+                        help="also store every unit's relevance and activation at these layers (module names; "
+                             "NAME:input for a module's input), for reference samples "
+                             "(dynamiclrp.concepts.reference_samples)")
+    parser.add_argument("--concept-unit", default="channel", choices=("channel", "neuron"),
+                        help="the unit dimension of those layers: channel (dimension 1, default) or neuron (the last)")
 
 
 
@@ -128,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
             model, data, rules=rules, target=_target(args.target), batch_size=args.batch_size, out=args.out,
             inputs=args.inputs, reduce=args.reduce, dtype=args.dtype, ledger_every=args.ledger_every,
             seed=args.seed, device=args.device, chunk_size=args.chunk_size, num_workers=args.num_workers,
-            overwrite=args.overwrite, progress=not args.no_progress)
+            overwrite=args.overwrite, progress=not args.no_progress, concepts=tuple(args.concepts),
+            concept_unit=args.concept_unit)
     except (UsageError, StoreError, ValueError, TypeError, KeyError, ImportError) as err:
         print(f"dynamiclrp attribute: error: {err}", file=sys.stderr)
         return 2

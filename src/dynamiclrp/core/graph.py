@@ -80,6 +80,12 @@ def storage_key(t: torch.Tensor) -> int:
         return -1
 
 
+def wrapped_node(node: Node) -> Node | None:
+    """The in-place op's own node that a ``CopySlices`` node applies to the written view (``None`` when this torch
+    does not expose it)."""
+    return getattr(node, "_wrapped_node", None)
+
+
 def is_node(obj: Any) -> bool:
     """Whether ``obj`` is an autograd node (a ``grad_fn`` or an ``AccumulateGrad``)."""
     return hasattr(obj, "next_functions")

@@ -35,6 +35,7 @@ SINK_KINDS = {
     "stabilizer": "the ε stabilizer of z-rules (relevance absorbed by z + ε·sign(z))",
     "rule": "rules that do not conserve by design (softmax rule, identity rule at a zero input, γ/α-β...)",
     "conversion": "explicit relevance on a zero activation, which gradient form cannot carry",
+    "condition": "relevance outside a concept condition's units, or bypassing a conditioned tensor (CRP)",
 }
 
 
@@ -84,6 +85,8 @@ class Ledger:
         self._inputs: list[tuple[str, torch.Tensor]] = []
         self._seed: torch.Tensor | None = None
         self.unmeasured: list[str] = []
+        #: groups of input totals known only together (:class:`Joint`)
+        self.groups: dict[int, Group] = {}
         self.derived = 0  # input totals derived from exact conservation instead of measured from values
         self.seed_total: float = 0.0
         self.inputs: dict[str, float] = {}
@@ -188,6 +191,83 @@ class Ledger:
                 f"sinks={self.sink_total:.6g}, unaccounted={self.unaccounted:.3g})")
 
 
+class Group:
+    """A group of relevance totals known only together (see :class:`Joint`): what remains of their sum, how many
+    shares are still travelling, and the nodes whose constants' shares the remainder holds."""
+
+    __slots__ = ("total", "size", "constants")
+
+    def __init__(self, total: Tensor, size: int):
+        self.total = total
+        self.size = size
+        self.constants: list[str] = []
+
+
+class Joint:
+    """Relevance totals known only together: the inputs of a conservative node that could not be measured one by
+    one (in-place writes into slices of the same tensor, as chunked attention and circular padding do, or a
+    ``cat`` of ``where``/``masked_fill`` outputs whose fill values autograd did not keep). Each such input carries
+    a share of a :class:`Group` whose sum is known. The shares travel through single-input conservative nodes;
+    where all of a group's shares meet again in one slot (the paths from one tensor reconverge) that slot's total
+    is known exactly; where a share reaches a node whose inputs are all measured, what it carried beyond them is
+    that node's constants' share, and once every share has ended so, the constants' shares of the whole group are
+    booked together.
+
+    ``parts`` maps group ids to the number of shares this total holds; ``known`` is the measured rest (or None).
+    """
+
+    __slots__ = ("parts", "known")
+
+    def __init__(self, parts: dict[int, int], known: Tensor | None = None):
+        self.parts = parts
+        self.known = known
+
+    def plus(self, other: Any) -> "Joint":
+        parts = dict(self.parts)
+        known = self.known
+        if isinstance(other, Joint):
+            for g, n in other.parts.items():
+                parts[g] = parts.get(g, 0) + n
+            other = other.known
+        if other is not None:
+            known = other if known is None else known + other
+        return Joint(parts, known)
+
+    def resolve(self, groups: dict[int, Group]) -> Tensor | None:
+        """The total, when this holds every remaining share of each of its groups; otherwise ``None``."""
+        total = self.known
+        for g, n in self.parts.items():
+            grp = groups.get(g)
+            if grp is None or grp.size != n or grp.constants:
+                return None
+            total = grp.total if total is None else total + grp.total
+        return total
+
+    def single(self) -> tuple[int, int] | None:
+        """``(group, shares)`` when this is nothing but shares of one group."""
+        if len(self.parts) != 1 or self.known is not None:
+            return None
+        return next(iter(self.parts.items()))
+
+
+def _share_ends(book: "Ledger", joint: Joint, value: Tensor, constants: str | None = None) -> bool:
+    """A share of a group ended with the measured total ``value`` (beyond which it held the shares of the constants
+    named ``constants``): the group's rest shrinks, and when no share is left the constants' shares are booked.
+    Returns whether the share could be accounted for this way."""
+    got = joint.single()
+    if got is None:
+        return False
+    grp = book.groups[got[0]]
+    grp.total = grp.total - value
+    grp.size -= got[1]
+    if constants is not None:
+        grp.constants.append(constants)
+    if grp.size == 0 and grp.constants:
+        book.book("constant", " + ".join(dict.fromkeys(grp.constants)), grp.total,
+                  "constants whose shares were measured together")
+    return True
+
+
 def settle(step: "Step", run: "Run", t_out: Any, t_ins: list[Any], outs: list[Msg | None],
            conservative: bool) -> list[Any]:
     """Book one step's sinks given the relevance that arrived (``t_out``) and what it sent on (``t_ins``).
@@ -204,9 +284,21 @@ def settle(step: "Step", run: "Run", t_out: Any, t_ins: list[Any], outs: list[Ms
     for t in t_ins:
         if isinstance(t, torch.Tensor):
             known = t if known is None else known + t
-    has_const = step.has_constant(run, outs)
+    has_const = ((step.implicit_constant or any(e < 0 for e in step.in_edges))
+                 and not step.constant_share_zero(run, outs))
     carried = run.carried  # upstream constants whose shares are included in t_out (see below)
-    label = where if not carried else f"{where} (incl. constants of {', '.join(carried)})"
+    label = where if not carried else f"{where} (incl. constants of {', '.join(dict.fromkeys(carried))})"
+    if isinstance(t_out, Joint):
+        if conservative and len(unknown) == 1 and known is None:
+            t_ins = list(t_ins)
+            t_ins[unknown[0]] = t_out  # a share of a group passes through (a view, a slice...)
+            if has_const or carried:
+                run.carry_out[unknown[0]] = list(carried) + ([where] if has_const else [])
+            return t_ins
+        if conservative and not unknown and _share_ends(book, t_out, torch.zeros(()) if known is None else known,
+                                                          label if has_const or carried else None):
+            return t_ins
+        t_out = UNKNOWN
     if t_out is UNKNOWN:
         if unknown or has_const or carried or not conservative:
             book.unmeasurable(where, "the forward value of this node's output is not in the graph")
@@ -226,7 +318,16 @@ def settle(step: "Step", run: "Run", t_out: Any, t_ins: list[Any], outs: list[Ms
             if has_const or carried:
                 run.carry_out[unknown[0]] = list(carried) + ([where] if has_const else [])
         else:
-            book.unmeasurable(where, "several inputs whose forward values are not in the graph")
+            # several inputs we cannot measure: their sum is what conservation leaves, and each carries a share
+            # of it until the paths meet again (Joint); constants' shares ride along as with one unknown input
+            gid = len(book.groups)
+            book.groups[gid] = Group(t_out if known is None else t_out - known, len(unknown))
+            t_ins = list(t_ins)
+            for k in unknown:
+                t_ins[k] = Joint({gid: 1})
+                if has_const or carried:
+                    run.carry_out[k] = list(carried) + ([where] if has_const else [])
+            book.derived += 1
         return t_ins
     if unknown:
         book.unmeasurable(where, "an input whose forward value is not in the graph")
@@ -249,6 +350,45 @@ class LedgerObserver:
         prev = self.arrived.get(slot)
         self.arrived[slot] = seed.sum() if prev is None else prev + seed.sum()
 
+    def conditioned(self, slot: int, before: Msg | None, after: Msg | None) -> None:
+        """A concept condition masked the relevance at ``slot``: book what it removed."""
+        run = self.run
+        book = run.ledger
+        if before is None or book is None:
+            return
+        node = run.graph.slot_node[slot]
+        t = self.arrived.pop(slot, None)
+        try:
+            if t is None or t is UNKNOWN:
+                t = run.total(slot, before)
+            kept = run.total(slot, after)
+        except ValueUnavailableError:
+            book.unmeasurable(run.planner.label(node), "relevance removed by a concept condition (the "
+                                    "conditioned tensor's value is not in the graph)")
+            self.arrived[slot] = UNKNOWN
+            return
+        book.book("condition", run.planner.label(node), t - kept,
+                        "relevance outside the condition's units (CRP mask)")
+        self.arrived[slot] = kept
+
+    def dropped(self, slot: int, msg: Msg) -> None:
+        """Relevance at ``slot`` that bypasses a conditioned tensor, dropped (``exclude_parallel``)."""
+        run = self.run
+        book = run.ledger
+        if book is None:
+            return
+        node = run.graph.slot_node[slot]
+        t = self.arrived.pop(slot, None)
+        self.carry.pop(slot, None)
+        try:
+            if t is None or t is UNKNOWN:
+                t = run.total(slot, msg)
+        except ValueUnavailableError:
+            book.unmeasurable(run.planner.label(node), "relevance bypassing a conditioned tensor")
+            return
+        book.book("condition", f"{run.planner.label(node)} (parallel)", t,
+                        "relevance that bypasses a conditioned tensor (exclude_parallel)")
+
     def skipped(self, base: int, k: int) -> None:
         for j in range(k):
             self.arrived.pop(base + j, None)
@@ -258,20 +398,30 @@ class LedgerObserver:
         consumer could not report one); resets the step's local bookings."""
         run = self.run
         total = None
+        book = run.ledger
+        assert book is not None
+        groups = book.groups
         for j in range(k):
             m = outs[j]
             t = self.arrived.pop(base + j, None)
             if m is None:
                 continue
+            joint = t if isinstance(t, Joint) else None
+            if joint is not None:
+                t = joint.resolve(groups)
             if t is None or t is UNKNOWN:
                 try:
                     t = run.total(base + j, m)
                 except ValueUnavailableError:
                     t = run.shifted_total(base + j, m)
-                    if t is None:
+                if t is not None and joint is not None:
+                    _share_ends(book, joint, t)
+                elif t is None:
+                    if joint is None or k != 1:
                         total = UNKNOWN
                         break
-            total = t if total is None else total + t
+                    t = joint  # not measurable on its own: a share of a group, passed on (settle)
+            total = t if total is None else _add(total, t)
         run.carried = []
         for j in range(k):
             run.carried += self.carry.pop(base + j, [])
@@ -280,7 +430,9 @@ class LedgerObserver:
 
     def after(self, i: int, step: "Step", outs: list[Msg | None], ins: list[Msg | None], t_out: Any) -> None:
         run = self.run
-        if t_out is not UNKNOWN and t_out is not None and run.local is not None:
+        if isinstance(t_out, Joint) and run.local is not None:
+            t_out = UNKNOWN
+        elif t_out is not UNKNOWN and t_out is not None and run.local is not None:
             t_out = t_out - run.local
         run.carry_out = {}
         t_ins = step.book(run, t_out, step.input_totals(run, ins), outs)
@@ -296,4 +448,13 @@ class LedgerObserver:
                 elif prev is UNKNOWN or t is UNKNOWN:
                     self.arrived[s_in] = UNKNOWN
                 else:
-                    self.arrived[s_in] = prev + t
+                    self.arrived[s_in] = _add(prev, t)
+
+
+def _add(a: Any, b: Any) -> Any:
+    """Sum of two relevance totals, either of which may be a :class:`Joint`."""
+    if isinstance(a, Joint):
+        return a.plus(b)
+    if isinstance(b, Joint):
+        return b.plus(a)
+    return a + b

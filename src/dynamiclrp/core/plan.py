@@ -36,9 +36,6 @@ class RuleChooser(Protocol):
 
     def rule_for(self, site: Site) -> Any: ...
 
-    # optional: ``advice_for(node_type) -> str | None``, what to do about a node type that has no rule (used in the
-    # UnsupportedOperationError message when the generic advice, registering a rule, would be wrong)
-
 
 class Planner:
     """Compiles a rule set against one graph.
@@ -112,25 +109,18 @@ class Planner:
                 missing.setdefault(self.graph.types[i], []).append(i)
         if not missing:
             return
-        advice_for = getattr(self.rules, "advice_for", None)
-        lines, generic = [], []
+        lines = []
         for name, idx in missing.items():
             op = forward_op_name(self.graph.nodes[idx[0]])
             lines.append(f"  - {name} ({len(idx)} node{'s' if len(idx) > 1 else ''}), produced by {op}")
-            advice = advice_for(name) if advice_for is not None else None
-            if advice:
-                lines.append(f"    {advice}")
-            else:
-                generic.append(name)
-        text = "dynamiclrp has no relevance rule for these autograd node types:\n" + "\n".join(lines)
-        if generic:
-            text += (
-                "\nEvery op needs an explicit rule; nothing falls back silently. Register one on your rule set, e.g.\n"
-                f"    rules = dynamiclrp.presets.epsilon().with_ops({{'{generic[0]}': dynamiclrp.rules.Routing()}})\n"
-                "choosing the rule that matches the op (Routing for index/shape ops, Identity for element-wise "
-                "non-linearities, Gradient when gradient x input is the right relevance, or your own Rule). See "
-                "docs/rules.md, 'Custom operations'.")
-        raise UnsupportedOperationError(text)
+        first = next(iter(missing))
+        raise UnsupportedOperationError(
+            "dynamiclrp has no relevance rule for these autograd node types:\n" + "\n".join(lines) + "\n"
+            "Every op needs an explicit rule; nothing falls back silently. Register one on your rule set, e.g.\n"
+            f"    rules = dynamiclrp.presets.epsilon().with_ops({{'{first}': dynamiclrp.rules.Routing()}})\n"
+            "choosing the rule that matches the op (Routing for index/shape ops, Identity for element-wise "
+            "non-linearities, Gradient when gradient x input is the right relevance, or your own Rule). See "
+            "docs/rules.md, 'Custom operations'.")
 
     def _activation_flags(self, sources: set[int]) -> list[bool]:
         """Per slot: does the forward value depend on the data rather than on parameters alone?

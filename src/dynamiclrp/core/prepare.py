@@ -7,12 +7,12 @@ sources, and every tensor the caller holds (the Promise System's ``Known`` value
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
-from ..errors import DynamicLRPError, UnsupportedTensorError, UnusedInputError
+from ..errors import ConditionError, DynamicLRPError, UnsupportedTensorError, UnusedInputError
 from .graph import GradientEdge, GraphView, gradient_edge
 
 Tensor = torch.Tensor
@@ -41,6 +41,8 @@ class Prepared:
         The slot of each input (``None``: not in the graph).
     default_seeds : list of bool
         Per output: seeded with its own value (``seeds=None`` or a ``None`` entry).
+    conditions : dict
+        ``slot -> mask`` of the conditioned tensors (concept conditions; several on one tensor multiplied).
     """
 
     outputs: tuple[Tensor, ...]
@@ -53,6 +55,7 @@ class Prepared:
     sources: set[int]
     input_slots: list[int | None]
     default_seeds: list[bool]
+    conditions: dict[int, Tensor] = field(default_factory=dict)
 
 
 def as_tuple(x: Any, what: str, edges_ok: bool = False) -> tuple[Any, ...]:
@@ -71,9 +74,16 @@ def as_tuple(x: Any, what: str, edges_ok: bool = False) -> tuple[Any, ...]:
     raise TypeError(f"{what} must be a tensor or a sequence of tensors, got {type(x).__name__}")
 
 
-def prepare(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any) -> Prepared:
-    """Check the arguments of a relevance call and map them onto the graph of ``outputs`` (inputs not in the graph
-    get the slot ``None``: :func:`check_unused` decides what that means)."""
+def prepare(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any,
+            conditions: Sequence[tuple[Any, Tensor]] = (), keep_graph: bool = False,
+            concepts: int | None = None) -> Prepared:
+    """Check the arguments of a relevance call and map them onto the graph of ``outputs``.
+
+    ``conditions`` are ``(tensor or GradientEdge, mask)`` pairs, each mask broadcastable to the tensor's shape
+    (with a leading dimension of ``concepts`` masks when that is given). ``keep_graph`` (differentiable relevance)
+    keeps the seeds attached to the graph: the default seed is then the output itself. Inputs not in the graph get
+    the slot ``None``: :func:`check_unused` decides what that means.
+    """
     outs = as_tuple(outputs, "outputs")
     ins = as_tuple(inputs, "inputs", edges_ok=True)
     for k, o in enumerate(outs):
@@ -83,7 +93,7 @@ def prepare(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any) -> Prep
     for k, t in enumerate(ins):
         if isinstance(t, torch.Tensor):
             _check_kind(t, f"inputs[{k}]")
-    seed_tensors = _seeds(outs, seeds)
+    seed_tensors = _seeds(outs, seeds, keep_graph)
     graph = GraphView([(o.grad_fn, o.output_nr) for o in outs])
     held: list[Tensor | None] = [o for o in outs] + [None if isinstance(t, GradientEdge) else t for t in ins]
     known: dict[int, int] = {}
@@ -113,8 +123,17 @@ def prepare(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any) -> Prep
             known[slot] = len(outs) + k
             if not isinstance(t, torch.nn.Parameter):
                 sources.add(slot)
+    conds: dict[int, Tensor] = {}
+    for k, (key, mask) in enumerate(conditions):
+        slot, shape = _condition_slot(graph, key, k)
+        if isinstance(key, torch.Tensor) and slot not in known:
+            known[slot] = len(held)  # a tensor the caller holds is a value the Promise System can use
+            held.append(key)
+        m = _check_mask(mask, shape, k, concepts)
+        conds[slot] = m if slot not in conds else conds[slot] * m  # "and": both masks apply
     default_seeds = [s is None for s in _seed_list(outs, seeds)]
-    return Prepared(outs, ins, seed_tensors, graph, held, known, requested, sources, input_slots, default_seeds)
+    return Prepared(outs, ins, seed_tensors, graph, held, known, requested, sources, input_slots, default_seeds,
+                    conds)
 
 
 def check_unused(call: Prepared, allow_unused: bool) -> None:
@@ -181,7 +200,41 @@ def _seed_list(outs: tuple[Tensor, ...], seeds: Any) -> list[Any]:
                     f"{type(seeds).__name__}")
 
 
-def _seeds(outs: tuple[Tensor, ...], seeds: Any) -> list[Tensor]:
+def _condition_slot(graph: GraphView, key: Any, k: int) -> tuple[int, torch.Size]:
+    """The slot of a conditioned tensor (a tensor of the graph or a ``GradientEdge``) and its shape."""
+    if isinstance(key, GradientEdge):
+        edge: tuple[Any, int] | None = (key.node, key.output_nr)
+    elif isinstance(key, torch.Tensor):
+        edge = gradient_edge(key)
+    else:
+        raise ConditionError(f"condition {k} is keyed by a {type(key).__name__}; key conditions by a tensor of the "
+                             "forward pass or a torch.autograd.graph.GradientEdge (module names are resolved by "
+                             "dynamiclrp.relevance(..., model=model))")
+    slot = None if edge is None else graph.slot_of(*edge)
+    if slot is None:
+        raise ConditionError(
+            f"condition {k} is on a tensor that is not in the autograd graph of the outputs, so no relevance passes "
+            "it. Condition on a tensor computed in the same forward pass that the outputs depend on (e.g. a "
+            "feature map), and make sure the input requires grad.")
+    return slot, torch.Size(graph.meta(slot)[0])
+
+
+def _check_mask(mask: Tensor, shape: torch.Size, k: int, concepts: int | None) -> Tensor:
+    inner = mask.shape[1:] if concepts is not None else mask.shape
+    if concepts is not None and (mask.dim() == 0 or mask.shape[0] != concepts):
+        raise ConditionError(f"the mask of condition {k} has shape {tuple(mask.shape)}; with {concepts} concepts "
+                             "it needs a leading dimension of that size")
+    try:
+        ok = torch.broadcast_shapes(inner, shape) == shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ConditionError(f"the mask of condition {k} has shape {tuple(inner)}, which does not broadcast to the "
+                             f"conditioned tensor's shape {tuple(shape)}")
+    return mask
+
+
+def _seeds(outs: tuple[Tensor, ...], seeds: Any, keep_graph: bool = False) -> list[Tensor]:
     seed_list = _seed_list(outs, seeds)
     if len(seed_list) != len(outs):
         raise ValueError(f"got {len(seed_list)} seeds for {len(outs)} outputs; pass one seed per output "
@@ -189,7 +242,7 @@ def _seeds(outs: tuple[Tensor, ...], seeds: Any) -> list[Tensor]:
     out: list[Tensor] = []
     for k, (o, s) in enumerate(zip(outs, seed_list)):
         if s is None:
-            s = o.detach()
+            s = o if keep_graph else o.detach()
         elif _is_number(s):
             if s != s or s in (float("inf"), float("-inf")):
                 raise ValueError(f"seeds[{k}] is {s}; a seed must be finite")
@@ -201,7 +254,7 @@ def _seeds(outs: tuple[Tensor, ...], seeds: Any) -> list[Tensor]:
             if s.shape != o.shape:
                 raise ValueError(f"seeds[{k}] has shape {tuple(s.shape)} but outputs[{k}] has shape "
                                  f"{tuple(o.shape)}; a seed is the starting relevance of every output element")
-            s = s.detach().to(dtype=o.dtype, device=o.device)
+            s = (s if keep_graph else s.detach()).to(dtype=o.dtype, device=o.device)
         out.append(s)
     return out
 

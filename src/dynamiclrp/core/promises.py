@@ -424,7 +424,7 @@ class PromiseResolver:
         if spec.rebuild is not None and _can_rebuild(spec, node, nr):
             self.recipes[s] = Rebuild(s, node_i, nr)
             return []
-        if spec.replay is None:
+        if spec.replay is None or not _can_replay(spec, node):
             self.recipes[s] = self._upward(
                 s, f"{g.describe(node_i)} saved neither its output nor enough to recompute it")
             return []
@@ -525,7 +525,8 @@ class PromiseResolver:
     def avoid(self, recipe: Recipe) -> bool:
         """Whether recomputing a value beats evaluating ``recipe``: it recomputes a costly op (a matrix product or
         convolution) itself, or it takes a difference ``sum − other`` in less than float64 (a residual stream is
-        large next to a layer's output, and the subtraction cancels its digits)."""
+        large next to a layer's output, and the subtraction cancels its digits), or inverts a saturating function
+        in less than float64 (``logit`` of a sigmoid near 1 keeps few digits)."""
         g = self.graph
         stack = [recipe]
         seen: set[Hashable] = set()
@@ -540,6 +541,9 @@ class PromiseResolver:
                     return True
             elif isinstance(r, SumPart) and g.meta(r.slot)[1] != torch.float64:
                 return True
+            elif (isinstance(r, InversePart) and g.meta(r.slot)[1] != torch.float64
+                  and not getattr(self.specs[r.node].kernel, "exact_inverse", False)):
+                return True  # atanh/logit/log of a saved tanh/sigmoid/exp lose digits below float64 (saturation)
             stack.extend(r.children())
         return False
 
@@ -682,7 +686,8 @@ class PromiseResolver:
         if spec is None:
             return Unavailable(key, f"{where} has no registry entry")
         kernel = spec.kernel
-        if spec.selection:
+        selects = getattr(kernel, "selects", None)  # a row whose selection depends on the node (CopySlices)
+        if spec.selection or (selects is not None and selects(g.nodes[c])):
             ups: list[Recipe | None] = []
             for s in g.slots_of(c):
                 if not g.consumers[s] and s not in self.known:
@@ -752,6 +757,12 @@ def _can_rebuild(spec: "OpSpec", node: Any, nr: int) -> bool:
     return True if probe is None else bool(probe(node, nr))
 
 
+def _can_replay(spec: "OpSpec", node: Any) -> bool:
+    """Whether the row's replay applies to this node (``CopySlices`` replays copies and zeroing only)."""
+    probe = getattr(spec.kernel, "can_replay", None)
+    return True if probe is None else bool(probe(node))
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Run time: evaluating recipes
 # -----------------------------------------------------------------------------------------------------------
@@ -769,10 +780,14 @@ class ValueStore:
         The caller's model (for constants resolved through it).
     trace : bool
         Keep a :class:`PromiseRecord` for every value obtained through a branch (tests, debugging).
+    differentiable : bool
+        Keep values attached to the autograd graph (differentiable relevance): nothing is detached and rebuilt or
+        replayed values are recorded, so relevance computed from them has gradients with respect to the inputs
+        and parameters.
     """
 
     def __init__(self, graph: GraphView, specs, resolver: PromiseResolver, tensors: Sequence[torch.Tensor | None],
-                 params: "ModelParams | None" = None, trace: bool = False):
+                 params: "ModelParams | None" = None, trace: bool = False, differentiable: bool = False):
         self.graph = graph
         self.specs = specs
         self.resolver = resolver
@@ -784,6 +799,14 @@ class ValueStore:
         self.records: list[PromiseRecord] = []
         #: exactness checks on recovered values, read after the propagation loop (no host sync inside it)
         self.checks = DeferredChecks()
+        self.differentiable = differentiable
+
+    def _detach(self, t: Any) -> Any:
+        return t if (self.differentiable or not isinstance(t, torch.Tensor)) else t.detach()
+
+    def _mode(self) -> Any:
+        """Rebuilds and replays: recorded by autograd for differentiable relevance, not otherwise."""
+        return torch.enable_grad() if self.differentiable else torch.no_grad()
 
     def get(self, slot: int, origin: str = "") -> torch.Tensor:
         """The full forward value of ``slot``.
@@ -866,16 +889,16 @@ class ValueStore:
     def _compute(self, rec: Recipe, local: dict[Hashable, Any]) -> Any:
         g = self.graph
         if isinstance(rec, Known):
-            return self.tensors[rec.index].detach()
+            return self._detach(self.tensors[rec.index])
         if isinstance(rec, Leaf):
-            return leaf_tensor(g.nodes[rec.node]).detach()
+            return self._detach(leaf_tensor(g.nodes[rec.node]))
         if isinstance(rec, Saved):
-            return saved(g.nodes[rec.node], rec.field).detach()
+            return self._detach(saved(g.nodes[rec.node], rec.field))
         if isinstance(rec, Const):
             return self._const(rec)
         if isinstance(rec, Rebuild):
             spec = self.specs[rec.node]
-            with torch.no_grad():
+            with self._mode():
                 out = spec.rebuild(g.nodes[rec.node], rec.nr)
             if out is None:
                 raise ValueUnavailableError(f"{g.describe(rec.node)} could not rebuild its output")
@@ -883,11 +906,11 @@ class ValueStore:
         if isinstance(rec, Replay):
             spec = self.specs[rec.node]
             args = [None if r is None else local[r.key] for r in rec.inputs]
-            with torch.no_grad():
+            with self._mode():
                 return spec.replay(g.nodes[rec.node], args, rec.nr)
         if isinstance(rec, Unview):
             node = g.nodes[rec.node]
-            with torch.no_grad():
+            with self._mode():
                 out = call_backward(node, [local[rec.up.key]])[0]
             meta = g.meta(rec.key)
             return out if out.dtype == meta[1] else out.to(meta[1])
@@ -912,7 +935,7 @@ class ValueStore:
                 m = None
             return v, m
         if isinstance(rec, Part):
-            with torch.no_grad():
+            with self._mode():
                 return self._part(rec, [None if r is None else _vm(local[r.key]) for r in rec.ups])
         assert isinstance(rec, Unavailable)
         raise ValueUnavailableError(self._explain(rec, ""))
@@ -926,11 +949,11 @@ class ValueStore:
             v = saved(node, rec.source[1])
             if v is not None and not isinstance(v, torch.Tensor):
                 v = torch.tensor(v, dtype=torch.float64) if isinstance(v, float) else torch.tensor(v)
-            return v.detach() if isinstance(v, torch.Tensor) else v
+            return self._detach(v)
         _, name, start, length = rec.source
         if self.params is None:  # a plan made with a model, run without one
             raise ValueUnavailableError(f"{self.graph.describe(rec.node)} needs {name} of the model: pass model=")
-        t = self.params.tensor(name).detach()
+        t = self._detach(self.params.tensor(name))
         return t if (start == 0 and length == t.shape[0]) else t.narrow(0, start, length)
 
     # -- support parts ---------------------------------------------------------------------------------------

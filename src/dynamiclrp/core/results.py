@@ -23,11 +23,17 @@ class Explanation:
         Where the seed relevance ended (``None`` when ``ledger=False``).
     promises : list of PromiseRecord
         Values recovered by the Promise System (only with ``trace_promises=True``).
+    values : tuple of (torch.Tensor or None), or None
+        With ``values=True``: the forward value of each requested input (for an intermediate tensor requested
+        as a ``GradientEdge``, the activation the Promise System recovered; ``None`` where it cannot be).
     """
 
     relevance: tuple[torch.Tensor, ...]
     ledger: "Ledger | None" = None
     promises: list["PromiseRecord"] = field(default_factory=list)
+    values: tuple[torch.Tensor | None, ...] | None = None
+    #: relevance passes made for a call over several concepts: 1 when vectorised, one per concept otherwise
+    passes: int = 1
 
     @property
     def unaccounted(self) -> float:

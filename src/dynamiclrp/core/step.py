@@ -97,6 +97,9 @@ class Step:
     conservative = True
     #: ledger kind of the residual of a non-conservative rule
     sink_kind = "rule"
+    #: the op has a constant operand that is not an input of the node (a Python scalar autograd did not keep, as
+    #: in ``1 - x``): its share is booked like that of an input that does not require grad
+    implicit_constant = False
 
     def g(self, run: "Run", gs: list[Tensor | None]) -> list[Msg | None]:
         raise NotImplementedError
@@ -126,10 +129,6 @@ class Step:
     #: ledger kind of the share of constant operands (``"padding"`` for a padding's fill value)
     constant_kind = "constant"
 
-    def has_constant(self, run: "Run", outs: list[Msg | None]) -> bool:
-        """Whether some of the relevance arriving here may go to a constant (an input that does not require grad,
-        or a fill value that is no input at all); the ledger books that share (:func:`~.ledger.settle`)."""
-        return any(e < 0 for e in self.in_edges) and not self.constant_share_zero(run, outs)
 
     def book(self, run: "Run", t_out: Any, t_ins: list[Any], outs: list[Msg | None]) -> list[Any]:
         """Book this node's sinks given the relevance that arrived (``t_out``) and what it sent on

@@ -4,9 +4,10 @@ from ..core.spec import OpSpec
 from .elementwise import ProductKernel, UnaryKernel
 from .linear import LinearKernel
 from .norm import NormKernel
-from .reduce import SumKernel
+from .reduce import HomogeneousKernel, SumKernel
 from .registry import REGISTRY, describe, families
 from .routing import RoutingKernel
+from .special import CompositeKernel
 
-__all__ = ["LinearKernel", "NormKernel", "OpSpec", "ProductKernel", "REGISTRY", "RoutingKernel", "SumKernel",
-           "UnaryKernel", "describe", "families"]
+__all__ = ["CompositeKernel", "HomogeneousKernel", "LinearKernel", "NormKernel", "OpSpec", "ProductKernel", "REGISTRY",
+           "RoutingKernel", "SumKernel", "UnaryKernel", "describe", "families"]

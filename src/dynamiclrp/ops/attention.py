@@ -9,6 +9,13 @@ class SoftmaxKernel:
         self.log = log
 
 
+class LogsumexpKernel:
+    """``logsumexp(x, dim)`` (the output is saved as ``result``, the input as ``self``): the log-partition of a
+    softmax, a smooth maximum. ``log = True`` marks it as no source of attention weights."""
+
+    log = True
+
+
 class AttentionKernel:
     """Fused ``scaled_dot_product_attention`` nodes (CPU flash; CUDA flash, memory-efficient and cuDNN).
 

@@ -52,6 +52,9 @@ class UnaryKernel:
             from_output = _inverse_on_finite(inverse)
         #: ``(node, y) -> (x, mask)``: the input from the saved output where that is exact and relevance can pass
         self.from_output = from_output
+        #: ``from_output`` is exact in every precision (ReLU); the inverses of saturating maps lose digits below
+        #: float64, so the Promise System prefers recomputing to them there
+        self.exact_inverse = False
 
     def rebuild(self, node, nr):
         if self.y_field is not None:
@@ -137,6 +140,30 @@ def _f_threshold(node, x):
     return F.threshold(x, float(saved(node, "threshold")), 0.0)
 
 
+def _f_celu(node, x):
+    return F.celu(x, float(_param(node, "alpha", 1.0)))
+
+
+def _rrelu_slope(node: Any, x: Tensor) -> Tensor:
+    """``y / x`` of ``rrelu``: in training the per-element slope autograd saved as ``noise`` (1 where ``x >= 0``);
+    in evaluation the fixed slope ``(lower + upper) / 2`` on the negative side."""
+    if bool(_param(node, "training", False)):
+        return saved(node, "noise").to(x.dtype)
+    slope = (float(_param(node, "lower", 1.0 / 8)) + float(_param(node, "upper", 1.0 / 3))) / 2
+    return torch.where(x >= 0, torch.ones((), dtype=x.dtype, device=x.device),
+                       torch.full((), slope, dtype=x.dtype, device=x.device))
+
+
+def _f_rrelu(node, x):
+    return x * _rrelu_slope(node, x)
+
+
+def _sign_ratio(node, x, y):
+    """``sign(x) / x = 1 / |x|`` (0 at ``x = 0``, where ``sign(0) = 0`` carries no relevance)."""
+    ax = x.abs()
+    return torch.where(ax > 0, 1.0 / torch.where(ax > 0, ax, 1), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _gelu_ratio(node, x):
     """``gelu(x) / x`` in closed form: ``Φ(x)`` (exact GELU) or ``(1 + tanh(√(2/π)(x + 0.044715x³))) / 2``."""
     if _param(node, "approximate", "none") == "tanh":
@@ -150,11 +177,16 @@ def _leaky_ratio(node, x):
     return torch.where(x > 0, torch.ones((), dtype=x.dtype, device=x.device), slope)
 
 
+def _exact(kernel: UnaryKernel) -> UnaryKernel:
+    kernel.exact_inverse = True
+    return kernel
+
+
 UNARY: dict[str, UnaryKernel] = {
     # piecewise-linear and homogeneous: y / x is the derivative, so the identity rule is the node's own backward
-    "ReluBackward0": UnaryKernel(_f_relu, x_field=None, y_field="result",
-                                 ratio=lambda n, x, y: (y > 0).to(y.dtype), identity_is_gradient=True,
-                                 from_output=lambda n, y: (y, y > 0)),
+    "ReluBackward0": _exact(UnaryKernel(_f_relu, x_field=None, y_field="result",
+                                        ratio=lambda n, x, y: (y > 0).to(y.dtype), identity_is_gradient=True,
+                                        from_output=lambda n, y: (y, y > 0))),
     "LeakyReluBackward0": UnaryKernel(_f_leaky, ratio=lambda n, x, y: _leaky_ratio(n, x), limit_ratio=1.0,
                                       identity_is_gradient=True),
     "GeluBackward0": UnaryKernel(_f_gelu, ratio=lambda n, x, y: _gelu_ratio(n, x), limit_ratio=0.5),
@@ -187,6 +219,20 @@ UNARY: dict[str, UnaryKernel] = {
     "ErfBackward0": UnaryKernel(lambda n, x: torch.erf(x), limit_ratio=2.0 / math.sqrt(math.pi)),
     "SinBackward0": UnaryKernel(lambda n, x: torch.sin(x), limit_ratio=1.0),
     "CosBackward0": UnaryKernel(lambda n, x: torch.cos(x), f0=1.0),
+    # CELU (Barron 2017): smooth, celu(0) = 0 and celu'(0) = 1; the identity rule (AttnLRP) passes R_x = R_y
+    "CeluBackward0": UnaryKernel(_f_celu, limit_ratio=1.0),
+    # log σ(x) = -softplus(-x): log σ(0) = -log 2 != 0, so relevance arriving where x == 0 cannot reach x (the
+    # identity rule's sink, booked by the ledger)
+    "LogSigmoidBackward0": UnaryKernel(lambda n, x: F.logsigmoid(x), f0=-math.log(2.0)),
+    # randomized leaky ReLU: y = x·a with the slope a autograd saved (training) or the mean slope (evaluation);
+    # piecewise linear and positively homogeneous, so the identity rule is the node's own backward (LRP-0 is
+    # gradient × input)
+    "RreluWithNoiseBackward0": UnaryKernel(_f_rrelu, ratio=lambda n, x, y: _rrelu_slope(n, x), limit_ratio=1.0,
+                                           identity_is_gradient=True),
+    # sign(x): piecewise constant, not homogeneous, so gradient × input (0) would delete relevance; the identity
+    # rule for a function of one input (AttnLRP) gives R_x = R_y, i.e. G_x = G_y · sign(x) / x. Nothing saved:
+    # the input comes from the Promise System
+    "SignBackward0": UnaryKernel(lambda n, x: torch.sign(x), x_field=None, ratio=_sign_ratio),
 }
 
 

@@ -128,6 +128,20 @@ class MvKernel(LinearKernel):
         return torch.outer(s, b) if which == 0 else a.transpose(-1, -2) @ s
 
 
+class VdotKernel(LinearKernel):
+    """``vdot(a, b) = Σ_i conj(a_i) b_i`` of two vectors (spectral normalisation's ``σ = uᵀ W v``): a bilinear map
+    with the linear rules' algebra (real tensors; a complex ``vdot`` is not an LRP layer)."""
+
+    operands = (0, 1)
+    saved_fields = ("self", "other")
+
+    def f(self, node, a, b):
+        return torch.vdot(a, b)
+
+    def f_t(self, node, which, a, b, s):
+        return s * b.conj() if which == 0 else s * a
+
+
 class ConvKernel(LinearKernel):
     """``aten.convolution`` (1-3 d, transposed, grouped): operand 0 the input, 1 the weight, 2 the bias."""
 

@@ -56,6 +56,7 @@ class NormKernel:
         nshape = saved(node, "normalized_shape")
         k = len(nshape)
         mean, rstd = saved(node, "result1"), saved(node, "result2")
+        mean, rstd = _attached(x, mean, rstd, tuple(range(-k, 0)))
         return x, k, mean, rstd
 
     def grad_const(self, node: Any, g: Tensor) -> Tensor:
@@ -70,9 +71,10 @@ class NormKernel:
             w = saved(node, "weight")
             shape = (1, -1) + (1,) * (x.dim() - 2)
             if saved(node, "training"):
-                invstd = saved(node, "result2").reshape(shape)
-                gw = g * w.reshape(shape) if w is not None else g
                 dims = (0,) + tuple(range(2, x.dim()))
+                _, invstd = _attached(x, saved(node, "result1").reshape(shape), saved(node, "result2").reshape(shape),
+                                      dims)
+                gw = g * w.reshape(shape) if w is not None else g
                 return invstd * (gw - gw.mean(dim=dims, keepdim=True))
             invstd = torch.rsqrt(self.running_var_eps(node)).reshape(shape)
             scale = invstd * w.reshape(shape) if w is not None else invstd
@@ -88,7 +90,8 @@ class NormKernel:
             shape = (1, -1) + (1,) * (x.dim() - 2)
             gw = g * w.reshape(shape) if w is not None else g
             gg = gw.reshape(n, groups, -1)
-            rstd = saved(node, "result2").reshape(n, groups, 1)
+            _, rstd = _attached(x.reshape(n, groups, -1), saved(node, "result1").reshape(n, groups, 1),
+                                saved(node, "result2").reshape(n, groups, 1), (-1,))
             out = rstd * (gg - gg.mean(dim=-1, keepdim=True))
             return out.reshape(x.shape)
         raise ValueError(self.kind)  # pragma: no cover
@@ -103,8 +106,8 @@ class NormKernel:
         elif self.kind == "batch":
             shape = (1, -1) + (1,) * (x.dim() - 2)
             if saved(node, "training"):
-                mean = saved(node, "result1").reshape(shape)
-                invstd = saved(node, "result2").reshape(shape)
+                mean, invstd = _attached(x, saved(node, "result1").reshape(shape),
+                                         saved(node, "result2").reshape(shape), (0,) + tuple(range(2, x.dim())))
             else:
                 mean = saved(node, "running_mean").reshape(shape)
                 invstd = torch.rsqrt(self.running_var_eps(node)).reshape(shape)
@@ -117,8 +120,8 @@ class NormKernel:
             w, b = saved(node, "weight"), None
         else:
             n, groups = x.shape[0], saved(node, "group")
-            mean = saved(node, "result1").reshape(n, groups, 1)
-            rstd = saved(node, "result2").reshape(n, groups, 1)
+            mean, rstd = _attached(x.reshape(n, groups, -1), saved(node, "result1").reshape(n, groups, 1),
+                                   saved(node, "result2").reshape(n, groups, 1), (-1,))
             y = ((x.reshape(n, groups, -1) - mean) * rstd).reshape(x.shape)
             shape = (1, -1) + (1,) * (x.dim() - 2)
             w, b = saved(node, "weight"), None
@@ -165,3 +168,21 @@ class NormKernel:
         if self.kind in ("batch", "group") and len(xs) > 2 and xs[2] is not None:
             y = y + xs[2].reshape((1, -1) + (1,) * (y.dim() - 2))
         return y
+
+
+def _attached(x: Tensor, mean: Tensor, rstd: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """The saved statistics, carrying their derivatives with respect to ``x`` when relevance is differentiable.
+
+    Autograd saves a norm's mean and reciprocal standard deviation as outputs it does not differentiate, so they
+    come back detached from ``x``. When grad mode is on and ``x`` requires grad (``create_graph=True``), they are
+    recomputed from ``x`` (the ``eps`` the op used is what ``1/rstd²`` exceeds the variance by) and passed
+    straight through: the saved values exactly, with the recomputed statistics' derivatives. Otherwise they are
+    returned unchanged.
+    """
+    if not (torch.is_grad_enabled() and x.requires_grad) or mean.requires_grad or rstd.requires_grad:
+        return mean, rstd
+    m = x.mean(dim=dims, keepdim=True)
+    var = x.var(dim=dims, unbiased=False, keepdim=True)
+    eps = (rstd.reshape(var.shape).detach() ** -2 - var.detach()).clamp(min=0)
+    r = torch.rsqrt(var + eps)
+    return (mean + (m - m.detach()).reshape(mean.shape), rstd + (r - r.detach()).reshape(rstd.shape))

@@ -1,5 +1,7 @@
 """Sum-like ops: a linear map of the inputs with fixed coefficients (add, sub, sum, mean, cumsum, average pooling,
-interpolation, ``nll_loss``), which the sum rule distributes over; and vector norms (homogeneous of degree 1)."""
+interpolation, ``nll_loss``, grid sampling, ``roi_align``, ``affine_grid``), which the sum rule distributes over;
+and positively homogeneous statistics (vector norms, std, var, products, cumulative products, ``scatter_reduce``'s
+product), which Euler's theorem lets the same rule distribute exactly."""
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -7,7 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..core.graph import next_edges, node_type, output_meta, saved
+from ..core.graph import call_backward, function_attr, next_edges, node_type, output_meta, saved
 from .routing import out_shape
 
 Tensor = torch.Tensor
@@ -20,16 +22,31 @@ class SumKernel:
     inputs. ``signs`` gives each input's coefficient sign for multi-input adds (``a - b`` → ``(1, -1)``).
     """
 
+    #: ``transpose(node, s) -> one tensor (or None) per input``: the map's transpose applied to ``s`` when it is not
+    #: the node's own backward (an operand the map does not act on linearly, e.g. a sampling grid, gets ``None``)
+    transpose: Callable[[Any, Tensor], Sequence[Tensor | None]] | None = None
+    #: the map is linear in its inputs (``False`` for the homogeneous statistics of :class:`HomogeneousKernel`)
+    linear = True
+
     def __init__(self, forward: Callable[[Any, Sequence[Tensor | None], int], Tensor] | None,
-                 coefficients: Callable[[Any], tuple[float, ...]] | None = None, rebuild: Callable | None = None):
+                 coefficients: Callable[[Any], tuple[float, ...]] | None = None, rebuild: Callable | None = None,
+                 transpose: Callable[[Any, Tensor], Sequence[Tensor | None]] | None = None):
         self.forward = forward
         self.coefficients = coefficients
         self._rebuild = rebuild
+        if transpose is not None:
+            self.transpose = transpose
         # an addend of a two-tensor sum is the total minus the other addend (values on the support)
         self.support_role = "sum" if coefficients is not None and forward is not None else None
 
     def rebuild(self, node, nr):
         return None if self._rebuild is None else self._rebuild(node, nr)
+
+    def back(self, node: Any, s: Tensor) -> Sequence[Tensor | None]:
+        """The map's transpose applied to ``s`` (the node's backward unless :attr:`transpose` says otherwise)."""
+        if self.transpose is not None:
+            return self.transpose(node, s)
+        return call_backward(node, [s])
 
 
 class AddKernel(SumKernel):
@@ -166,3 +183,198 @@ def vector_norm_forward(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tens
 #: (``R_i = x_i² / ‖x‖² · R`` for the 2-norm). Family ``reduce``: the sum rule. (``ord=0``, which counts non-zeros,
 #: is homogeneous of degree 0 and loses its relevance; no model uses it as a layer.)
 VECTOR_NORM = SumKernel(vector_norm_forward, None, lambda node, nr: saved(node, "result") if nr == 0 else None)
+
+
+class HomogeneousKernel(SumKernel):
+    """A positively homogeneous map of degree ``k`` (``f(t·x) = t^k f(x)`` for ``t > 0``): standard deviation
+    (``k = 1``), variance (``k = 2``), the product of ``n`` elements (``k = n``), a cumulative product (``k = i + 1``
+    at position ``i``).
+
+    By Euler's theorem ``Σ_i x_i ∂f/∂x_i = k·f(x)``, so ``R_i = x_i ∂f/∂x_i / k · R / f`` distributes ``R``
+    exactly; it is also what Integrated Gradients from the zero baseline gives for such ``f``, and for a product
+    of ``n`` factors it is AttnLRP's uniform rule (Achtibat et al. 2024: each factor ``R / n``). In gradient form
+    ``G_x = Jᵀ (G / k)``: the node's backward applied to the message divided by the degree, so the sum rule
+    (family ``reduce``, ε-stabilized where a preset asks) applies unchanged. ``degree(node, s)`` returns ``k``
+    shaped to broadcast against the output.
+    """
+
+    linear = False
+
+    def __init__(self, forward: Callable[[Any, Sequence[Tensor | None], int], Tensor],
+                 degree: Callable[[Any, Tensor], Any], rebuild: Callable | None = None):
+        super().__init__(forward, None, rebuild)
+        self.degree = degree
+
+    def back(self, node: Any, s: Tensor) -> Sequence[Tensor | None]:
+        return call_backward(node, [s / self.degree(node, s)])
+
+
+def _dims(node: Any, ndim: int) -> tuple[int, ...]:
+    dim = saved(node, "dim")
+    if dim is None:
+        return tuple(range(ndim))
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    return tuple(d + ndim if d < 0 else d for d in dims) if dims else tuple(range(ndim))
+
+
+def _correction(node: Any) -> float:
+    c = saved(node, "correction")
+    return 1.0 if c is None else float(c)
+
+
+def std_forward(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    x = xs[0]
+    return torch.std(x, dim=_dims(node, x.dim()), correction=_correction(node),
+                     keepdim=bool(saved(node, "keepdim"))).reshape(out_shape(node))
+
+
+def var_forward(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    x = xs[0]
+    return torch.var(x, dim=_dims(node, x.dim()), correction=_correction(node),
+                     keepdim=bool(saved(node, "keepdim"))).reshape(out_shape(node))
+
+
+def prod_forward(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    x = xs[0]
+    dim = saved(node, "dim")
+    if dim is None:
+        return x.prod().reshape(out_shape(node))
+    return x.prod(dim, keepdim=bool(saved(node, "keepdim")))
+
+
+def _prod_degree(node: Any, s: Tensor) -> float:
+    x = saved(node, "self")
+    dim = saved(node, "dim")
+    return float(x.numel() if dim is None else x.shape[dim])
+
+
+def cumprod_forward(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    return torch.cumprod(xs[0], saved(node, "dim"))
+
+
+def _cumprod_degree(node: Any, s: Tensor) -> Tensor:
+    d = saved(node, "dim")
+    d = d + s.dim() if d < 0 else d
+    shape = [1] * s.dim()
+    shape[d] = s.shape[d]
+    return torch.arange(1, s.shape[d] + 1, dtype=s.dtype, device=s.device).reshape(shape)
+
+
+def _saved_result(node: Any, nr: int) -> Tensor | None:
+    return saved(node, "result") if nr == 0 else None
+
+
+def _recompute(fn: Callable[[Any, Sequence[Tensor | None], int], Tensor]) -> Callable[[Any, int], Tensor | None]:
+    def rebuild(node: Any, nr: int) -> Tensor | None:
+        x = saved(node, "self")
+        return None if x is None or nr != 0 else fn(node, [x], nr)
+    return rebuild
+
+
+#: ``StdBackward0``: homogeneous of degree 1 (like a vector norm): gradient × input is exactly conservative
+STD = HomogeneousKernel(std_forward, lambda node, s: 1.0, _saved_result)
+#: ``VarBackward0``: homogeneous of degree 2 (``var(t·x) = t²·var(x)``)
+VAR = HomogeneousKernel(var_forward, lambda node, s: 2.0, _recompute(var_forward))
+#: ``ProdBackward0/1``: the product of ``n`` elements, homogeneous of degree ``n``: each factor ``R / n``
+PROD = HomogeneousKernel(prod_forward, _prod_degree, _saved_result)
+#: ``CumprodBackward0``: output ``i`` (along ``dim``) is a product of ``i + 1`` elements
+CUMPROD = HomogeneousKernel(cumprod_forward, _cumprod_degree, _saved_result)
+
+
+# -- linear maps of an input with coefficients fixed by another operand (sampling grids, boxes) --------------
+def _grid_sampler(node: Any, x: Tensor, grid: Tensor) -> Tensor:
+    mode = ("bilinear", "nearest", "bicubic")[int(saved(node, "interpolation_mode"))]
+    padding = ("zeros", "border", "reflection")[int(saved(node, "padding_mode"))]
+    return F.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode=padding,
+                         align_corners=bool(saved(node, "align_corners")))
+
+
+def grid_sample_forward(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    """``grid_sample(x, grid)`` with the sampling grid the node saved."""
+    return _grid_sampler(node, xs[0], saved(node, "grid"))
+
+
+def _grid_sample_rebuild(node: Any, nr: int) -> Tensor | None:
+    x, grid = saved(node, "input"), saved(node, "grid")
+    return None if x is None or grid is None or nr != 0 else _grid_sampler(node, x, grid)
+
+
+def _grid_sample_transpose(node: Any, s: Tensor) -> Sequence[Tensor | None]:
+    """The interpolation's transpose for the sampled input only: the grid chooses the coefficients (it is not a
+    term of the sum), so it gets nothing."""
+    out = call_backward(node, [s])
+    return (out[0], None)
+
+
+#: ``GridSampler2DBackward0`` / ``GridSampler3DBackward0`` (spatial transformers, optical flow warping): for a
+#: given grid the output is a linear map of the input with fixed interpolation weights (bilinear, nearest or
+#: bicubic), so the sum rule applies to the input (as for interpolation, family ``pool``); the grid only decides
+#: the weights — it routes, like an attention pattern held constant (CP-LRP) or a gate (Arras et al. 2017) — and
+#: receives no relevance. Exactly conservative with zero padding and no bias.
+GRID_SAMPLE = SumKernel(grid_sample_forward, None, _grid_sample_rebuild, _grid_sample_transpose)
+
+
+def affine_grid_forward(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    """``affine_grid(theta, size)``: the base grid times ``thetaᵀ`` (linear in ``theta``)."""
+    return F.affine_grid(xs[0], list(saved(node, "size")), align_corners=bool(saved(node, "align_corners")))
+
+
+#: ``AffineGridGeneratorBackward0``: ``grid = base · θᵀ``, a linear map of θ with the fixed base grid as
+#: coefficients: the sum rule (family ``pool``), exactly conservative.
+AFFINE_GRID = SumKernel(affine_grid_forward)
+
+
+def roi_align_forward(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    """torchvision's ``roi_align(x, rois)`` with the boxes and settings the node kept (``ctx.saved_tensors[0]`` and
+    the context's attributes); ``torch.ops.torchvision`` exists whenever such a node does."""
+    rois = saved(node, "saved_tensors.0")
+    return torch.ops.torchvision.roi_align(xs[0], rois.to(xs[0].dtype), float(function_attr(node, "spatial_scale")),
+                                           int(function_attr(node, "pooled_height")),
+                                           int(function_attr(node, "pooled_width")),
+                                           int(function_attr(node, "sampling_ratio")),
+                                           bool(function_attr(node, "aligned")))
+
+
+#: torchvision's ``roi_align`` (``GeneratedBackwardFor_torchvision_roi_align_defaultBackward``, the R-CNN family's
+#: box, mask and keypoint heads): every output bin is an average of bilinear samples of the feature map inside a
+#: box, a linear map of the features with fixed non-negative weights once the boxes are given (the region
+#: proposals are detached by the RPN), so the sum rule applies (family ``pool``, like average pooling and
+#: interpolation); the boxes receive nothing.
+ROI_ALIGN = SumKernel(roi_align_forward)
+
+
+# -- scatter_reduce ------------------------------------------------------------------------------------------
+def scatter_reduce_forward(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    return torch.scatter_reduce(xs[0], saved(node, "dim"), saved(node, "index"), xs[1], saved(node, "reduce"),
+                                include_self=bool(saved(node, "include_self")))
+
+
+def _scatter_prod_degree(node: Any, s: Tensor) -> Tensor:
+    """Factors per output position of a ``prod`` scatter: the sources written there, plus ``self`` when it is
+    included (or when no source reaches the position, whose output is then ``self``)."""
+    index = saved(node, "index")
+    cnt = torch.zeros(s.shape, dtype=s.dtype, device=s.device).scatter_add(
+        saved(node, "dim"), index, torch.ones(index.shape, dtype=s.dtype, device=s.device))
+    return cnt + 1 if bool(saved(node, "include_self")) else torch.where(cnt == 0, 1, cnt)
+
+
+class ScatterReduceKernel(HomogeneousKernel):
+    """``scatter_reduce(self, dim, index, src, reduce)`` (graph networks: GAT's per-node softmax takes an ``amax``
+    and a ``sum`` over each node's incoming edges; message passing aggregates with ``sum``/``mean``/``amax``).
+
+    ``sum`` and ``mean`` are linear with fixed coefficients and ``amax``/``amin`` select (ties share): the node's
+    own backward is then the z-rule in gradient form (family ``routing``, as ``scatter_add``/``index_add``),
+    exactly conservative. ``prod`` multiplies the factors written to each position: homogeneous of degree = their
+    number, each factor ``R / n`` (AttnLRP's uniform rule, family ``reduce``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(scatter_reduce_forward, _scatter_prod_degree,
+                         lambda node, nr: saved(node, "result") if nr == 0 else None)
+
+    @staticmethod
+    def family_of(site: Any) -> str:
+        return "reduce" if saved(site.node, "reduce") == "prod" else "routing"
+
+
+SCATTER_REDUCE = ScatterReduceKernel()

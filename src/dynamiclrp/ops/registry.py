@@ -12,8 +12,11 @@ Families
 --------
 ``linear``, ``conv`` (activation × weight), ``matmul`` (activation × activation), ``product`` (element-wise
 ``*`` and ``/``), ``add``, ``reduce``, ``pool``, ``activation``, ``norm``, ``softmax``, ``attention``,
-``routing``, ``embedding``, ``leaf``; and ``recurrent``, ``parametrization``, ``inplace``, ``custom`` for the
-special ops of :mod:`dynamiclrp.ops.special`.
+``routing``, ``embedding``, ``leaf``; and ``recurrent``, ``parametrization``, ``inplace``, ``composite``,
+``custom`` for the special ops of :mod:`dynamiclrp.ops.special`.
+
+Each row added for coverage names, in a comment, the LRP argument for its rule (Euler's theorem for homogeneous
+statistics, AttnLRP's identity and uniform rules, the z-rule of a linear map with fixed coefficients, ...).
 """
 from __future__ import annotations
 
@@ -28,22 +31,24 @@ from ..core.graph import saved
 from ..core.spec import OpSpec
 from ..core.step import Site
 from . import routing
-from .attention import AttentionKernel, SoftmaxKernel
+from .attention import AttentionKernel, LogsumexpKernel, SoftmaxKernel
 from .elementwise import BLOOM_GELU, PRELU, RG_SQRT, UNARY, NegKernel, ProductKernel, binary_rebuild
 from .linear import (AddmmKernel, BaddbmmKernel, BmmKernel, ConvKernel, GroupedMmFallbackKernel, GroupedMmKernel,
-                     LinearKernel, MmKernel, MvKernel)
+                     LinearKernel, MmKernel, MvKernel, VdotKernel)
 from .norm import NormKernel
-from .reduce import (VECTOR_NORM, AddKernel, SumKernel, _adaptive_avg_pool_nd, _alpha, _avg_pool2d, _avg_pool3d, add_forward,
+from .reduce import (AFFINE_GRID, CUMPROD, GRID_SAMPLE, PROD, ROI_ALIGN, SCATTER_REDUCE, STD, VAR, VECTOR_NORM,
+                     AddKernel, SumKernel, _adaptive_avg_pool_nd, _alpha, _avg_pool2d, _avg_pool3d, add_forward,
                      avg_pool_rebuild, cumsum_forward, mean_forward, nll_forward, rsub_forward, sub_forward,
                      sum_forward, upsample_forward, vector_norm_forward)
-from .special import (CopySlicesKernel, CudnnRnnKernel, FusedCellKernel, LeafKernel, RecurrentKernel, WeightNormKernel,
+from .special import (CHECKPOINT, GLU, TRILINEAR, CopySlicesKernel, CudnnRnnKernel, FusedCellKernel, LeafKernel,
+                      RecurrentKernel, WeightNormKernel,
                       function_family)
 
 #: element-wise non-linearities used as activation functions (the activated operand of a gated MLP)
 _ACTIVATIONS = frozenset({
     "ReluBackward0", "GeluBackward0", "SiluBackward0", "MishBackward0", "TanhBackward0", "SigmoidBackward0",
     "SoftplusBackward0", "EluBackward0", "LeakyReluBackward0", "HardswishBackward0", "HardsigmoidBackward0",
-    "HardtanhBackward0", "ThresholdBackward0",
+    "HardtanhBackward0", "ThresholdBackward0", "CeluBackward0", "RreluWithNoiseBackward0",
 })
 #: gates: a signal multiplied by one of these takes all the relevance (LSTM/GRU, squeeze-excitation)
 _GATES = frozenset({"SigmoidBackward0", "HardsigmoidBackward0"})
@@ -173,6 +178,25 @@ def _norm(kind: str, eps_field: str = "eps") -> OpSpec:
                   static_fields=("training",) if kind == "batch" else ())
 
 
+def _composite(kernel: Any, inputs_saved: tuple = (), **traits: Any) -> OpSpec:
+    """An op re-expressed with primitive ops (family ``composite``, rule ``Decompose``); its output is rebuilt from
+    the inputs it kept, or replayed from its inputs' values."""
+    def rebuild(node: Any, nr: int) -> torch.Tensor | None:
+        xs = kernel.inputs(node)
+        if xs is None or any(x is None for x in xs):
+            return None
+        return _nth(kernel.forward(node, *xs), nr)
+
+    def replay(node: Any, xs: Any, nr: int) -> torch.Tensor:
+        return _nth(kernel.forward(node, *xs), nr)
+    return OpSpec("composite", kernel, inputs_saved=inputs_saved, rebuild=rebuild, replay=replay, **traits)
+
+
+def _nth(out: Any, nr: int) -> torch.Tensor:
+    t = out if isinstance(out, torch.Tensor) else out[nr]
+    return t.detach()
+
+
 def _function(kernel: Any, module: str, qualname: str, family: str) -> OpSpec:
     """A known custom ``autograd.Function`` (element-wise, its input in ``ctx.saved_tensors[0]``), matched by node
     class name and checked against the Function's class."""
@@ -192,7 +216,17 @@ def _routing_rows() -> dict[str, OpSpec]:
         rows[name] = _view(routing.replay_reshape, reshape=True)
     for name in ("CloneBackward0", "AliasBackward0", "ContiguousBackward0", "LiftFreshBackward0", "DetachBackward0"):
         rows[name] = _view(routing.replay_identity, reshape=True)
-    rows["ViewAsRealBackward0"] = _routing(routing.replay_identity)
+    # complex-valued linear maps (FNet's Fourier mixing, global filters): gradient-form routing of the real
+    # composite (see ComplexLinearKernel)
+    cplx = routing.ComplexLinearKernel
+    rows["ViewAsRealBackward0"] = OpSpec("routing", cplx(routing.replay_view_as_real),
+                                         replay=routing.replay_view_as_real, view=True)
+    rows["ViewAsComplexBackward0"] = OpSpec("routing", cplx(routing.replay_view_as_complex),
+                                            replay=routing.replay_view_as_complex, view=True)
+    rows["FftR2CBackward0"] = OpSpec("routing", cplx(routing.replay_fft_r2c), inputs_saved=((0, "self"),),
+                                     rebuild=routing.rebuild_fft_r2c, replay=routing.replay_fft_r2c)
+    rows["FftC2CBackward0"] = OpSpec("routing", cplx(routing.replay_fft_c2c), replay=routing.replay_fft_c2c)
+    rows["FftC2RBackward0"] = OpSpec("routing", cplx(routing.replay_fft_c2r), replay=routing.replay_fft_c2r)
     rows["ToCopyBackward0"] = _view(routing.replay_to_copy, reshape=True, bijection=False)  # a cast may round
     rows["TBackward0"] = _view(routing.replay_t)
     rows["TBackward1"] = _view(routing.replay_t)  # in-place t_()
@@ -273,8 +307,25 @@ def _routing_rows() -> dict[str, OpSpec]:
         "routing", routing.RoutingKernel(routing.replay_nth), replay=routing.replay_nth, selection=True, view=True,
         reshape=True, family_of=function_family("routing"),
         function=("torch.nn.modules._functions", "BackwardHookFunction"))
+    # sum/mean/max of weight rows per bag, or the per-index weights when they are data (see EmbeddingBagKernel)
+    bag = routing.EmbeddingBagKernel()
+    rows["EmbeddingBagBackward0"] = OpSpec("embedding", bag, inputs_saved=((0, "weight"), (1, "per_sample_weights")),
+                                           rebuild=bag.rebuild, replay=bag.replay_bag, replay_inputs=(0,),
+                                           data_lookup=True)
+    # selections added for coverage (issue 11): every output element is a copy of an input element or a constant,
+    # so the node's backward is the z-rule in gradient form (LRP-0 = gradient × input), exactly conservative
+    rows["MaskedScatterBackward0"] = _routing(routing.replay_masked_scatter)  # image features into text embeddings
+    rows["MaxUnpool2DBackward0"] = _routing(routing.replay_max_unpool(2))
+    rows["MaxUnpool3DBackward0"] = _routing(routing.replay_max_unpool(3))
+    rows["CopyBackwards"] = _routing(routing.replay_copy, replay_inputs=routing.copy_replay_inputs)  # dst.copy_(src)
+    rows["PackPaddedSequenceBackward0"] = _routing(routing.replay_pack_padded)  # packed LSTM/GRU input
+    # scatter_reduce: sum/mean (fixed coefficients) and amax/amin (selections) route like the gradient; prod is a
+    # homogeneous product (family reduce); see ScatterReduceKernel
+    rows["ScatterReduceBackward0"] = OpSpec("routing", SCATTER_REDUCE, results=((0, "result"),),
+                                            inputs_saved=((0, "self"), (1, "src")), rebuild=SCATTER_REDUCE.rebuild,
+                                            replay=SCATTER_REDUCE.forward, family_of=SCATTER_REDUCE.family_of)
     # in-place writes into views: routing, after a plan-time check of the wrapped op (family "inplace")
-    rows["CopySlices"] = OpSpec("inplace", CopySlicesKernel())
+    rows["CopySlices"] = OpSpec("inplace", CopySlicesKernel(), replay=CopySlicesKernel.replay)
     return rows
 
 
@@ -287,6 +338,7 @@ def _build() -> Mapping[str, OpSpec]:
     t["AddmmBackward0"] = _linear(AddmmKernel(), ((1, "mat1"), (2, "mat2")), merges_batchnorm=True)
     t["BaddbmmBackward0"] = _linear(BaddbmmKernel(), ((1, "batch1"), (2, "batch2")))
     t["MvBackward0"] = _linear(MvKernel(), ((0, "self"), (1, "vec")))
+    t["VdotBackward0"] = _linear(VdotKernel(), ((0, "self"), (1, "other")))  # spectral norm's σ = uᵀ(W v)
     t["ConvolutionBackward0"] = OpSpec("conv", ConvKernel(), inputs_saved=((0, "input"), (1, "weight")),
                                        replay=_linear_replay(ConvKernel()), family_of=_family_of_linear,
                                        static_fields=("bias_sym_sizes_opt",), merges_batchnorm=True, costly=True)
@@ -306,6 +358,27 @@ def _build() -> Mapping[str, OpSpec]:
     for name in ("MeanBackward0", "MeanBackward1"):
         t[name] = _sum(mean_forward, family="reduce", reduction=True)
     t["CumsumBackward0"] = _sum(cumsum_forward, family="reduce")
+    # positively homogeneous statistics (Euler's theorem, see HomogeneousKernel): std (degree 1), var (2), the
+    # product of n elements (n: AttnLRP's uniform rule), cumulative products (i + 1 at position i). Std and var are
+    # statistics, so a product with them treats them as normalisers
+    t["StdBackward0"] = OpSpec("reduce", STD, results=((0, "result"),), inputs_saved=((0, "self"),),
+                               rebuild=STD.rebuild, replay=STD.forward, reduction=True)
+    t["VarBackward0"] = OpSpec("reduce", VAR, inputs_saved=((0, "self"),), rebuild=VAR.rebuild, replay=VAR.forward,
+                               reduction=True)
+    for name in ("ProdBackward0", "ProdBackward1"):
+        t[name] = OpSpec("reduce", PROD, results=((0, "result"),), inputs_saved=((0, "self"),), rebuild=PROD.rebuild,
+                         replay=PROD.forward)
+    t["CumprodBackward0"] = OpSpec("reduce", CUMPROD, results=((0, "result"),), inputs_saved=((0, "self"),),
+                                   rebuild=CUMPROD.rebuild, replay=CUMPROD.forward)
+    # spatial transformers and R-CNN heads: linear maps of the input with coefficients fixed by a grid or boxes
+    # (the sum rule, like interpolation; the grid/boxes receive nothing), and the affine grid, linear in θ
+    for name in ("GridSampler2DBackward0", "GridSampler3DBackward0"):
+        t[name] = OpSpec("pool", GRID_SAMPLE, rebuild=GRID_SAMPLE.rebuild, replay=GRID_SAMPLE.forward,
+                         replay_inputs=(0,), inputs_saved=((0, "input"), (1, "grid")))
+    t["AffineGridGeneratorBackward0"] = OpSpec("pool", AFFINE_GRID, replay=AFFINE_GRID.forward)
+    t["GeneratedBackwardFor_torchvision_roi_align_defaultBackward"] = OpSpec(
+        "pool", ROI_ALIGN, replay=ROI_ALIGN.forward, replay_inputs=(0,), family_of=function_family("pool"),
+        function=("torch._library.autograd", "GeneratedBackwardFor_torchvision_roi_align_default"))
     # a loss as the explained output: nll_loss (cross_entropy = log_softmax + nll_loss) is linear in its input
     for name in ("NllLossBackward0", "NllLoss2DBackward0"):
         t[name] = _sum(nll_forward, inputs_saved=((0, "self"),), family="reduce")
@@ -357,6 +430,9 @@ def _build() -> Mapping[str, OpSpec]:
     t["SoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(), results=((0, "result"),), nonnegative=True)
     t["SafeSoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(), results=((0, "result"),), nonnegative=True)
     t["LogSoftmaxBackward0"] = OpSpec("softmax", SoftmaxKernel(log=True), results=((0, "result"),))
+    # logsumexp, a smooth maximum: relevance by the softmax weights (Softmax rule -> LogsumexpStep); a statistic
+    t["LogsumexpBackward0"] = OpSpec("softmax", LogsumexpKernel(), results=((0, "result"),),
+                                     inputs_saved=((0, "self"),), reduction=True)
     # fused scaled_dot_product_attention, per backend (derivatives.yaml and the generated node classes):
     # * _scaled_dot_product_flash_attention_for_cpu: differentiable query, key, value; saves query, key, value,
     #   attn_mask, output, logsumexp, dropout_p, is_causal, scale;
@@ -417,6 +493,11 @@ def _build() -> Mapping[str, OpSpec]:
     wn = WeightNormKernel()
     t["WeightNormInterfaceBackward0"] = OpSpec("parametrization", wn, inputs_saved=((0, "v"), (1, "g")),
                                                rebuild=wn.rebuild)
+    # ops re-expressed with primitive ops and explained with the caller's rule set (rule Decompose)
+    t["GluBackward0"] = _composite(GLU, inputs_saved=((0, "self"),))
+    t["TrilinearBackward0"] = _composite(TRILINEAR, inputs_saved=((0, "i1"), (1, "i2"), (2, "i3")))
+    t["CheckpointFunctionBackward"] = _composite(CHECKPOINT, family_of=function_family("composite"),
+                                                 function=("torch.utils.checkpoint", "CheckpointFunction"))
     # known custom autograd Functions
     t["GeLUFunctionBackward"] = _function(BLOOM_GELU, "transformers.models.bloom.modeling_bloom", "GeLUFunction",
                                           "activation")
@@ -429,18 +510,6 @@ def _build() -> Mapping[str, OpSpec]:
 
 #: node type -> OpSpec. Read-only; extend per rule set with ``RuleSet.with_ops``.
 REGISTRY: Mapping[str, OpSpec] = _build()
-
-#: node types without a row for which registering a rule is the wrong advice: what to do instead (shown in the
-#: UnsupportedOperationError message)
-UNSUPPORTED_ADVICE: Mapping[str, str] = MappingProxyType({
-    "CheckpointFunctionBackward": (
-        "torch.utils.checkpoint with use_reentrant=True runs the checkpointed function under torch.no_grad(), so "
-        "the graph holds one opaque node instead of the ops inside it and there is nothing to propagate relevance "
-        "through (registering Routing for it would give zero or wrong relevance). Use "
-        "torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) (PyTorch's recommended mode; Hugging Face "
-        "models: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})), or "
-        "explain without checkpointing."),
-})
 
 
 def families() -> frozenset[str]:

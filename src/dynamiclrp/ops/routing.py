@@ -259,3 +259,135 @@ def _contiguous_strides(size: Sequence[int], stride: Sequence[int]) -> bool:
             return False
         expected *= n
     return True
+
+
+def replay_masked_scatter(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    """``self.masked_scatter(mask, source)``: the masked positions take ``source``'s elements in order (vision-
+    language models insert image features into the text embeddings this way)."""
+    return xs[0].masked_scatter(saved(node, "mask"), xs[1])
+
+
+def replay_max_unpool(spatial: int) -> Callable[[Any, Sequence[Tensor | None], int], Tensor]:
+    """``max_unpool{2,3}d`` (``spatial`` = 2 or 3): every input element written at its saved flat index within its
+    plane, zeros elsewhere."""
+    def replay(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+        shape = out_shape(node, nr)
+        lead = shape[:len(shape) - spatial]
+        x = xs[0].reshape(*lead, -1)
+        idx = saved(node, "indices").reshape(x.shape)
+        return x.new_zeros(*lead, math.prod(shape[len(shape) - spatial:])).scatter(-1, idx, x).reshape(shape)
+    return replay
+
+
+def replay_copy(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    """``dst.copy_(src)``: the output is ``src`` broadcast to ``dst``'s shape and cast to its dtype (``dst``'s own
+    values are overwritten)."""
+    m = output_meta(node)[nr]
+    return xs[1].to(dtype=m.dtype, device=m.device).expand(m.shape).clone()
+
+
+def copy_replay_inputs(node: Any, edges: tuple[int, ...]) -> tuple[int, ...]:
+    return (1,)
+
+
+def replay_pack_padded(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    """``pack_padded_sequence``'s data: the time steps of every sequence, time-major, longest sequences first
+    (the lengths are read back from the saved batch sizes: sequence ``b`` lasts while ``batch_sizes[t] > b``)."""
+    batch_sizes = saved(node, "result1")
+    n = int(batch_sizes[0])
+    lengths = (batch_sizes[None, :] > torch.arange(n)[:, None]).sum(1)
+    return torch._pack_padded_sequence(xs[0], lengths, bool(saved(node, "batch_first")))[0]
+
+
+_BAG_MODES = ("sum", "mean", "max")
+
+
+def _bag(node: Any, weight: Tensor, psw: Tensor | None) -> Tensor:
+    return F.embedding_bag(saved(node, "indices"), weight, saved(node, "offsets"), mode=_BAG_MODES[int(saved(node, "mode"))],
+                           per_sample_weights=psw, padding_idx=_padding_idx(node))
+
+
+def _padding_idx(node: Any) -> int | None:
+    p = saved(node, "padding_idx")
+    return None if p is None or int(p) < 0 else int(p)
+
+
+class EmbeddingBagKernel(RoutingKernel):
+    """``embedding_bag(indices, weight, offsets, mode, per_sample_weights)`` (fastText-style bag-of-words encoders,
+    recommender features): each bag's output is the sum, mean or maximum of the weight rows its indices select,
+    optionally weighted per index.
+
+    Without per-index weights the output is a linear map of the selected rows with fixed coefficients (sum,
+    mean) or a selection (max), so the node's backward routes relevance to the weight rows exactly (the z-rule
+    in gradient form). With per-index weights ``p`` the output ``Σ_i p_i W[idx_i]`` is bilinear in ``p`` and
+    ``W``; the weight is a parameter, so (as for any product with a parameter) the data operand ``p`` takes all
+    the relevance — the z-rule of the linear map ``p ↦ Σ_i p_i W[idx_i]`` — and the rows get nothing. Either way
+    the output is data (``data_lookup``), and exactly one operand receives relevance, so it is conservative.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(self.replay_bag)
+
+    @staticmethod
+    def replay_bag(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+        psw = xs[1] if len(xs) > 1 and xs[1] is not None else saved(node, "per_sample_weights")
+        return _bag(node, xs[0], psw)
+
+    @staticmethod
+    def rebuild(node: Any, nr: int) -> Tensor | None:
+        w = saved(node, "weight")
+        return None if w is None or nr != 0 else _bag(node, w, saved(node, "per_sample_weights"))
+
+    @staticmethod
+    def can_rebuild(node: Any, nr: int) -> bool:
+        return nr == 0 and saved(node, "weight") is not None
+
+    @staticmethod
+    def dropped(edges: tuple[int, ...], active: tuple[bool, ...]) -> tuple[int, ...]:
+        """Input positions that receive nothing: the weight when per-index weights are a data operand."""
+        return (0,) if len(edges) > 1 and edges[1] >= 0 and active[1] else (1,)
+
+
+
+# -- complex-valued linear maps (FFT mixing) ----------------------------------------------------------------
+class ComplexLinearKernel(RoutingKernel):
+    """A linear map into or out of complex tensors (an FFT, ``view_as_real``/``view_as_complex``).
+
+    Composed with a real-valued read-out (``fft(x).real``, FNet's token mixing; ``irfft(rfft(x) · W)``, global
+    filter networks) the whole path is a real linear map of a real input with fixed coefficients, and PyTorch's
+    backward through the complex intermediates is exactly its transpose. So relevance moves in gradient form with
+    the node's own backward — the z-rule of the real composite, LRP-0 = gradient × input — and at a complex slot a
+    message ``G`` stands for the relevance ``Re(conj(G)·v)``. Explicit relevance is first turned into gradient form
+    at the real end (``gradient_only``), where dividing by the value is meaningful.
+    """
+
+    gradient_only = True
+
+
+def replay_fft_r2c(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    return torch._fft_r2c(xs[0], list(saved(node, "dim")), int(saved(node, "normalization")),
+                          bool(saved(node, "onesided")))
+
+
+def replay_fft_c2c(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    return torch._fft_c2c(xs[0], list(saved(node, "dim")), int(saved(node, "normalization")),
+                          bool(saved(node, "forward")))
+
+
+def replay_fft_c2r(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    dims = list(saved(node, "dim"))
+    last = out_shape(node, nr)[dims[-1]]
+    return torch._fft_c2r(xs[0], dims, int(saved(node, "normalization")), last)
+
+
+def rebuild_fft_r2c(node: Any, nr: int) -> Tensor | None:
+    x = saved(node, "self")
+    return None if x is None or nr != 0 else replay_fft_r2c(node, [x], 0)
+
+
+def replay_view_as_real(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    return torch.view_as_real(xs[0])
+
+
+def replay_view_as_complex(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    return torch.view_as_complex(xs[0].contiguous())

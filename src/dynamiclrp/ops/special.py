@@ -1,14 +1,21 @@
 """Ops that fuse a sub-network into one node, or need a structural check: fused recurrent layers (oneDNN LSTM),
-weight normalisation, in-place writes into views (``CopySlices``), known custom ``autograd.Function``s, leaves."""
+weight normalisation, in-place writes into views (``CopySlices``), ops re-expressed with primitive ops
+(:class:`CompositeKernel`: GLU, ``nn.Bilinear``'s trilinear product, reentrant checkpointing), known custom
+``autograd.Function``s, leaves."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import contextlib
+import math
+import string
 
 import torch
 import torch.nn.functional as F
 
-from ..core.graph import forward_cls, saved
-from ..errors import UnsupportedOperationError
+from ..core.graph import (call_backward, custom_saved_tensors, forward_cls, function_attr, node_type, output_meta, saved,
+                          wrapped_node)
+from ..errors import UnsupportedOperationError, ValueUnavailableError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.step import Site
@@ -301,8 +308,67 @@ class WeightNormKernel:
         return v * self.scale(node)
 
 
+#: in-place ops whose write into a view copies (``x[i] = y``) or fills with a constant (``x[i] = 0``)
+_COPYING = frozenset({"CopyBackwards", "FillBackward0", "FillBackward1", "FillBackward2", "FillBackward3",
+                      "ZeroBackward0"})
+
+
 class CopySlicesKernel:
-    """``CopySlices``: an in-place op applied to a view of a base tensor (family ``inplace``)."""
+    """``CopySlices``: an in-place op applied to a view of a base tensor (family ``inplace``).
+
+    When the op copies into the view (``x[i] = y``) or fills it with a constant, every output element is a copy of
+    an element of the base or of the source, or a constant: a selection (:meth:`selects`), through which the
+    Promise System recovers the inputs' values on the support from the output's (as for ``index_put``), so the
+    ledger can measure what each input receives (circular padding, chunked attention, bias slices).
+    """
+
+    @staticmethod
+    def selects(node: Any) -> bool:
+        wrapped = wrapped_node(node)
+        return wrapped is not None and node_type(wrapped) in _COPYING
+
+    @staticmethod
+    def can_replay(node: Any) -> bool:
+        wrapped = wrapped_node(node)
+        return wrapped is not None and node_type(wrapped) in ("CopyBackwards", "ZeroBackward0")
+
+    @staticmethod
+    def replay(node: Any, xs: Sequence[Any], nr: int) -> Tensor:
+        """The written tensor from the base's value and the source's: for ``x[i] = y`` (a copy) and ``x[i].zero_()``
+        (``y = b.clone(); y[1:3].zero_()`` builds Swin-V2's qkv bias). Where the write goes is read from the node's
+        own backward: probing it with ones marks the base elements that are kept (1) or overwritten (0), and
+        probing with the output positions ``1..n`` tells each source element the position it was written to. A
+        fill with another constant (not kept by autograd), a broadcast source, or any other in-place op is not
+        replayed (the value is declared unavailable rather than guessed)."""
+        wrapped = wrapped_node(node)
+        kind = node_type(wrapped) if wrapped is not None else None
+        if kind not in ("CopyBackwards", "ZeroBackward0"):
+            raise ValueUnavailableError(f"the in-place write of {node_type(node)} ({kind or 'unknown op'}) cannot be "
+                                        "replayed (only copies and zero_() into a view are)")
+        meta = output_meta(node)[nr]
+        n = math.prod(meta.shape)
+        exact = {torch.float64: 2 ** 53, torch.float32: 2 ** 24}.get(meta.dtype, 0)
+        if n >= exact:
+            raise ValueUnavailableError("too many elements to probe an in-place write's element map exactly")
+        ones = torch.ones(meta.shape, dtype=meta.dtype, device=meta.device)
+        with torch.no_grad():
+            probe = call_backward(node, [ones])
+            keep = probe[0]
+            base = xs[0]
+            out = torch.zeros(meta.shape, dtype=meta.dtype, device=meta.device)
+            if bool((keep != 0).any()):
+                if base is None:
+                    raise ValueUnavailableError("the base tensor of an in-place write is not known")
+                out = torch.where(keep != 0, base.to(meta.dtype).expand(meta.shape), out)
+            if kind == "CopyBackwards":
+                src = xs[1] if len(xs) > 1 else None
+                cnt = probe[1] if len(probe) > 1 else None
+                if src is None or cnt is None or bool((cnt != 1).any()):
+                    raise ValueUnavailableError("the source of an in-place copy is unknown or broadcast")
+                ids = torch.arange(1, n + 1, dtype=meta.dtype, device=meta.device).reshape(meta.shape)
+                pos = call_backward(node, [ids])[1].reshape(-1).round().long() - 1
+                out.reshape(-1)[pos] = src.to(meta.dtype).reshape(-1)
+        return out
 
 
 def function_family(family: str) -> Callable[["Site"], str]:
@@ -314,6 +380,102 @@ def function_family(family: str) -> Callable[["Site"], str]:
             return "custom"
         return family
     return family_of
+
+
+class CompositeKernel:
+    """An op re-expressed with primitive ops, so that the caller's rule set explains it op by op (family
+    ``composite``, rule :class:`~dynamiclrp.rules.Decompose`).
+
+    ``forward(node, *inputs)`` recomputes the node's outputs (a tensor or a tuple, one per forward output) from
+    the values of its forward inputs with ordinary differentiable ops; ``inputs(node)`` returns those values when
+    the node itself kept them (one entry per input position, ``None`` for one to obtain from the Promise System).
+    The re-expression must compute the same function as the node: it is an exact rewrite, not an approximation.
+    """
+
+    def __init__(self, forward: Callable[..., Any], inputs: Callable[[Any], Sequence[Any]] | None = None):
+        self.forward = forward
+        self._inputs = inputs
+
+    def inputs(self, node: Any) -> Sequence[Any] | None:
+        return None if self._inputs is None else self._inputs(node)
+
+
+def _glu(node: Any, x: Tensor) -> Tensor:
+    a, b = x.chunk(2, dim=saved(node, "dim"))
+    return a * torch.sigmoid(b)
+
+
+#: ``GluBackward0`` (``nn.GLU``, Conformer/wav2vec2-Conformer convolution modules, gated CNNs): ``a · σ(b)`` with
+#: ``[a, b]`` the two halves of the input. Re-expressed as a split, a sigmoid and a product, the rule set sees the
+#: gate: with the default product rule the signal ``a`` takes the relevance of a sigmoid-gated product (Arras et
+#: al. 2017), with AttnLRP's uniform rule each operand half of it. Exactly the node's function.
+GLU = CompositeKernel(_glu, lambda node: [saved(node, "self")])
+
+
+def trilinear_forward(node: Any, i1: Tensor, i2: Tensor, i3: Tensor) -> Tensor:
+    """``aten._trilinear``: ``Σ_sumdim i1.unsqueeze(expand1) · i2.unsqueeze(expand2) · i3.unsqueeze(expand3)``,
+    written as one ``einsum`` (which PyTorch evaluates with matmuls)."""
+    e = [tuple(saved(node, f"expand{k}")) for k in (1, 2, 3)]
+    ndim = i1.dim() + len(e[0])
+    letters = string.ascii_letters[:ndim]
+    subs = ["".join(letters[d] for d in range(ndim) if d not in ex) for ex in e]
+    out = "".join(letters[d] for d in range(ndim) if d not in tuple(saved(node, "sumdim")))
+    # contract the weight with a constant operand first, so the data operand meets one effective weight (a linear
+    # layer); otherwise the first operand with the weight, then the product of the two data operands
+    first, other = ((1, 2), 0) if _data(i1) and not _data(i3) else ((0, 1), 2)
+    ops = (i1, i2, i3)
+    keep = "".join(dict.fromkeys(c for c in subs[first[0]] + subs[first[1]] if c in subs[other] + out))
+    mid = torch.einsum(f"{subs[first[0]]},{subs[first[1]]}->{keep}", ops[first[0]], ops[first[1]])
+    pair = (mid, ops[other]) if other == 2 else (ops[other], mid)
+    spec = f"{keep},{subs[other]}->{out}" if other == 2 else f"{subs[other]},{keep}->{out}"
+    return torch.einsum(spec, *pair)
+
+
+def _data(t: Tensor) -> bool:
+    """A data operand of a re-expression: a leaf that requires grad and is no parameter."""
+    return t.requires_grad and not isinstance(t, torch.nn.Parameter)
+
+
+#: ``TrilinearBackward0`` (``nn.Bilinear``: ``y_k = x₁ᵀ W_k x₂``): a product of three operands re-expressed as two
+#: matmuls. With one data operand and the weight it is a linear layer (the linear rule); with two data operands the
+#: second matmul multiplies two activations (the rule set's product rule: AttnLRP's uniform rule gives each half, as
+#: for ``Q·Kᵀ``). With LRP-0 this equals the z-rule on the terms ``x₁ᵢ W_kij x₂ⱼ`` split uniformly between the two
+#: activations.
+TRILINEAR = CompositeKernel(trilinear_forward, lambda node: [saved(node, "i1"), saved(node, "i2"), saved(node, "i3")])
+
+
+def _ctx(node: Any, name: str, default: Any) -> Any:
+    try:
+        return function_attr(node, name)
+    except AttributeError:
+        return default
+
+
+def _checkpoint_inputs(node: Any) -> list[Any]:
+    return list(custom_saved_tensors(node))
+
+
+def checkpoint_forward(node: Any, *tensors: Tensor) -> Any:
+    """Re-run a reentrant checkpoint's function the way its backward does: the saved tensor arguments put back
+    among the non-tensor ones, the forward's CPU random state restored (dropout draws the same mask)."""
+    args = list(function_attr(node, "inputs"))
+    for i, idx in enumerate(function_attr(node, "tensor_indices")):
+        args[idx] = tensors[i]
+    preserve = bool(_ctx(node, "preserve_rng_state", False))
+    with torch.random.fork_rng(devices=[], enabled=preserve):
+        if preserve and _ctx(node, "fwd_cpu_state", None) is not None:
+            torch.set_rng_state(function_attr(node, "fwd_cpu_state"))
+        cpu_autocast = _ctx(node, "cpu_autocast_kwargs", None) or {}
+        ctx = torch.amp.autocast("cpu", **cpu_autocast) if cpu_autocast else contextlib.nullcontext()
+        with torch.enable_grad(), ctx:
+            return function_attr(node, "run_function")(*args)
+
+
+#: ``CheckpointFunctionBackward`` (``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)``): the forward ran
+#: without recording a graph, keeping only the function and its inputs — so, like the checkpoint's own backward, the
+#: function is run again with a graph, and that graph is explained with the caller's rule set (every op inside gets
+#: its own rule; the result is the same as without checkpointing).
+CHECKPOINT = CompositeKernel(checkpoint_forward, _checkpoint_inputs)
 
 
 class LeafKernel:

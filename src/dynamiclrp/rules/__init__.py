@@ -15,11 +15,11 @@ from .paper import MagnitudeSplit
 from .products import Product, Uniform
 from .routing import Block, Leaf, Routing
 from .ruleset import FAMILIES, NodeInfo, RuleSet
-from .special import CheckedRouting, Recurrent, WeightNorm
+from .special import CheckedRouting, Decompose, Recurrent, WeightNorm
 from .sums import Sum
 
 __all__ = [
-    "AlphaBeta", "AttnLRP", "Block", "CPLRP", "CheckedRouting", "Epsilon", "FAMILIES", "Flat", "Gamma", "Gradient",
+    "AlphaBeta", "AttnLRP", "Block", "CPLRP", "CheckedRouting", "Decompose", "Epsilon", "FAMILIES", "Flat", "Gamma", "Gradient",
     "Identity", "Leaf", "MagnitudeSplit", "Msg", "NodeInfo", "Norm", "NormConstant", "OpSpec", "Pass", "Product",
     "REGISTRY", "Recurrent", "Routing", "Rule", "RuleSet", "Site", "Softmax", "Step", "Sum", "Uniform", "WSquare",
     "WeightNorm", "ZBox", "ZPlus", "Zero",

@@ -10,7 +10,7 @@ from ..core.graph import call_backward, output_meta, saved
 from ..core.messages import Msg, gmsg
 from ..core.step import Step
 from ..errors import RuleError
-from ..ops.attention import SoftmaxKernel
+from ..ops.attention import LogsumexpKernel, SoftmaxKernel
 from .base import Rule, _child_meta, _fit, _wrong_family
 from .products import _bind_product
 
@@ -58,11 +58,42 @@ class Softmax(Rule):
     families = frozenset({"softmax"})
 
     def bind(self, site):
+        if isinstance(site.spec.kernel, LogsumexpKernel):
+            return LogsumexpStep(site)
         if not isinstance(site.spec.kernel, SoftmaxKernel):
             raise _wrong_family(self, site, site.spec.family)
         if site.spec.kernel.log:
             return LogSoftmaxStep(site)
         return SoftmaxStep(site)
+
+
+class LogsumexpStep(Step):
+    """``y = log Σ_j exp(x_j)``, a smooth maximum: relevance in proportion to the softmax weights, ``R_i =
+    softmax(x)_i · R`` — the smooth form of max pooling's winner-take-all rule, as in the neuralized soft
+    min/max-pooling layers of Kauffmann et al. (2022, "From clustering to cluster explanations via neural
+    networks"). The weights sum to one, so the rule is exactly conservative; ``softmax(x)·R`` is the node's backward
+    applied to the explicit relevance ``R = G·y``. (Held constant as a normaliser, ``x − logsumexp(x)`` gives all
+    relevance to ``x``, as the log-softmax rule does.)"""
+
+    __slots__ = ("meta",)
+    handles_r = True
+
+    def __init__(self, site):
+        super().__init__(site)
+        self.meta = _child_meta(site)
+
+    def _route(self, run, R):
+        node = run.graph.nodes[self.index]
+        return [Msg(r=_fit(t, m)) if t is not None and m is not None else None
+                for t, m in zip(call_backward(node, [R]), self.meta)]
+
+    def g(self, run, gs):
+        g = gs[0]
+        y = saved(run.graph.nodes[self.index], "result")
+        return self._route(run, torch.where(g == 0, torch.zeros((), dtype=g.dtype, device=g.device), g * y))
+
+    def r(self, run, rs):
+        return self._route(run, rs[0])
 
 
 class LogSoftmaxStep(Step):

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from ..core.graph import fit_to
-from ..core.messages import stabilize
+from ..core.messages import Msg, safe_div, stabilize
 from ..core.step import Site, Step
 from ..errors import RuleError
 
@@ -92,3 +92,15 @@ def _check_stabilizer(stabilizer: Any) -> None:
         raise RuleError(f"a stabilizer must be a float >= 0 or a callable z -> stabilized z, got "
                         f"{stabilizer!r} ({type(stabilizer).__name__})")
     _check_number("a stabilizer", stabilizer)
+
+
+def _message(R: Tensor, value: Tensor, meta: tuple[torch.Size, torch.dtype] | None) -> Msg:
+    """Explicit relevance ``R`` at an input whose forward value is ``value``, as a message: gradient form
+    ``R / value`` where the value is non-zero, explicit relevance where it is zero (nothing is lost either way)."""
+    zero = value == 0
+    m = Msg(g=_fit(safe_div(R, value), meta))
+    if bool(zero.any()):
+        rest = torch.where(zero, R, torch.zeros((), dtype=R.dtype, device=R.device))
+        if bool(rest.any()):
+            m.r = _fit(rest, meta)
+    return m

@@ -10,10 +10,11 @@ from ..core.graph import call_backward, saved
 from ..core.messages import Msg, gmsg
 from ..core.promises import InversePart, Total
 from ..core.step import Site, Step
-from ..errors import ValueUnavailableError
+from ..errors import UnsupportedOperationError, ValueUnavailableError
 from ..ops.elementwise import UnaryKernel
 from ..ops.norm import NormKernel
 from .base import Rule, _child_meta, _fit, _wrong_family
+from .sums import Sum, shift_held_constant
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
@@ -24,7 +25,7 @@ Tensor = torch.Tensor
 class IdentityStep(Step):
     """``R_x = R_y``; in gradient form ``G_x = G_y · y / x``."""
 
-    __slots__ = ("kernel", "meta", "limit", "need_x_value", "f0", "conservative")
+    __slots__ = ("kernel", "meta", "limit", "need_x_value", "f0", "conservative", "explicit_at_zero")
     handles_r = True
 
     def __init__(self, site: Site):
@@ -41,12 +42,19 @@ class IdentityStep(Step):
         self.need_x_value = (k._ratio is None and (k.x_field is None or saved(site.node, k.x_field) is None)
                              and k.inverse is not None and k.y_field is not None and site.edges[0] >= 0
                              and site.type in ("TanhBackward0", "SigmoidBackward0"))
+        # a non-linearity that saved neither its input nor its output (sign): the input from the Promise System
+        self.need_x_value = self.need_x_value or (k.x_field is None and k.y_field is None and site.edges[0] >= 0)
         if self.need_x_value:
             recipe = site.planner.resolver.recipe(site.edges[0])
             if isinstance(recipe, Total) and isinstance(recipe.part, InversePart) and recipe.part.node == site.index:
                 self.need_x_value = False  # x would be this node's own inverse: read it directly (see _inverse)
             else:
                 site.planner.need_value(site.edges[0])
+        # exp(x − max) where the sum rule holds the maximum constant (ShiftStep): where x − max == 0 the relevance
+        # is handed on in explicit form instead of being lost (the shift step passes it to x whole)
+        self.explicit_at_zero = site.type == "ExpBackward0" and _after_held_shift(site)
+        if self.explicit_at_zero:
+            self.conservative = True
 
     def _xy(self, run, node) -> tuple[Tensor | None, Tensor | None, bool]:
         """``x``, ``y``, and whether ``x`` is the inverse of the saved ``y`` (``inf`` where that is not exact)."""
@@ -63,19 +71,10 @@ class IdentityStep(Step):
                 try:
                     x = run.value(self.in_edges[0], run.graph.describe(self.index))
                 except ValueUnavailableError:  # fall back to the inverse map
-                    x, inverted = self._inverse(node, y), True
+                    x, inverted = _inverse(k, node, y), True
             elif k.inverse is not None:
-                x, inverted = self._inverse(node, y), True
+                x, inverted = _inverse(k, node, y), True
         return x, y, inverted
-
-    def _inverse(self, node, y: Tensor) -> Tensor:
-        """``x`` from the saved output, ``inf`` where the inverse is not exact (saturation: see
-        :func:`~dynamiclrp.ops.elementwise.well_conditioned`), which :meth:`_ratio` treats as unknown."""
-        k = self.kernel
-        if k.from_output is None:
-            return k.inverse(node, y)
-        x, ok = k.from_output(node, y)
-        return torch.where(ok, x, torch.full((), float("inf"), dtype=x.dtype, device=x.device))
 
     def ratio(self, run, node) -> Tensor:
         return self._ratio(run, node)[0]
@@ -84,8 +83,10 @@ class IdentityStep(Step):
         """``y / x`` (the limit where ``x == 0``) and, where ``x`` is the inverse of the saved output, the mask of the
         positions where that inverse is not exact (a saturated ``tanh``/``sigmoid``: the ratio is 0 there) and ``y``."""
         k = self.kernel
-        x, y, inverted = self._xy(run, node) if k._ratio is None or k.x_field is not None else (
-            None, saved(node, k.y_field), False)
+        if k._ratio is None or k.x_field is not None or k.y_field is None:
+            x, y, inverted = self._xy(run, node)
+        else:
+            x, y, inverted = None, saved(node, k.y_field), False
         if k._ratio is not None:
             if x is None and k.x_field is not None:
                 x = saved(node, k.x_field)
@@ -106,6 +107,13 @@ class IdentityStep(Step):
         if self.kernel.identity_is_gradient:
             (gx,) = call_backward(node, gs)[:1]
             return [Msg(g=_fit(gx, self.meta[0]))]
+        if self.explicit_at_zero:
+            x, y, _ = self._xy(run, node)
+            zero = x == 0
+            g = gs[0]
+            r = torch.where(zero, g * y, torch.zeros((), dtype=g.dtype, device=g.device))
+            gx = torch.where(zero, torch.zeros((), dtype=g.dtype, device=g.device), g * self.ratio(run, node))
+            return [Msg(g=_fit(gx, self.meta[0]), r=_fit(r, self.meta[0]))]  # the shift step takes both forms
         ratio, lost, y = self._ratio(run, node)
         if lost is not None and run.ledger is not None:
             # where x is unknown (the saved output saturated, e.g. tanh = ±1 exactly, and x is in no other place of
@@ -119,6 +127,42 @@ class IdentityStep(Step):
         return [Msg(r=_fit(rs[0], self.meta[0]))]
 
 
+def _inverse(k: UnaryKernel, node: Any, y: Tensor) -> Tensor:
+    """``x`` from a saved output by the kernel's inverse, ``+inf`` where the output is saturated (``exp`` underflowed
+    to 0, ``tanh`` at ±1) or so close to it that the inverse is not exact (one ulp of ``y`` moves ``x`` visibly:
+    :func:`~dynamiclrp.ops.elementwise.well_conditioned`): there the ratio ``y / x`` is 0, as nothing passes in
+    gradient form. The inverse is taken at a harmless point there, so that differentiating the relevance
+    (``create_graph=True``) meets no ``log(0)``."""
+    with torch.no_grad():
+        bad = ~torch.isfinite(k.inverse(node, y)) if k.from_output is None else ~k.from_output(node, y)[1]
+    safe = torch.where(bad, k.f(node, torch.ones((), dtype=y.dtype, device=y.device)), y)
+    return torch.where(bad, torch.full((), float("inf"), dtype=y.dtype, device=y.device), k.inverse(node, safe))
+
+
+def _after_held_shift(site: Site) -> bool:
+    """Whether the input of this node is ``x − max`` whose maximum the rule set's sum rule holds constant."""
+    e = site.edges[0] if site.edges else -1
+    if e < 0:
+        return False
+    p = site.graph.slot_node[e]
+    if site.planner.specs[p] is None:
+        return False
+    psite = site.planner.site(p)
+    return isinstance(site.planner.rules.rule_for(psite), Sum) and shift_held_constant(psite)
+
+
+def _refuse_complex(site: Site) -> None:
+    """A non-linearity of a complex tensor (``abs``, ``angle``...) is a function of two real inputs, ``Re`` and
+    ``Im``: the identity rule (one input) has no meaning there, and no other rule is derived for it."""
+    metas = [site.graph.meta(e) for e in site.edges if e >= 0]
+    if any(m[1].is_complex for m in metas):
+        raise UnsupportedOperationError(
+            f"{site.describe()} applies a non-linear function to a complex tensor; its relevance rule is not defined "
+            "(a complex value is two real inputs). Linear complex paths (FFTs, .real, products with constants) are "
+            "supported: write the non-linearity on the real view, e.g. torch.view_as_real(z).pow(2).sum(-1).sqrt() "
+            "for |z|, and each op gets its rule.")
+
+
 class Identity(Rule):
     """Identity rule for element-wise non-linearities (AttnLRP; Zennit's ``Pass``): ``R_x = R_y``."""
 
@@ -127,6 +171,7 @@ class Identity(Rule):
     def bind(self, site):
         if not isinstance(site.spec.kernel, UnaryKernel):
             raise _wrong_family(self, site, site.spec.family)
+        _refuse_complex(site)
         return IdentityStep(site)
 
 

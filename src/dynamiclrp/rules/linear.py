@@ -101,7 +101,7 @@ class LinearStep(Step):
     __slots__ = ("kernel", "which", "x_pos", "w_pos", "bias_pos", "branches", "stabilizer", "zero_bias",
                  "x_field", "w_field", "x_meta", "b_meta", "kind", "needs_z", "conservative",
                  "sink_kind", "bn", "fast_eps", "z_source", "bias_wanted", "params", "bias_kind", "z_plan",
-                 "lean_ledger", "x_ok", "x_nonneg")
+                 "lean_ledger", "x_ok", "x_nonneg", "pos_only")
     handles_r = True
 
     def __init__(self, site: Site, branches: Sequence[Branch], stabilizer: Stabilizer, zero_bias: bool,
@@ -141,6 +141,9 @@ class LinearStep(Step):
                          and not zero_bias)
         out = self.out_slots[0] if self.bn is None else self.bn.out_slot
         self.z_source = _cheap_output_source(site, out)
+        # relevance reaches the output only where it is > 0: its one consumer is a ReLU
+        cons = site.graph.consumers[out]
+        self.pos_only = len(cons) == 1 and site.graph.types[cons[0][0]] == "ReluBackward0"
         # the bias's relevance is computed when someone reads it: the ledger, a requested bias, or a requested
         # tensor behind it (b = b_ih + b_hh, a bias cast or viewed on its way in)
         b_edge = site.edges[self.bias_pos] if self.bias_pos is not None else -1
@@ -289,11 +292,11 @@ class LinearStep(Step):
                 z = alpha * self._f(node, x, w)
                 bias = (self._bias(run, node, z, gradient_form_only=True) if self.bn is None
                         else self.bn.bias(run, self, node, x, z, w_orig, gradient_form_only=True))
-                z_full = z if bias is None else z.add_(bias)
+                z_full = z if bias is None else (z + bias if run.functional else z.add_(bias))
         eps = float(self.stabilizer) if self.needs_z else 0.0
-        chunks = _batch_chunks(self.kernel, g, x) if run.ledger is None else None
+        chunks = _batch_chunks(self.kernel, g, x) if (run.ledger is None and not run.functional) else None
         if chunks is None:
-            s = _eps_quotient(g, z_full, eps)
+            s = _eps_quotient(g, z_full, eps, run.functional)
             if run.ledger is not None:
                 self._book_lean(run, node, x, w, w_orig, alpha, g, s, z_full, has_bias_edge)
             del g, z_full
@@ -382,7 +385,7 @@ class LinearStep(Step):
         bz = None if self.zero_bias else b                # the bias as the rule sees it
         wp = w.clamp(min=0)
         want_bias = has_bias_edge and self.bias_wanted and bz is not None
-        chunks = _batch_chunks(self.kernel, g, x) or [slice(None)]
+        chunks = (None if run.functional else _batch_chunks(self.kernel, g, x)) or [slice(None)]
         whole = len(chunks) == 1
         gx = None if whole else torch.empty(x.shape, dtype=g.dtype, device=g.device)
         bias_r = None
@@ -391,7 +394,8 @@ class LinearStep(Step):
                 if t is None or whole or t.dim() == 0 or t.shape[0] != x.shape[0]:
                     return t
                 return t[sl]
-            g_c, r_b = self._nonnegative_core(node, alpha, cut(x), w, wp, cut(b), cut(bz), cut(z_full), cut(g), eps)
+            g_c, r_b = self._nonnegative_core(node, alpha, cut(x), w, wp, cut(b), cut(bz), cut(z_full), cut(g), eps,
+                                              inplace=not run.functional)
             if whole:
                 gx = g_c
             else:
@@ -406,50 +410,64 @@ class LinearStep(Step):
             res[self.bias_pos] = Msg(r=bias_r)
         return res
 
-    def _nonnegative_core(self, node, alpha, x, w, wp, b, bz, z_full, g, eps):
+    def _nonnegative_core(self, node, alpha, x, w, wp, b, bz, z_full, g, eps, inplace=False):
         """One (chunk of a) batch of :meth:`_fast_nonnegative`: the input's gradient-form relevance and the
-        bias's share (z-shaped, or ``None``)."""
-        zn = z_full if b is None else z_full - b        # f(x, W): the op without its bias
+        bias's share (z-shaped, or ``None``). ``inplace``: temporaries are updated in place (not when the pass
+        is recorded for differentiable relevance)."""
+        def scaled(t):
+            return t if alpha == 1 else alpha * t
 
-        def stab(d):
-            return stabilize(d, eps)
+        def plus(t, extra, own=False):
+            # own: t is a temporary nothing else reads, so it may be updated in place
+            if extra is None:
+                return t
+            return t.add_(extra) if (own and inplace) else t + extra
 
-        def plus(t, extra):
-            return t if extra is None else t + extra
+        def positive_den(d):
+            # a denominator >= 0 wherever relevance arrives: d + ε there (Zennit's sign(0) = +1), and kept >= ε
+            # elsewhere (relevance 0 there, so only 0/0 must be avoided); a negative scale flips signs
+            if alpha < 0:
+                return stabilize(d, eps)
+            return d.clamp_(min=0).add_(eps) if inplace else d.clamp(min=0) + eps
 
         R = g * z_full
         kind = self.kind
-        if kind == "zplus":
-            den = plus(alpha * self._f(node, x, wp), None if bz is None else bz.clamp(min=0))
-            s_x = R / stab(den)
+        gam = self.params.get("gamma", 0.0)
+        if kind == "zplus" or (kind == "gamma" and self.pos_only):
+            # z⁺: x·W⁺ + b⁺. γ where relevance arrives only at z > 0 (a ReLU after the op): x·(W + γW⁺) + b + γb⁺,
+            # the z < 0 branch receives nothing. One forward and one transposed op with the modified weight.
+            wm = wp if kind == "zplus" else w + gam * wp
+            bm = None if bz is None else (bz.clamp(min=0) if kind == "zplus" else bz + gam * bz.clamp(min=0))
+            den = positive_den(plus(scaled(self._f(node, x, wm)), bm, own=True))
+            s_x = R.div_(den) if inplace else R / den
             del R, den
-            gx = alpha * self._ft(node, x, wp, s_x)
-            bias_r = None if bz is None else s_x * bz.clamp(min=0)
+            gx = scaled(self._ft(node, x, wm, s_x))
+            bias_r = None if bm is None else s_x * bm
         elif kind == "alphabeta":
             a, be = self.params["alpha"], self.params["beta"]
-            P = alpha * self._f(node, x, wp)
+            zn = z_full if b is None else z_full - b        # f(x, W): the op without its bias
+            P = scaled(self._f(node, x, wp))
             den_p = plus(P, None if bz is None else bz.clamp(min=0))
             den_n = plus(zn - P, None if bz is None else bz.clamp(max=0))
-            sp = (a * R) / stab(den_p)
-            sn = (-be * R) / stab(den_n)
-            del R, den_p, den_n, P
-            gx = alpha * (self._ft(node, x, wp, sp - sn) + self._ft(node, x, w, sn))
+            sp = (a * R) / stabilize(den_p, eps)
+            sn = (-be * R) / stabilize(den_n, eps)
+            del R, den_p, den_n, P, zn
+            gx = scaled(self._ft(node, x, wp, sp - sn) + self._ft(node, x, w, sn))
             bias_r = None if bz is None else sp * bz.clamp(min=0) + sn * bz.clamp(max=0)
         else:  # gamma: where z > 0 terms x(W + γW⁺) + b + γb⁺, where z < 0 terms x(W + γW⁻) + b + γb⁻
-            gam = self.params["gamma"]
-            P = alpha * self._f(node, x, wp)
+            zn = z_full if b is None else z_full - b
+            P = scaled(self._f(node, x, wp))
             den_p = plus(zn + gam * P, None if bz is None else bz + gam * bz.clamp(min=0))
             den_n = plus((1.0 + gam) * zn - gam * P, None if bz is None else bz + gam * bz.clamp(max=0))
-            del P
-            sp = R * (z_full > 0).to(R.dtype) / stab(den_p)
-            sn = R * (z_full < 0).to(R.dtype) / stab(den_n)
+            del P, zn
+            sp = R * (z_full > 0).to(R.dtype) / stabilize(den_p, eps)
+            sn = R * (z_full < 0).to(R.dtype) / stabilize(den_n, eps)
             del R, den_p, den_n
-            gx = alpha * (self._ft(node, x, w, sp + (1.0 + gam) * sn) + gam * self._ft(node, x, wp, sp - sn))
+            gx = scaled(self._ft(node, x, w, sp + (1.0 + gam) * sn) + gam * self._ft(node, x, wp, sp - sn))
             bias_r = (None if bz is None else
                       sp * (bz + gam * bz.clamp(min=0)) + sn * (bz + gam * bz.clamp(max=0)))
-        del zn
-        pos_x = (x > 0).to(gx.dtype)
-        return gx * _fit_mask(pos_x, gx), bias_r
+        # the input is >= 0: its relevance x·gx vanishes where x = 0, whatever gx holds there
+        return gx, bias_r
 
     def _derives_bias(self) -> bool:
         """Whether the bias is derived from the op's output (a frozen bias neither saved nor read from a model)."""
@@ -518,8 +536,9 @@ class LinearStep(Step):
                 ref_msg.shape)
             bias = (self._bias(run, node, shape_ref) if self.bn is None
                     else self.bn.bias(run, self, node, x, shape_ref, w_orig))
-        chunks = _batch_chunks(self.kernel, ref_msg, x) or [slice(None)]
+        chunks = (None if run.functional else _batch_chunks(self.kernel, ref_msg, x)) or [slice(None)]
         whole = len(chunks) == 1
+        z_src = None if derive else self._z_from_source(run)
         gx = rx = None
         rb_parts: list[Tensor] = []
         for sl in chunks:
@@ -527,7 +546,8 @@ class LinearStep(Step):
             bs = bias if (bias is None or whole or bias.dim() == 0 or bias.shape[0] != x.shape[0]) else bias[sl]
             gs = None if m.g is None else (m.g if whole else m.g[sl])
             rs = None if m.r is None else (m.r if whole else m.r[sl])
-            g_c, r_c, rb_c = self._terms(node, alpha, xs, w, bs, gs, rs)
+            zs = None if z_src is None else (z_src if whole else z_src[sl])
+            g_c, r_c, rb_c = self._terms(node, alpha, xs, w, bs, gs, rs, zs)
             if whole:
                 gx, rx = g_c, r_c
             else:
@@ -559,11 +579,15 @@ class LinearStep(Step):
                            where=self._bias_label(run))
         return res
 
-    def _terms(self, node, alpha, x, w, bias, g, r):
+    def _terms(self, node, alpha, x, w, bias, g, r, z_full=None):
         """The branch/term algebra on one (chunk of a) batch: returns the gradient-form and explicit input
-        relevance and the bias's share (z-shaped)."""
-        z = alpha * self._f(node, x, w)
-        z_full = z if bias is None else z + bias
+        relevance and the bias's share (z-shaped). ``z_full``: the op's output where autograd kept it (else it
+        is computed). A branch's terms on a plain convolution are stacked along the input channels (one forward
+        and one transposed call for all of them: the same sums, far fewer calls when the input has few channels)."""
+        z = None
+        if z_full is None:
+            z = alpha * self._f(node, x, w)
+            z_full = z if bias is None else z + bias
         # relevance arriving at z
         if g is not None:
             R = g * z_full
@@ -573,21 +597,39 @@ class LinearStep(Step):
             R = r
         eps0 = (not callable(self.stabilizer)) and float(self.stabilizer) == 0.0
         use_bias = bias is not None and not self.zero_bias
+        stack = _stackable(self.kernel, node, self.which)
         gx: Tensor | None = None
         rx: Tensor | None = None
         rb: Tensor | None = None
         for br in self.branches:
+            xms = [_apply_x(t.x, x) for t in br.terms]
+            wms = [w if t.w is None else t.w(w) for t in br.terms]
+            # the unmodified term is the op's own output: reused when it was computed
+            reuse = [z is not None and t.x == "id" and t.w is None for t in br.terms]
+            todo = [k for k in range(len(br.terms)) if not reuse[k]]
             zb = None
-            for t in br.terms:
-                if t.x == "id" and t.w is None:
-                    zt = z  # the unmodified term is the op's own output: computed once
-                else:
-                    zt = alpha * self._f(node, _apply_x(t.x, x), w if t.w is None else t.w(w))
-                if use_bias and t.b is not None:
-                    zt = zt + t.b(bias)
-                if t.coef != 1.0:
-                    zt = t.coef * zt
+            for k in range(len(br.terms)):
+                if reuse[k]:
+                    zt = z if br.terms[k].coef == 1.0 else br.terms[k].coef * z
+                    zb = zt if zb is None else zb + zt
+            if stack and len(todo) > 1:
+                zt = alpha * self._f(node, torch.cat([xms[k] for k in todo], dim=1),
+                                     torch.cat([br.terms[k].coef * wms[k] for k in todo], dim=1))
                 zb = zt if zb is None else zb + zt
+            else:
+                for k in todo:
+                    zt = alpha * self._f(node, xms[k], wms[k])
+                    if br.terms[k].coef != 1.0:
+                        zt = br.terms[k].coef * zt
+                    zb = zt if zb is None else zb + zt
+            if use_bias:
+                bsum = None
+                for t in br.terms:
+                    if t.b is not None:
+                        bt = t.b(bias) if t.coef == 1.0 else t.coef * t.b(bias)
+                        bsum = bt if bsum is None else bsum + bt
+                if bsum is not None:
+                    zb = zb + bsum
             s = safe_div(R, zb) if eps0 else R / _stab(self.stabilizer, zb)
             if br.where == "pos":
                 s = s * (z_full > 0).to(s.dtype)
@@ -595,9 +637,15 @@ class LinearStep(Step):
                 s = s * (z_full < 0).to(s.dtype)
             if br.coef != 1.0:
                 s = br.coef * s
-            for t in br.terms:
-                xm = _apply_x(t.x, x)
-                back = (t.coef * alpha) * self._ft(node, xm, w if t.w is None else t.w(w), s)
+            every = range(len(br.terms))
+            if stack and len(br.terms) > 1:
+                c = x.shape[1]
+                whole = self._ft(node, torch.cat(xms, dim=1), torch.cat([t.coef * wm for t, wm in
+                                                                          zip(br.terms, wms)], dim=1), s)
+                backs = [alpha * whole[:, k * c:(k + 1) * c] for k in every]
+            else:
+                backs = [(t.coef * alpha) * self._ft(node, xm, wm, s) for t, xm, wm in zip(br.terms, xms, wms)]
+            for t, xm, back in zip(br.terms, xms, backs):
                 if t.x in ("id", "pos", "neg"):
                     mask = _x_mask(t.x, x)
                     contrib = back if mask is None else back * _fit_mask(mask, back)
@@ -626,10 +674,22 @@ def _batch_chunks(kernel: Any, g: Tensor, x: Tensor) -> list[slice] | None:
     return [slice(i, min(i + per, g.shape[0])) for i in range(0, g.shape[0], per)]
 
 
-def _eps_quotient(g: Tensor, z: Tensor | None, eps: float) -> Tensor:
-    """``g·|z|/(|z| + ε)`` in one new buffer (``g`` itself for LRP-0): ``g / (1 + ε/|z|)``, 0 where z = 0."""
+def _stackable(kernel: Any, node: Any, which: int) -> bool:
+    """Whether the op is a plain (not transposed, ungrouped) convolution of an input by a weight, whose terms can
+    be stacked along the input channels."""
+    if not isinstance(kernel, ConvKernel) or which != 0:
+        return False
+    _, _, _, transposed, _, groups = kernel.params(node)
+    return not transposed and groups == 1
+
+
+def _eps_quotient(g: Tensor, z: Tensor | None, eps: float, functional: bool = False) -> Tensor:
+    """``g·|z|/(|z| + ε)`` in one new buffer (``g`` itself for LRP-0): ``g / (1 + ε/|z|)``, 0 where z = 0.
+    ``functional``: out of place, as ``g·z/(z + ε·sign z)`` (differentiable everywhere, also at z = 0)."""
     if z is None or eps == 0:
         return g
+    if functional:
+        return g * (z / stabilize(z, eps))
     s = z.abs()
     s.reciprocal_().mul_(eps).add_(1.0)
     torch.div(g, s, out=s)
@@ -679,7 +739,8 @@ class _LinearRule(Rule):
             if fam == "matmul":
                 return BilinearStep(site, share=0.5, stabilizer=self.stabilizer)
             return LinearStep(site, self.branches(), self.stabilizer, "bias" in self.zero_params, self.kind,
-                              params={k: getattr(self, k) for k in ("gamma", "alpha", "beta") if hasattr(self, k)})
+                              params={k: getattr(self, k) for k in ("gamma", "alpha", "beta", "low", "high")
+                                      if hasattr(self, k)})
         if fam in ("add", "reduce", "pool") and self.kind == "epsilon":
             return SumStep(site, self.stabilizer)
         raise _wrong_family(self, site, fam)
@@ -943,7 +1004,9 @@ class BilinearStep(Step):
             gk = (self.give[k] * alpha) * self.kernel.f_t(node, k, a, b, s)
             res[self.pos[k]] = Msg(g=_fit(gk, self.meta[self.pos[k]]))
         if self.bias_pos is not None and self.in_edges[self.bias_pos] >= 0:
-            res[self.bias_pos] = Msg(g=_fit(self.kernel.beta(node) * s, self.meta[self.bias_pos]))
+            shape = torch.Size(self.meta[self.bias_pos][0])
+            gb = self.kernel.bias_reduce(node, self.kernel.beta(node) * s, shape)  # a conv's bias: per channel
+            res[self.bias_pos] = Msg(g=_fit(gb, self.meta[self.bias_pos]))
         return res
 
     def _z(self, run, node, a, b, alpha):

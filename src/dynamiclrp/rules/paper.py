@@ -5,7 +5,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..core.graph import call_backward
 from ..core.messages import Msg, safe_div
 from ..core.promises import available
 from ..core.step import Site, Step
@@ -15,6 +14,7 @@ from ..ops.reduce import SumKernel
 from .base import Rule, _check_stabilizer, _child_meta, _fit, _wrong_family
 from .elementwise import PassStep
 from .products import _bind_product
+from .sums import SumStep
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
@@ -69,9 +69,9 @@ class MagnitudeStep(Step):
                     for c, mg, m, e in zip(coefs, mags, self.meta, self.in_edges)]
         den = self.kernel.forward(node, mags, 0)
         s = R / (den + self.eps)
-        back = call_backward(node, [s])
+        back = self.kernel.back(node, s)
         # R_x = |x| * back-projected quotient, scaled back from the map's own coefficients (mean divides by N)
-        ref = call_backward(node, [torch.ones_like(s)])
+        ref = self.kernel.back(node, torch.ones_like(s))
         return [None if mg is None else Msg(r=_fit(mg * safe_div(t, t0) * t0.abs(), m))
                 for mg, t, t0, m in zip(mags, back, ref, self.meta)]
 
@@ -154,6 +154,8 @@ class MagnitudeSplit(Rule):
     def bind(self, site):
         k = site.spec.kernel
         if isinstance(k, SumKernel):
+            if not k.linear:
+                return SumStep(site, 0.0)  # a homogeneous statistic (std, prod...): Euler's rule, no magnitudes
             if k.forward is None:
                 return PassStep(site)  # x + scalar: all relevance to x
             return MagnitudeStep(site, self.epsilon)

@@ -54,7 +54,7 @@ class ProductStep(Step):
             if e < 0:
                 raise RuleError(f"{run.graph.describe(self.index)}: operand {k} is not available")
             v = run.value(e, run.graph.describe(self.index))
-        return v
+        return _conj(v)
 
     def g(self, run, gs):
         gz = gs[0]
@@ -91,6 +91,12 @@ class ProductStep(Step):
         return True  # constants never receive relevance from a product (all goes to the activation)
 
 
+def _conj(v: Any) -> Any:
+    """A factor as gradient form needs it: complex factors conjugated (a message ``G`` at a complex slot stands for
+    ``Re(conj(G)·v)``, so ``z = a·b`` sends ``G·conj(b)`` to ``a``); real ones unchanged."""
+    return v.conj() if isinstance(v, torch.Tensor) and v.is_complex() else v
+
+
 class ScaleStep(Step):
     """Multiplication by a constant (``x * c``, ``x / c``, ``-x``): all relevance to ``x``."""
 
@@ -104,7 +110,7 @@ class ScaleStep(Step):
 
     def g(self, run, gs):
         node = run.graph.nodes[self.index]
-        return [Msg(g=_fit(gs[0] * self.factor_fn(node), self.meta[0]))] + [None] * (self.n_in - 1)
+        return [Msg(g=_fit(gs[0] * _conj(self.factor_fn(node)), self.meta[0]))] + [None] * (self.n_in - 1)
 
     def r(self, run, rs):
         return [Msg(r=_fit(rs[0], self.meta[0]))] + [None] * (self.n_in - 1)

@@ -29,22 +29,21 @@ class RoutingStep(Step):
     copy of the input: relevance arriving there stays with the fill value, and the ledger books it (``"padding"``,
     ``"constant"``)."""
 
-    __slots__ = ("meta", "fill")
+    __slots__ = ("meta", "dropped", "fill", "implicit_constant")
     handles_r = True
 
     def __init__(self, site: Site):
         super().__init__(site)
         self.meta = _child_meta(site)
+        # inputs the kernel says receive nothing (the weight of an embedding bag with per-index weights)
+        dropped = getattr(site.spec.kernel, "dropped", None)
+        self.dropped = frozenset(dropped(site.edges, site.active)) if dropped is not None else frozenset()
         self.fill = _FILLS.get(site.type)
+        self.implicit_constant = self.fill is not None  # the fill value: a constant operand without an edge
 
     @property
     def constant_kind(self) -> str:  # type: ignore[override]
         return self.fill or "constant"
-
-    def has_constant(self, run, outs) -> bool:
-        if self.fill is not None:  # the fill value is a constant operand without an edge
-            return True
-        return super().has_constant(run, outs)
 
     def _route(self, run: "Run", parts: list[Tensor | None]) -> list[Tensor | None]:
         node = run.graph.nodes[self.index]
@@ -57,7 +56,7 @@ class RoutingStep(Step):
             filled = [p if p is not None else torch.zeros(m.shape, dtype=m.dtype, device=m.device)
                       for p, m in zip(parts, metas)]
             grads = call_backward(node, filled)
-        return [_fit(t, m) for t, m in zip(grads, self.meta)]
+        return [None if k in self.dropped else _fit(t, m) for k, (t, m) in enumerate(zip(grads, self.meta))]
 
     def g(self, run, gs):
         return [gmsg(t) for t in self._route(run, gs)]
@@ -69,8 +68,10 @@ class RoutingStep(Step):
         t = run.graph.types[self.index]
         if t == "CatBackward0":
             return self._constant_parts_empty(run, outs)
-        if t in ("WhereBackward0", "MaskedFillBackward0", "MaskedFillBackward1"):
+        if t in ("WhereBackward0", "MaskedFillBackward0", "MaskedFillBackward1", "MaskedScatterBackward0"):
             return self._fill_share_zero(run, outs)
+        if t == "CopyBackwards":
+            return True  # dst.copy_(src): dst is overwritten, its value carries nothing
         return False
 
     def _fill_share_zero(self, run, outs) -> bool:
@@ -86,6 +87,13 @@ class RoutingStep(Step):
                 keep.append(cond)
             if len(self.in_edges) > 1 and self.in_edges[1] < 0:
                 keep.append(~cond)
+            if not keep:
+                return True
+        elif run.graph.types[self.index] == "MaskedScatterBackward0":
+            mask = saved(node, "mask")
+            # the constant operand's positions: self where the mask is off, the source where it is on
+            keep = ([~mask] if self.in_edges[0] < 0 else []) + (
+                [mask] if len(self.in_edges) > 1 and self.in_edges[1] < 0 else [])
             if not keep:
                 return True
         else:
@@ -131,7 +139,20 @@ class Routing(Rule):
     families = frozenset({"routing", "embedding", "any"})
 
     def bind(self, site):
+        if getattr(site.spec.kernel, "gradient_only", False) or not site.spec.selection:
+            return LinearMapStep(site)
         return RoutingStep(site)
+
+
+class LinearMapStep(RoutingStep):
+    """A routing op that is a linear map with fixed coefficients but not a selection (``scatter_add``,
+    ``index_add``, ``fold``, an embedding bag, dropout's scaling, complex-valued FFT paths): the node's backward on
+    the gradient-form message ``G`` is the z-rule, but explicit relevance must not be pushed through it (summed
+    copies would each receive the whole of it, scaled copies a scaled share), so it is first divided by the output's
+    value (:meth:`Step.__call__`)."""
+
+    __slots__ = ()
+    handles_r = False
 
 
 class LeafStep(Step):

@@ -23,7 +23,7 @@ from ..core.graph import is_node, node_type
 from ..core.spec import OpSpec
 from ..core.step import Site
 from ..errors import RuleError
-from ..ops.registry import REGISTRY, UNSUPPORTED_ADVICE
+from ..ops.registry import REGISTRY
 from . import select
 from .base import Rule
 from .select import FIRST_LAYER_KINDS, NodeInfo
@@ -211,10 +211,6 @@ class RuleSet:
             base = REGISTRY.get(node_type)
             return base if base is not None else OpSpec("custom")
         return REGISTRY.get(node_type)
-
-    def advice_for(self, node_type: str) -> str | None:
-        """What to do about ``node_type`` when it has no rule, if registering one is not the answer."""
-        return UNSUPPORTED_ADVICE.get(node_type)
 
     def rule_for(self, site: Site) -> Rule:
         """The rule for the node of ``site`` (:func:`dynamiclrp.rules.select.rule_for`)."""

@@ -74,9 +74,9 @@ from ..core.messages import Msg, safe_div
 from ..core.run import compute
 from ..core.step import Site, Step
 from ..errors import RuleError, UnsupportedOperationError
-from ..ops.special import (RNN_GRU, RNN_LSTM, RNN_RELU, CudnnRnnKernel, FusedCellKernel, RecurrentKernel,
-                           WeightNormKernel, gru_layer_forward, lstm_layer_forward, rnn_layer_forward)
-from .base import Rule, _child_meta as _meta, _fit
+from ..ops.special import (RNN_GRU, RNN_LSTM, RNN_RELU, CompositeKernel, CudnnRnnKernel, FusedCellKernel,
+                           RecurrentKernel, WeightNormKernel, gru_layer_forward, lstm_layer_forward, rnn_layer_forward)
+from .base import Rule, _child_meta as _meta, _fit, _message
 from .routing import RoutingStep
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -84,8 +84,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Tensor = torch.Tensor
 
-__all__ = ["Recurrent", "RecurrentStep", "CudnnRecurrentStep", "FusedCellStep", "WeightNorm", "WeightNormStep", "CheckedRouting", "UnmatchedFunction",
-           "SPECIAL_RULES"]
+__all__ = ["Recurrent", "RecurrentStep", "CudnnRecurrentStep", "FusedCellStep", "WeightNorm", "WeightNormStep",
+           "CheckedRouting", "UnmatchedFunction", "Decompose", "DecomposedStep", "SPECIAL_RULES"]
 
 
 class _ReExpressedStep(Step):
@@ -522,9 +522,153 @@ class UnmatchedFunction(Rule):
             f"RuleSet.with_ops({{'{site.type}': dynamiclrp.rules.Routing()}}) or an (OpSpec, Rule) pair")
 
 
+def _book_inner(run: "Run", index: int, ledger: Any) -> None:
+    """Book an inner pass's sinks in the outer ledger under ``<node>/<inner place>`` (like ``Run.book_local``, so
+    that the engine excludes them from this node's residual) and carry its unmeasured entries; the totals stay on
+    the device, unread (``compute(..., finish_ledger=False)``)."""
+    where = run.planner.label(index)
+    for kind, place, total, note in ledger.pending():
+        total = total.double()
+        run.ledger.book(kind, f"{where}/{place}", total, note)
+        run.local = total if run.local is None else run.local + total
+    for msg in ledger.unmeasured:
+        run.ledger.unmeasurable(where, msg)
+
+
+class DecomposedStep(Step):
+    """An op re-expressed with primitive ops (:class:`~dynamiclrp.ops.special.CompositeKernel`) and explained with
+    the caller's rule set, like :class:`RecurrentStep` for fused LSTM layers.
+
+    At run time the inputs' values are made leaves of a small graph (parameters stay parameters, so the rules
+    treat them as weights), the re-expression runs forward, the relevance arriving at the node's outputs seeds an
+    inner pass over that graph, and the relevance of each leaf is sent to the node's input. The inner pass's sinks
+    are booked in the outer ledger under ``<node>/<inner place>``.
+    """
+
+    __slots__ = ("rules", "meta", "forward", "saved_inputs", "active", "promised")
+    handles_r = True
+
+    def __init__(self, site: Site, forward: Any, inputs: Any, rules: Any = None):
+        super().__init__(site)
+        base = rules if rules is not None else site.planner.rules
+        # layer/first-layer/per-node selections refer to the outer graph; they have no meaning inside the op
+        self.rules = dataclasses.replace(base, first_layer=None, layers={}, override=None)
+        self.meta = _meta(site)
+        self.forward = forward
+        self.saved_inputs = inputs
+        self.active = site.active
+        kept = inputs(site.node) if inputs is not None else None
+        # inputs the node did not keep: promised (their forward values, as every other rule's)
+        self.promised = tuple(k for k, e in enumerate(site.edges)
+                              if e >= 0 and (kept is None or k >= len(kept) or kept[k] is None))
+        for k in self.promised:
+            site.planner.need_value(site.edges[k])
+
+    def _values(self, run: "Run", node: Any) -> list[Any]:
+        kept = list(self.saved_inputs(node)) if self.saved_inputs is not None else []
+        vals: list[Any] = [kept[k] if k < len(kept) else None for k in range(max(self.n_in, len(kept)))]
+        for k in self.promised:
+            vals[k] = run.value(self.in_edges[k], run.graph.describe(self.index))
+        return vals
+
+    def __call__(self, run: "Run", outs: list[Msg | None]) -> list[Msg | None]:
+        res: list[Msg | None] = [None] * self.n_in
+        if all(m is None for m in outs):
+            return res
+        node = run.graph.nodes[self.index]
+        args: list[Any] = []
+        leaves: list[tuple[int, Tensor]] = []
+        for k, v in enumerate(self._values(run, node)):
+            if isinstance(v, Tensor) and k < self.n_in and self.in_edges[k] >= 0 and (
+                    v.is_floating_point() or v.is_complex()):
+                v = v.detach()
+                # a parameter (or anything computed from parameters only) stays one: the rules treat it as a weight
+                leaf = v.clone().requires_grad_(True) if self.active[k] else torch.nn.Parameter(v.clone())
+                leaves.append((k, leaf))
+                args.append(leaf)
+            else:
+                args.append(v.detach() if isinstance(v, Tensor) else v)
+        with torch.enable_grad():
+            got = self.forward(node, *args)
+        inner = [got] if isinstance(got, Tensor) else list(got)
+        chosen, seeds, forms = [], [], []
+        for k, m in enumerate(outs):
+            if m is None or k >= len(inner) or not isinstance(inner[k], Tensor) or inner[k].grad_fn is None:
+                continue
+            y = inner[k]
+            # the message goes on into the inner pass in the form it arrived; its explicit relevance seeds the ledger
+            g = None if m.g is None else m.g.to(y.dtype)
+            r = None if m.r is None else m.r.to(y.dtype)
+            chosen.append(y)
+            forms.append(Msg(g, r))
+            seeds.append(Msg(g, r).explicit(y.detach()))
+        if not chosen or not leaves:
+            return res
+        ledger = run.ledger is not None
+        ex = compute(chosen, [leaf for _, leaf in leaves], seeds, rules=self.rules, ledger=ledger,
+                     model=run.planner.model, seed_messages=forms, finish_ledger=False)
+        for (k, leaf), R in zip(leaves, ex.relevance):
+            res[k] = _message(R, leaf.detach(), self.meta[k])
+        if ledger:
+            _book_inner(run, self.index, ex.ledger)
+        return res
+
+
+class Decompose(Rule):
+    """Explain a node through a re-expression of its op with primitive ops, using the caller's rule set.
+
+    The built-in composite ops (GLU, ``nn.Bilinear``'s trilinear product, reentrant checkpointing: family
+    ``composite``) get it by default. For a custom ``torch.autograd.Function`` it is the few-line recipe: give the
+    Function's math written with ordinary ops, and every op inside gets its usual rule::
+
+        rules = dynamiclrp.presets.epsilon().with_ops({
+            "XSoftmaxBackward": dynamiclrp.rules.Decompose(
+                lambda ctx, x: torch.softmax(x, ctx.dim)),  # ctx: the node, with what the Function stored on it
+        })
+
+    Parameters
+    ----------
+    forward : callable or None
+        ``forward(node, *inputs) -> output or tuple of outputs``: the op recomputed from the values of its forward
+        inputs (one argument per input of the node, i.e. per tensor argument of the Function that requires grad
+        or not, in order). ``node`` is the autograd node — for a custom Function, its ``ctx``, holding whatever
+        ``forward`` stored (``ctx.dim``, ``ctx.saved_tensors``). ``None`` uses the registry row's
+        :class:`~dynamiclrp.ops.special.CompositeKernel`.
+    inputs : callable or None
+        ``inputs(node) -> values``: the inputs' values read from the node (e.g. ``ctx.saved_tensors``); ``None``
+        obtains them from the graph (the Promise System), as every rule's values.
+    rules : RuleSet or None
+        Rule set for the ops inside; ``None`` uses the explanation's.
+    """
+
+    families = frozenset({"composite", "custom", "any"})
+
+    def __init__(self, forward: Any = None, inputs: Any = None, rules: Any = None):
+        if forward is not None and not callable(forward):
+            raise RuleError(f"Decompose(forward=...) takes a callable forward(node, *inputs), got {forward!r}")
+        if inputs is not None and not callable(inputs):
+            raise RuleError(f"Decompose(inputs=...) takes a callable inputs(node) -> values, got {inputs!r}")
+        if rules is not None and not hasattr(rules, "rule_for"):
+            raise RuleError(f"Decompose(rules=...) takes a RuleSet or None, got {type(rules).__name__}")
+        self.forward = forward
+        self.inputs = inputs
+        self.rules = rules
+
+    def bind(self, site):
+        forward, inputs = self.forward, self.inputs
+        if forward is None:
+            kernel = site.spec.kernel
+            if not isinstance(kernel, CompositeKernel):
+                raise RuleError(f"Decompose() needs forward=... for {site.describe()}, whose registry row has no "
+                                "re-expression: Decompose(lambda node, *inputs: <the op with ordinary torch ops>)")
+            forward = kernel.forward
+            inputs = kernel.inputs if inputs is None else inputs
+        return DecomposedStep(site, forward, inputs, self.rules)
+
+
 #: the rules of the families of :mod:`dynamiclrp.ops.special`, which no preset maps (a rule set may override them
 #: with ``with_families``-like ``ops`` entries per node type)
 SPECIAL_RULES: dict[str, Rule] = {
     "recurrent": Recurrent(), "parametrization": WeightNorm(), "inplace": CheckedRouting(),
-    "custom": UnmatchedFunction(),
+    "custom": UnmatchedFunction(), "composite": Decompose(),
 }

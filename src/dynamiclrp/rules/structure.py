@@ -7,11 +7,14 @@
 * Is this product **self-gating** (``x * g(x)`` with ``g`` element-wise: SiLU/Swish written out, GPT-2's
   tanh-GELU, Mish)? Then the product is an element-wise non-linearity of ``x`` and the identity rule applies.
 * Is this operand produced by a **softmax** (attention weights)? CP-LRP treats those as constants.
+* Is this subtraction a **stabilising shift** (``exp(x − max)``, the exp-normalisation trick of softmax, WKV
+  kernels, GAT's edge softmax)? The maximum is there for numerical range only; the sum rule holds it constant.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
+from ..core.graph import saved
 from ..ops.elementwise import NegKernel
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -20,6 +23,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 _LIMIT = 48  # nodes explored per question; patterns are local
+
+#: maxima: element-wise maximum, max/amax reductions, a logsumexp (a smooth maximum)
+_MAXIMA = frozenset({"MaximumBackward0", "FmaxBackward0", "MaxBackward0", "MaxBackward1", "AmaxBackward0",
+                     "LogsumexpBackward0"})
 
 
 def _scalar_product(spec: "OpSpec") -> bool:
@@ -196,6 +203,65 @@ class Structure:
             return False
         return reached
 
+    # -- the exp-normalisation trick ---------------------------------------------------------------------------
+    def maximum_of(self, slot: int) -> int | None:
+        """The node computing a maximum of activations (element-wise ``maximum``, ``max``/``amax``, a scatter
+        ``amax``, a ``logsumexp``) that ``slot`` is, possibly viewed, expanded or indexed (``m[index]`` of a
+        per-node maximum); ``None`` if it is not one."""
+        s = slot
+        for _ in range(12):
+            i = self.g.slot_node[s]
+            t = self.g.types[i]
+            if t in _MAXIMA:
+                return i
+            spec = self.p.specs[i]
+            if spec is None:
+                return None
+            if t == "ScatterReduceBackward0":
+                return i if saved(self.g.nodes[i], "reduce") == "amax" else None
+            edges = self._tensor_edges(i)
+            if (spec.view or spec.selection) and len(edges) == 1:
+                s = edges[0]
+                continue
+            return None
+        return None
+
+    def stabilising_shift(self, i: int) -> bool:
+        """Node ``i`` computes ``x − m`` with ``m`` a maximum (and ``x`` not one), and its output feeds only
+        exponentials (through views): the exp-normalisation trick, where ``m`` keeps ``exp`` in range and cancels
+        in the normalised result (softmax is shift-invariant)."""
+        if self.g.types[i] != "SubBackward0":
+            return False
+        edges = self.g.edges[i]
+        if len(edges) != 2 or min(edges) < 0 or not self.p.active[edges[0]]:
+            return False
+        m = self.maximum_of(edges[1])
+        if m is None:
+            return False
+        # x − max(x, ...) (a running maximum minus the maximum it enters), or x − max(...) with x no maximum itself
+        if self.maximum_of(edges[0]) is not None and edges[0] not in self.g.edges[m]:
+            return False
+        return self._feeds_only_exp(self.g.slot_base[i])
+
+    def _feeds_only_exp(self, slot: int) -> bool:
+        stack, seen, found = [slot], set(), False
+        while stack:
+            s = stack.pop()
+            if s in seen:
+                continue
+            seen.add(s)
+            if len(seen) > _LIMIT:
+                return False
+            for c, _pos in self.g.consumers[s]:
+                t = self.g.types[c]
+                spec = self.p.specs[c]
+                if t == "ExpBackward0":
+                    found = True
+                elif spec is not None and spec.view and len(self._tensor_edges(c)) == 1:
+                    stack.extend(self.g.slots_of(c))
+                else:
+                    return False
+        return found
 
 def structure_of(planner: "Planner") -> Structure:
     """The planner's :class:`Structure` (one per plan, memoised in ``planner.analyses``)."""

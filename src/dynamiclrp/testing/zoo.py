@@ -50,6 +50,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "ZooEntry",
@@ -629,6 +630,7 @@ def _make_hf_runner(model: nn.Module, cfg: Any) -> tuple[Runner, str]:
     vocab = _sub(cfg, "vocab_size", sub=("text_config", "decoder", "vision_config")) or _VOCAB
     is_enc_dec = bool(getattr(cfg, "is_encoder_decoder", False)) and "decoder_input_ids" in params
     wants_pixels = "pixel_values" in params and (main == "pixel_values" or getattr(cfg, "vision_config", None) is not None)
+    image_tokens = _image_tokens(cfg) if wants_pixels else None
 
     if main == "input_ids" and wants_pixels and "inputs_embeds" not in params:
         input_desc = "pixel values (leaf, requires_grad); the text is fed as input_ids"
@@ -651,7 +653,7 @@ def _make_hf_runner(model: nn.Module, cfg: Any) -> tuple[Runner, str]:
             h, w = (size, size) if _is_int(size) else tuple(size)[:2]
             chans = _sub(cfg, "num_channels") or 3
             kwargs["pixel_values"] = _randn(gen, BATCH, chans, h, w)
-            if main == "pixel_values" or "inputs_embeds" not in params:
+            if main == "pixel_values" or "inputs_embeds" not in params or image_tokens is not None:
                 rel = kwargs["pixel_values"]
         if main == "input_features":
             mel = _sub(cfg, "num_mel_bins")
@@ -681,6 +683,9 @@ def _make_hf_runner(model: nn.Module, cfg: Any) -> tuple[Runner, str]:
             kwargs["flattened_patches"] = rel = torch.cat([idx, patches], -1).requires_grad_(True)
         if main == "input_ids" or (rel is None and "input_ids" in params) or (wants_pixels and "input_ids" in params):
             ids = _token_ids(gen, vocab)
+            if image_tokens is not None:  # a vision-language model: the image features replace these tokens
+                token, count = image_tokens
+                ids = torch.cat([ids[:, :1], torch.full((BATCH, count), token), ids[:, 1:]], 1)
             emb_module = None
             with contextlib.suppress(NotImplementedError, AttributeError):
                 emb_module = m.get_input_embeddings()
@@ -729,6 +734,24 @@ def _make_hf_runner(model: nn.Module, cfg: Any) -> tuple[Runner, str]:
         return top_score(scores), rel
 
     return runner, input_desc
+
+
+def _image_tokens(cfg: Any) -> tuple[int, int] | None:
+    """``(image token id, tokens per image)`` of a LLaVA-style vision-language model, whose forward replaces those
+    tokens' embeddings by the projected image features (``masked_scatter``); ``None`` for other models."""
+    token = getattr(cfg, "image_token_id", None)
+    if token is None:
+        token = getattr(cfg, "image_token_index", None)
+    vision = getattr(cfg, "vision_config", None)
+    if not _is_int(token) or vision is None:
+        return None
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if not (_is_int(size) and _is_int(patch)):
+        return None
+    count = (size // patch) ** 2
+    if getattr(cfg, "vision_feature_select_strategy", "default") == "full":
+        count += 1  # the class token is kept
+    return int(token), count
 
 
 def _output_desc(class_name: str) -> str:
@@ -964,6 +987,184 @@ class UNet(nn.Module):
         return self.out(d1)
 
 
+class STNClassifier(nn.Module):
+    """Spatial transformer network (Jaderberg et al. 2015): a localisation CNN predicts an affine transform
+    (initialised to the identity), ``affine_grid`` + ``grid_sample`` warp the image, a small CNN classifies it."""
+
+    def __init__(self, n_classes: int = 5) -> None:
+        super().__init__()
+        self.loc = nn.Sequential(nn.Conv2d(3, 8, 5, stride=2, padding=2), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                                 nn.Flatten(), nn.Linear(8 * 16, 32), nn.ReLU(), nn.Linear(32, 6))
+        with torch.no_grad():
+            self.loc[-1].weight.mul_(0.01)
+            self.loc[-1].bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
+        self.cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1),
+                                 nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, n_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        theta = self.loc(x).view(-1, 2, 3)
+        grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        return self.cnn(nn.functional.grid_sample(x, grid, align_corners=False))
+
+
+class SegNet(nn.Module):
+    """SegNet-style encoder-decoder: max pooling with indices on the way down, ``max_unpool2d`` at the same indices
+    on the way up (Badrinarayanan et al. 2017)."""
+
+    def __init__(self, n_classes: int = 3, w: int = 8) -> None:
+        super().__init__()
+        self.enc1 = nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU())
+        self.enc2 = nn.Sequential(nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU())
+        self.dec2 = nn.Sequential(nn.Conv2d(2 * w, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU())
+        self.dec1 = nn.Conv2d(w, n_classes, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        e1, i1 = nn.functional.max_pool2d(self.enc1(x), 2, return_indices=True)
+        e2, i2 = nn.functional.max_pool2d(self.enc2(e1), 2, return_indices=True)
+        d2 = self.dec2(nn.functional.max_unpool2d(e2, i2, 2))
+        return self.dec1(nn.functional.max_unpool2d(d2, i1, 2))
+
+
+class PackedRNN(nn.Module):
+    """Variable-length sequences through ``pack_padded_sequence`` and a 2-layer bidirectional LSTM or GRU; the
+    final hidden states of both directions of the last layer -> Linear."""
+
+    LENGTHS = (SEQ_LEN, SEQ_LEN - 3)
+
+    def __init__(self, cell: str = "lstm", d_in: int = 16, hidden: int = 16, n_out: int = 5) -> None:
+        super().__init__()
+        rnn = nn.LSTM if cell == "lstm" else nn.GRU
+        self.rnn = rnn(d_in, hidden, num_layers=2, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor(self.LENGTHS), batch_first=True,
+                                                   enforce_sorted=False)
+        _, h = self.rnn(packed)
+        h = h[0] if isinstance(h, tuple) else h
+        return self.head(torch.cat([h[-2], h[-1]], -1))
+
+
+class GATGraph(nn.Module):
+    """Graph attention network (Veličković et al. 2018) written like PyTorch Geometric: per-edge scores, an edge
+    softmax per target node with ``scatter_reduce`` (``amax``, then ``sum``), messages aggregated with a scatter
+    ``sum``; two layers, mean pooling over nodes, Linear. One small fixed graph per batch row."""
+
+    NODES = 6
+    EDGES = ((0, 1), (1, 0), (1, 2), (2, 1), (2, 3), (3, 2), (3, 4), (4, 3), (4, 5), (5, 4), (5, 0), (0, 5),
+             (0, 3), (2, 5))
+
+    def __init__(self, d_in: int = 8, hidden: int = 16, heads: int = 2, n_out: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.lin1, self.lin2 = nn.Linear(d_in, hidden * heads, bias=False), nn.Linear(hidden * heads, hidden, bias=False)
+        self.att1 = nn.Parameter(0.3 * torch.randn(2, heads, hidden))
+        self.att2 = nn.Parameter(0.3 * torch.randn(2, 1, hidden))
+        self.head = nn.Linear(hidden, n_out)
+        e = torch.tensor(self.EDGES + tuple((i, i) for i in range(self.NODES)))  # with self-loops
+        self.register_buffer("src", e[:, 0], persistent=False)
+        self.register_buffer("dst", e[:, 1], persistent=False)
+
+    def _layer(self, h: Tensor, att: Tensor) -> Tensor:
+        B, N, H, F = h.shape
+        hs, hd = h[:, self.src], h[:, self.dst]                                # (B, E, H, F)
+        score = nn.functional.leaky_relu((hs * att[0]).sum(-1) + (hd * att[1]).sum(-1), 0.2)  # (B, E, H)
+        idx = self.dst.view(1, -1, 1).expand_as(score)
+        m = torch.zeros(B, N, H, dtype=h.dtype).scatter_reduce(1, idx, score, "amax", include_self=False)
+        w = torch.exp(score - m[:, self.dst])
+        z = torch.zeros(B, N, H, dtype=h.dtype).scatter_reduce(1, idx, w, "sum", include_self=False)
+        alpha = w / z[:, self.dst]
+        msg = alpha.unsqueeze(-1) * hs                                         # (B, E, H, F)
+        return torch.zeros(B, N, H, F, dtype=h.dtype).scatter_reduce(
+            1, self.dst.view(1, -1, 1, 1).expand_as(msg), msg, "sum", include_self=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        h = nn.functional.elu(self._layer(self.lin1(x).view(B, N, self.heads, -1), self.att1)).flatten(2)
+        h = self._layer(self.lin2(h).view(B, N, 1, -1), self.att2).squeeze(2)
+        return self.head(h.mean(1))
+
+
+class BagOfWords(nn.Module):
+    """fastText-style classifier: ``nn.EmbeddingBag`` (sum of word vectors weighted per token) -> MLP. The per-token
+    weights are the input, so relevance lands on tokens."""
+
+    def __init__(self, vocab: int = _SPECIAL_BASE, dim: int = 16, n_out: int = 5) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(vocab, dim, mode="sum")
+        self.mlp = nn.Sequential(nn.Linear(dim, 32), nn.ReLU(), nn.Linear(32, n_out))
+
+    def forward(self, ids: Tensor, token_weights: Tensor) -> Tensor:
+        return self.mlp(self.bag(ids, per_sample_weights=token_weights))
+
+
+class BilinearNet(nn.Module):
+    """Two views of the input combined by ``nn.Bilinear`` (bilinear pooling / bilinear fusion) -> Linear."""
+
+    def __init__(self, d_in: int = 16, d: int = 12, n_out: int = 5) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(d_in, d), nn.Linear(d_in, d)
+        self.bil = nn.Bilinear(d, d, 16)
+        self.head = nn.Linear(16, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.bil(torch.relu(self.a(x)), torch.relu(self.b(x)))))
+
+
+class SpectralNormCNN(nn.Module):
+    """A GAN-discriminator-style CNN whose layers are spectrally normalised (``σ = uᵀ W v`` by power iteration)."""
+
+    def __init__(self, n_classes: int = 5) -> None:
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        self.net = nn.Sequential(sn(nn.Conv2d(3, 8, 3, stride=2, padding=1)), nn.LeakyReLU(0.2),
+                                 sn(nn.Conv2d(8, 16, 3, stride=2, padding=1)), nn.LeakyReLU(0.2),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), sn(nn.Linear(16, n_classes)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class CheckpointedMLP(nn.Module):
+    """Residual MLP blocks run under ``torch.utils.checkpoint``: the first reentrant (``use_reentrant=True``), the
+    second not, as memory-saving training code does."""
+
+    def __init__(self, d: int = 16, n_out: int = 5) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 32), nn.GELU(), nn.Linear(32, d))
+                                    for _ in range(2))
+        self.head = nn.Linear(d, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x + checkpoint(self.blocks[0], x, use_reentrant=True)
+        h = h + checkpoint(self.blocks[1], h, use_reentrant=False)
+        return self.head(h)
+
+
+class StatsMLP(nn.Module):
+    """Element-wise ops and statistics that real models use, in one MLP: CELU, RReLU (evaluation slope), a layer
+    norm written with ``var`` and one with ``std``, sigmoid gates chained by ``cumprod`` (stick-breaking) and
+    multiplied with ``prod``, ``logsigmoid`` scores, a ``sign`` feature, ``logsumexp`` pooling over groups."""
+
+    def __init__(self, d_in: int = 16, d: int = 24, groups: int = 4, n_out: int = 4) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(d_in, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.gate, self.prod_gate = nn.Linear(d, d), nn.Linear(d, 3)
+        self.score = nn.Linear(d, groups * n_out)
+        self.sign = nn.Linear(d_in, d, bias=False)
+        self.n_out, self.groups = n_out, groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = nn.functional.celu(self.l1(x), 0.8)
+        h = (h - h.mean(-1, keepdim=True)) / (h.var(-1, keepdim=True, unbiased=False) + 1e-5).sqrt()
+        h = nn.functional.rrelu(self.l2(h) + 0.1 * torch.sign(self.sign(x)), training=False)
+        h = (h - h.mean(-1, keepdim=True)) / (h.std(-1, keepdim=True) + 1e-5)
+        h = self.l3(h) * torch.cumprod(torch.sigmoid(self.gate(h)), -1)
+        h = h * torch.sigmoid(self.prod_gate(h)).prod(-1, keepdim=True)
+        s = nn.functional.logsigmoid(self.score(h)).view(*h.shape[:-1], self.n_out, self.groups)
+        return torch.logsumexp(s * 4.0, -1)
+
+
 def _leaf_runner(*shape: int) -> Runner:
     def runner(m: nn.Module, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         x = _randn(gen, *shape)
@@ -1016,7 +1217,44 @@ def _custom(name: str, attn: str | None) -> tuple[nn.Module, Runner, str, str, s
         _randomise_batchnorm(m, torch.Generator().manual_seed(1))
         return (m, _leaf_runner(*_IMAGE_SHAPE), "vision", "top class of the spatially averaged segmentation logits, per row",
                 _PIXELS, {})
+    if name == "stn":
+        return STNClassifier(), _leaf_runner(*_IMAGE_SHAPE), "vision", _TOP_CLASS, _PIXELS, {"ops": "affine_grid, grid_sample"}
+    if name == "segnet":
+        m = SegNet()
+        _randomise_batchnorm(m, torch.Generator().manual_seed(1))
+        return (m, _leaf_runner(*_IMAGE_SHAPE), "vision", "top class of the spatially averaged segmentation logits, per row",
+                _PIXELS, {"ops": "max_pool2d(return_indices=True), max_unpool2d"})
+    if name in ("packed_lstm", "packed_gru"):
+        return (PackedRNN(name.split("_")[1]), _leaf_runner(BATCH, SEQ_LEN, 16), "recurrent", _TOP_CLASS,
+                f"padded sequences (leaf), shape (2, 8, 16), lengths {PackedRNN.LENGTHS}",
+                {"ops": "pack_padded_sequence, 2-layer bidirectional " + name.split("_")[1].upper()})
+    if name == "gat":
+        return (GATGraph(), _leaf_runner(BATCH, GATGraph.NODES, 8), "custom", "top graph-class logit per row",
+                "node features (leaf), shape (2, 6, 8)", {"ops": "scatter_reduce (amax, sum): edge softmax"})
+    if name == "bag_of_words":
+        return (BagOfWords(), _bag_runner(), "text", _TOP_CLASS,
+                "per-token weights (leaf, ones), shape (2, 8): relevance per token", {"ops": "embedding_bag"})
+    if name == "bilinear":
+        return BilinearNet(), _leaf_runner(BATCH, 16), "custom", _TOP_CLASS, "features (leaf), shape (2, 16)", {}
+    if name == "spectral_norm":
+        return (SpectralNormCNN(), _leaf_runner(*_IMAGE_SHAPE), "vision", _TOP_CLASS, _PIXELS,
+                {"ops": "spectral_norm (vdot)"})
+    if name == "checkpoint":
+        return (CheckpointedMLP(), _leaf_runner(BATCH, 16), "custom", _TOP_CLASS, "features (leaf), shape (2, 16)",
+                {"ops": "torch.utils.checkpoint, reentrant and non-reentrant"})
+    if name == "stats_mlp":
+        return (StatsMLP(), _leaf_runner(BATCH, 16), "custom", _TOP_CLASS, "features (leaf), shape (2, 16)",
+                {"ops": "celu, rrelu, sign, var, std, cumprod, prod, logsigmoid, logsumexp"})
     raise KeyError(name)
+
+
+def _bag_runner() -> Runner:
+    def runner(m: nn.Module, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        ids = _token_ids(gen, _SPECIAL_BASE)
+        weights = torch.ones(BATCH, SEQ_LEN, requires_grad=True)
+        return top_score(m(ids, weights)), weights
+
+    return runner
 
 
 def _torchvision(name: str, attn: str | None) -> tuple[nn.Module, Runner, str, str, str, dict]:
@@ -1055,9 +1293,71 @@ def _torchvision(name: str, attn: str | None) -> tuple[nn.Module, Runner, str, s
         if attn == "eager":
             _make_mha_eager(m)
         info["attention"] = "need_weights=True (explicit bmm/softmax)" if attn == "eager" else "need_weights=False (SDPA)"
+    elif arch == "swin_v2_t":
+        from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+        m = SwinTransformer(patch_size=[4, 4], embed_dim=_SMALL, depths=[1, 1], num_heads=[2, 2], window_size=[4, 4],
+                            stochastic_depth_prob=0.0, num_classes=10, block=SwinTransformerBlockV2,
+                            downsample_layer=PatchMergingV2)
+        info = {"constructor": "torchvision SwinTransformer with V2 blocks (swin_v2_t layout, tiny dims)",
+                "ops": "qkv bias built by in-place slicing (CopySlices), cosine attention, log-spaced CPB MLP"}
+    elif arch == "mvit_v2_s":
+        from torchvision.models.video.mvit import MSBlockConfig, MViT
+
+        blocks = [MSBlockConfig(num_heads=1, input_channels=_SMALL, output_channels=_SMALL, kernel_q=[3, 3, 3],
+                                kernel_kv=[3, 3, 3], stride_q=[1, 1, 1], stride_kv=[1, 2, 2]),
+                  MSBlockConfig(num_heads=2, input_channels=_SMALL, output_channels=2 * _SMALL, kernel_q=[3, 3, 3],
+                                kernel_kv=[3, 3, 3], stride_q=[1, 2, 2], stride_kv=[1, 1, 1])]
+        m = MViT(spatial_size=(_SMALL, _SMALL), temporal_size=4, block_setting=blocks, residual_pool=True,
+                 residual_with_cls_embed=False, rel_pos_embed=True, proj_after_attn=True, num_classes=10,
+                 patch_embed_kernel=(3, 4, 4), patch_embed_stride=(2, 4, 4), patch_embed_padding=(1, 0, 0))
+        info = {"constructor": "torchvision MViT (mvit_v2_s layout: pooling attention, decomposed relative "
+                               "positions, residual pooling; tiny dims)"}
+        return m, _leaf_runner(BATCH, 3, 4, _SMALL, _SMALL), "vision", _TOP_CLASS, _VIDEO, info
+    elif arch in _DETECTION:
+        m = _detector(arch)
+        info = {"constructor": f"torchvision.models.detection.{_DETECTION[arch]} with a 2-convolution backbone "
+                               "(weights=None, weights_backbone=None)"}
+        return (m, _detection_runner(), "vision", "score of the top detection of each image",
+                f"images (leaf), shape (2, 3, {_DET_SIZE}, {_DET_SIZE})", info)
     else:
         m = getattr(tvm, arch)(weights=None, num_classes=10)
     return m, _leaf_runner(*_IMAGE_SHAPE), "vision", _TOP_CLASS, _PIXELS, info
+
+
+_VIDEO = f"video clips (leaf), shape ({BATCH}, 3, 4, {_SMALL}, {_SMALL})"
+_DETECTION = {"fasterrcnn": "FasterRCNN", "maskrcnn": "MaskRCNN", "keypointrcnn": "KeypointRCNN"}
+_DET_SIZE = 64
+
+
+def _detector(arch: str) -> nn.Module:
+    """A tiny R-CNN detector of torchvision's detection family (RPN, RoIAlign box head, and the mask or keypoint
+    head), with a two-convolution backbone; every box is kept (``box_score_thresh=0``)."""
+    from torchvision.models import detection
+    from torchvision.models.detection.rpn import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                             nn.Conv2d(8, _SMALL, 3, stride=2, padding=1), nn.ReLU())
+    backbone.out_channels = _SMALL  # type: ignore[assignment]
+    kwargs: dict[str, Any] = dict(
+        num_classes=3, rpn_anchor_generator=AnchorGenerator(sizes=((8, 16, 32),), aspect_ratios=((0.5, 1.0, 2.0),)),
+        box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2), min_size=_DET_SIZE, max_size=_DET_SIZE, box_score_thresh=0.0,
+        box_detections_per_img=8)
+    if arch == "maskrcnn":
+        kwargs["mask_roi_pool"] = MultiScaleRoIAlign(["0"], 14, 2)
+    if arch == "keypointrcnn":
+        kwargs.update(keypoint_roi_pool=MultiScaleRoIAlign(["0"], 14, 2), num_keypoints=5)
+    return getattr(detection, _DETECTION[arch])(backbone, **kwargs)
+
+
+def _detection_runner() -> Runner:
+    def runner(m: nn.Module, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        x = torch.rand(BATCH, 3, _DET_SIZE, _DET_SIZE, generator=gen).requires_grad_(True)
+        dets = m(list(x.unbind(0)))
+        return torch.stack([d["scores"][0] for d in dets]), x
+
+    return runner
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1113,12 +1413,25 @@ _HF_ENTRIES: dict[str, _HFSpec] = {
     "whisper": _HFSpec("whisper", _S2S, "audio"),
     "wav2vec2": _HFSpec("wav2vec2", "audio_classification", "audio", overrides={"num_labels": 3}),
     "pix2struct": _HFSpec("pix2struct", "image_text_to_text", "multimodal"),
+    # coverage of issue 11: FFT mixing, GLU convolution modules, WKV/RG-LRU recurrences, chunked attention,
+    # image features scattered into text embeddings
+    "fnet": _HFSpec("fnet", _SEQ_CLS, "text", has_attention=False, overrides={"num_labels": 3}),
+    "wav2vec2-conformer": _HFSpec("wav2vec2-conformer", "audio_classification", "audio",
+                                  overrides={"num_labels": 3, "position_embeddings_type": "rotary"}),
+    "rwkv": _HFSpec("rwkv", _CAUSAL, "text", has_attention=False),
+    "recurrent_gemma": _HFSpec("recurrent_gemma", _CAUSAL, "text"),
+    "led": _HFSpec("led", _S2S, "text", overrides={"attention_window": [4, 4]}),
+    "llava": _HFSpec("llava", "image_text_to_text", "multimodal"),
 }
 
 _TORCHVISION = ("tv_vgg16", "tv_resnet50", "tv_densenet121", "tv_mobilenet_v3_small", "tv_efficientnet_b0",
-                "tv_efficientnet_v2_s", "tv_vit_b_16")
-_CUSTOM = ("lstm", "gru", "transformer_encoder", "unet", "mlp", "cnn_bn")
+                "tv_efficientnet_v2_s", "tv_vit_b_16", "tv_swin_v2_t", "tv_mvit_v2_s", "tv_fasterrcnn", "tv_maskrcnn",
+                "tv_keypointrcnn")
+_CUSTOM = ("lstm", "gru", "transformer_encoder", "unet", "mlp", "cnn_bn", "stn", "segnet", "packed_lstm", "packed_gru",
+           "gat", "bag_of_words", "bilinear", "spectral_norm", "checkpoint", "stats_mlp")
 _MHA_ENTRIES = ("transformer_encoder", "tv_vit_b_16")
+#: torchvision models that compute attention explicitly (no SDPA variant)
+_EAGER_ATTENTION = ("tv_swin_v2_t", "tv_mvit_v2_s")
 
 
 def names() -> list[str]:
@@ -1154,6 +1467,8 @@ def attention_implementations(name: str) -> list[str]:
         if not spec.has_attention:
             return []
         return ["eager", "sdpa"] if _hf_supports_sdpa(hf_head_for(spec.model_type, spec.head)) else ["eager"]
+    if name in _EAGER_ATTENTION:
+        return ["eager"]
     return ["eager", "sdpa"] if name in _MHA_ENTRIES else []
 
 
@@ -1203,5 +1518,7 @@ def build(name: str, *, attn_implementation: str | None = None, seed: int = 0) -
     impl = None
     if name in _MHA_ENTRIES:
         impl = attn_implementation or "sdpa"
+    elif name in _EAGER_ATTENTION:
+        impl = "eager"
     return ZooEntry(name=name, family=family, model=model.eval(), runner=runner, seed=seed,
                     attn_implementation=impl, output_desc=out_desc, input_desc=in_desc, info=info)
