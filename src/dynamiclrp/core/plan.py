@@ -258,6 +258,7 @@ class Planner:
         clone.resolver = copy.copy(self.resolver)
         clone.resolver.graph = graph  # type: ignore[assignment]
         clone.resolver.recipes = dict(self.resolver.recipes)
+        clone.resolver.fallbacks = dict(self.resolver.fallbacks)
         clone.resolver.params = None if model is None else ModelParams(model)
         clone.analyses = {}
         clone._labels = {}
@@ -279,7 +280,8 @@ class Planner:
         return self.resolver.request_const(node, pos)
 
     def can_value(self, slot: int) -> bool:
-        """Whether the full value of ``slot`` can be obtained (without requesting it)."""
+        """Whether the full value of ``slot`` can be obtained (without requesting it; a rule that must have it can
+        still get a last resort from :meth:`need_value`: :meth:`PromiseResolver.request`)."""
         return available(self.resolver.recipe(slot))
 
     def can_support(self, slot: int) -> bool:

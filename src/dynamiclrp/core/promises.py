@@ -360,14 +360,36 @@ class PromiseResolver:
         self.known = known
         self.params = params
         self.recipes: dict[Hashable, Recipe] = {}
+        self.fallbacks: dict[int, Recipe] = {}  # last-resort full values, for the rules that requested them
         self.requests: dict[Hashable, int] = {}  # recipe key -> number of rule requests (for freeing)
         self._upward_busy: set[int] = set()  # slots whose value is being recovered from their consumers
         self._support_busy: set[int] = set()
 
     # -- what rules call ----------------------------------------------------------------------------------
     def request(self, slot: int) -> Recipe:
-        """Register that a rule will read the full value of ``slot`` once per run; returns its recipe."""
-        return self._count(self.recipe(slot))
+        """Register that a rule will read the full value of ``slot`` once per run; returns its recipe.
+
+        When nothing else gives the value, a last resort: the input of an invertible element-wise consumer that
+        saved its output (``x = logit(sigmoid(x))``), checked when evaluated to be exact everywhere (not saturated).
+        It serves this request only — no other recipe is built on it, and :meth:`recipe` does not offer it — so
+        rules that can do without the value are not steered towards a value that may fail at run time."""
+        recipe = self.recipe(slot)
+        if not available(recipe):
+            fallback = self.fallbacks.get(slot) or self._inverse_fallback(slot)
+            if fallback is not None:
+                self.fallbacks[slot] = fallback
+                recipe = fallback
+        return self._count(recipe)
+
+    def _inverse_fallback(self, s: int) -> Recipe | None:
+        g = self.graph
+        for c, pos in g.consumers[s]:
+            spec = self.specs[c]
+            k = spec.kernel if spec is not None else None
+            if (getattr(k, "inverse", None) is not None and getattr(k, "from_output", None) is not None
+                    and saved(g.nodes[c], k.y_field) is not None):
+                return Total(s, InversePart(s, c, pos))
+        return None
 
     def request_support(self, slot: int) -> Recipe:
         """Register that a rule will read the value of ``slot`` on its support once per run."""
@@ -552,14 +574,6 @@ class PromiseResolver:
         both the sum's output and the other addend have full values (a residual stream whose sum a norm layer
         saved). ``Unavailable(reason)`` otherwise. Guarded against cycles (the other addend computed from ``s``)."""
         g = self.graph
-        for c, pos in g.consumers[s]:
-            # an invertible element-wise consumer that saved its output (sigmoid, tanh, exp...): its input, checked
-            # when evaluated to be exact everywhere (not saturated)
-            spec = self.specs[c]
-            k = spec.kernel if spec is not None else None
-            if (getattr(k, "inverse", None) is not None and getattr(k, "from_output", None) is not None
-                    and saved(g.nodes[c], k.y_field) is not None):
-                return Total(s, InversePart(s, c, pos))
         if s in self._upward_busy or len(self._upward_busy) > 256:
             return Unavailable(s, reason)
         self._upward_busy.add(s)
@@ -626,7 +640,7 @@ class PromiseResolver:
         when there is one, else a :class:`Support` walk over the slot's consumers."""
         full = self.recipe(slot)
         # an inverse of a saved output is exact only where the op did not saturate: on the support, that is enough
-        inverse = isinstance(full, Total) and isinstance(full.part, InversePart)
+        inverse = inverted(full)
         if available(full) and not inverse and not self.avoid(full):
             return full
         walk = self._support(slot, 0)
@@ -816,7 +830,10 @@ class ValueStore:
         ValueUnavailableError
             When the graph holds no way to obtain it (e.g. an activation only a frozen layer consumed).
         """
-        return self._get(self.resolver.recipe(slot), origin)
+        recipe = self.resolver.recipe(slot)
+        if not available(recipe):
+            recipe = self.resolver.fallbacks.get(slot, recipe)
+        return self._get(recipe, origin)
 
     def get_support(self, slot: int, origin: str = "") -> tuple[torch.Tensor, Mask]:
         """The value of ``slot`` on its support and the mask where it is exact (``None``: everywhere); zero
@@ -1079,6 +1096,12 @@ class ValueStore:
             if r is not recipe and isinstance(r.key, int) and len(g.consumers[r.key]) > 1:
                 pre.append(g.describe(g.slot_node[r.key]))
         return pre, depth[recipe.key]
+
+
+def inverted(recipe: Recipe) -> bool:
+    """Whether ``recipe`` is a full value read back through an invertible op's saved output (exact only where the
+    op did not saturate; checked when evaluated)."""
+    return isinstance(recipe, Total) and isinstance(recipe.part, InversePart)
 
 
 def _inverts(recipe: Recipe) -> bool:

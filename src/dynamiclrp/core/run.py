@@ -90,20 +90,26 @@ class Run:
         ``None`` when the op had no such operand."""
         return self.values.get_const(node, pos, origin)
 
+    def value_under(self, slot: int, r: Tensor, origin: str = "") -> Tensor:
+        """The value of ``slot`` wherever the explicit relevance ``r`` lies: the full value when there is one,
+        else the value on the support, with a check (read after the loop) that ``r`` is zero where that is not
+        exact."""
+        if self.planner.can_value(slot):
+            return self.value(slot, origin)
+        v, mask = self.support_masked(slot, origin)
+        if mask is not None:
+            graph = self.graph
+            self.values.checks.add((r != 0).logical_and_(~mask.expand_as(r)).any(), lambda: ValueUnavailableError(
+                f"explicit relevance reaches output {graph.slot_nr[slot]} of "
+                f"{graph.describe(graph.slot_node[slot])} where its forward value cannot be recovered "
+                "from the graph; pass model= so frozen constants can be read from the model, or choose rules "
+                "that keep relevance in gradient form there"))
+        return v
+
     def r_to_g(self, slot: int, r: Tensor) -> Tensor:
         """Turn explicit relevance at ``slot`` into gradient form by dividing by the slot's value (its value on
         the support will do when the relevance lies inside it)."""
-        if self.planner.can_value(slot):
-            v = self.value(slot, "conversion to gradient form")
-        else:
-            v, mask = self.support_masked(slot, "conversion to gradient form")
-            if mask is not None:
-                graph = self.graph
-                self.values.checks.add((r != 0).logical_and_(~mask.expand_as(r)).any(), lambda: ValueUnavailableError(
-                    f"explicit relevance reaches output {graph.slot_nr[slot]} of "
-                    f"{graph.describe(graph.slot_node[slot])} where its forward value cannot be recovered "
-                    "from the graph; pass model= so frozen constants can be read from the model, or choose rules "
-                    "that keep relevance in gradient form there"))
+        v = self.value_under(slot, r, "conversion to gradient form")
         if v.shape != r.shape:
             v = v.expand_as(r)
         g = safe_div(r, v)

@@ -250,9 +250,9 @@ def _routing_rows() -> dict[str, OpSpec]:
     rows["FlipBackward0"] = _routing(routing.replay_flip)
     rows["RollBackward0"] = _routing(routing.replay_roll)
     rows["WhereBackward0"] = _routing(routing.replay_where, replay_inputs=(0, 1))
-    # F.pad(mode="constant") keeps only the padding sizes, not the fill value: no replay (a replay with 0 would be
-    # silently wrong for any other value); a consumer that saved the padded tensor (a convolution) gives it
-    rows["ConstantPadNdBackward0"] = _routing()
+    # F.pad(mode="constant") keeps only the padding sizes, not the fill value: where no consumer saved the padded
+    # tensor (a convolution does) it is replayed with F.pad's default fill, 0 (README, "Known limits")
+    rows["ConstantPadNdBackward0"] = _routing(routing.replay_constant_pad)
     rows["MaskedFillBackward0"] = _routing()
     rows["MaskedFillBackward1"] = _routing()
     rows["IndexPutBackward0"] = _routing(selection=False)  # index_put_(accumulate=True) adds

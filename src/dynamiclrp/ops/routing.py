@@ -148,6 +148,11 @@ def replay_where(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
     return torch.where(saved(node, "condition"), xs[0], xs[1])
 
 
+def replay_constant_pad(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    """``F.pad(x, pad)`` with the default fill, 0: the node keeps the padding sizes, not the fill value."""
+    return F.pad(xs[0], saved(node, "pad"))
+
+
 def replay_pad(mode: str) -> Callable[[Any, Sequence[Tensor | None], int], Tensor]:
     """Reflection and replication padding, which save their input and their padding sizes."""
     def replay(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:

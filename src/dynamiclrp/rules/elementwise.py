@@ -8,7 +8,6 @@ import torch
 
 from ..core.graph import call_backward, saved
 from ..core.messages import Msg, gmsg
-from ..core.promises import InversePart, Total
 from ..core.step import Site, Step
 from ..errors import UnsupportedOperationError, ValueUnavailableError
 from ..ops.elementwise import UnaryKernel
@@ -44,12 +43,10 @@ class IdentityStep(Step):
                              and site.type in ("TanhBackward0", "SigmoidBackward0"))
         # a non-linearity that saved neither its input nor its output (sign): the input from the Promise System
         self.need_x_value = self.need_x_value or (k.x_field is None and k.y_field is None and site.edges[0] >= 0)
+        if self.need_x_value and k.y_field is not None and not site.planner.can_value(site.edges[0]):
+            self.need_x_value = False  # only this node's own output holds x: its inverse (see _inverse)
         if self.need_x_value:
-            recipe = site.planner.resolver.recipe(site.edges[0])
-            if isinstance(recipe, Total) and isinstance(recipe.part, InversePart) and recipe.part.node == site.index:
-                self.need_x_value = False  # x would be this node's own inverse: read it directly (see _inverse)
-            else:
-                site.planner.need_value(site.edges[0])
+            site.planner.need_value(site.edges[0])
         # exp(x − max) where the sum rule holds the maximum constant (ShiftStep): where x − max == 0 the relevance
         # is handed on in explicit form instead of being lost (the shift step passes it to x whole)
         self.explicit_at_zero = site.type == "ExpBackward0" and _after_held_shift(site)

@@ -268,11 +268,12 @@ class SeqTo(nn.Module):
 # The generator
 # -----------------------------------------------------------------------------------------------------------
 #: ops whose output the graph does not hold in full when no consumer saved it, because they combine their input with
-#: a constant autograd does not keep: ``x + 0.5`` (the scalar), ``where``/``masked_fill`` (the fill value),
-#: ``F.pad`` (the fill value), and ``softmax``/``log_softmax`` (their saved output hides each row's offset). A rule
-#: that needs such a value (the input of a frozen linear layer for γ/z⁺/α-β/flat, an exact sum for the ``Norm`` and
-#: magnitude rules) raises ValueUnavailableError there: the README's "Known limits" and docs/pitfalls.md.
-LOSSY = frozenset({"shift", "where", "masked_fill", "pad_zero", "pad_value", "ZeroPad2d", "softmax", "log_softmax"})
+#: a constant autograd does not keep: ``x + 0.5`` (the scalar), ``where``/``masked_fill`` (the fill value), and
+#: ``softmax``/``log_softmax`` (their saved output hides each row's offset). A rule that needs such a value (the input
+#: of a frozen linear layer for γ/z⁺/α-β/flat, an exact sum for the ``Norm`` and magnitude rules) raises
+#: ValueUnavailableError there: the README's "Known limits" and docs/pitfalls.md. (``F.pad`` keeps no fill value
+#: either; it is rebuilt with its default, 0, which the generator's zero pads use.)
+LOSSY = frozenset({"shift", "where", "masked_fill", "softmax", "log_softmax"})
 
 @dataclass
 class Case:
@@ -354,8 +355,16 @@ class _Builder:
                     continue
                 if how == "zeropad_module":
                     self.add(nn.ZeroPad2d(p), "ZeroPad2d", True)
+                elif how == "value":
+                    # a non-zero fill is rebuilt as 0 where no op keeps the padded tensor (README, "Known limits"):
+                    # generated as it is used, before a convolution, which keeps its input
+                    out = c.int(1, 4)
+                    self.add(nn.Sequential(Pad("value", p), nn.Conv2d(ch, out, 3, bias=c.flag(0.7))),
+                             "pad_value+conv3", False)
+                    ch = out
+                    continue
                 else:
-                    self.add(Pad(how, p), f"pad_{how}", how != "value")
+                    self.add(Pad(how, p), f"pad_{how}", True)
                 h, w = h + 2 * p, w + 2 * p
             elif kind == "residual":
                 bias = c.flag(0.6)
@@ -512,7 +521,9 @@ def documented(err: DynamicLRPError, case: Case) -> bool:
     autograd did not keep.)"""
     if not isinstance(err, ValueUnavailableError):
         return False
-    return bool(case.lossy) or "where it saturates" in str(err)
+    # sigmoid(x + 0.5): x + 0.5 is known only by inverting the sigmoid, which fails where it (nearly) saturates
+    inverted = "sigmoid_shift" in case.ops and "cannot be recovered" in str(err)
+    return bool(case.lossy) or "where it saturates" in str(err) or inverted
 
 REL_TOL = 1e-8  # relative to the scale of the relevance involved (float64)
 
