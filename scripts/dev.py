@@ -4,7 +4,8 @@
 Usage (from anywhere, with only python3 and pip on the machine)::
 
     python3 scripts/dev.py demo [demo options]   # installs .[demo], runs `dynamiclrp demo`
-    python3 scripts/dev.py test [pytest options] # installs .[test], runs the test suite
+    python3 scripts/dev.py test [pytest options] # installs .[test], runs the whole test suite, slow sweeps
+                                                 # included (what CI runs); --fast leaves the sweeps out
 
 The environment lives in ``.venv`` next to this repository's ``pyproject.toml``. Installs are pinned by
 ``requirements/constraints.txt`` and skipped when nothing they depend on has changed.
@@ -62,7 +63,11 @@ def main(argv: list[str]) -> int:
     if command == "demo":
         cmd = [python, "-m", "dynamiclrp", "demo", *rest]
     elif command == "test":
-        cmd = [python, "-m", "pytest", *rest]
+        # the slow sweeps (zoo models under every preset, frozen = trainable on every architecture, the long fuzz
+        # run, the CLI's heads...) run too, so every commit CI accepts passes them; --fast is the quick local loop
+        fast = "--fast" in rest
+        rest = [a for a in rest if a != "--fast"]
+        cmd = [python, "-m", "pytest", *([] if fast else ["--slow"]), *rest]
     else:
         cmd = [python, ROOT / "benchmarks" / "run.py", *rest]
     print("+", " ".join(str(c) for c in cmd), flush=True)

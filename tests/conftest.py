@@ -14,12 +14,19 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="also run the tests marked slow (the long sweeps); scripts/dev.py test, what CI runs, "
+                          "passes it")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``slow`` (long sweeps) run only when selected: ``-m slow`` (or an expression naming it)."""
+    """Tests marked ``slow`` (long sweeps) run only when selected: ``--slow`` (everything), or ``-m slow`` (or an
+    expression naming it) for the sweeps alone."""
     expr = config.getoption("markexpr") or ""
-    if "slow" in expr and "not slow" not in expr:
+    if config.getoption("--slow") or ("slow" in expr and "not slow" not in expr):
         return
-    skip = pytest.mark.skip(reason="slow sweep: select with -m slow")
+    skip = pytest.mark.skip(reason="slow sweep: select with -m slow (or --slow for everything)")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)

@@ -134,6 +134,12 @@ def _err(a: Tensor, b: Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+#: the bound the README states for AttnLRP/CP-LRP against the independent references (measured: <= 3.1e-13, the
+#: attention block through SDPA with an additive mask; <= 1e-13 elsewhere) and for a real HF BertLayer (9.7e-15)
+REF = 1e-12
+BERT = 1e-13
+
+
 def _inputs(seed: int, shape=(2, 5, 16)) -> tuple[torch.Generator, Tensor]:
     g = torch.Generator().manual_seed(seed)
     return g, torch.randn(*shape, generator=g, dtype=DT, requires_grad=True)
@@ -161,7 +167,7 @@ def test_attention_block(mode: str, impl: str, heads: tuple[int, int], mask_kind
     rules = getattr(presets, mode)(epsilon=1e-6) if eps else mode
     ex = dynamiclrp.explain(y, x, seed, rules=rules)
     ref = at.attention_relevance(x.detach(), w, seed, mode, EPS6 if eps else EPS, mask, causal)
-    assert _err(ex.relevance[0], ref["x"]) <= 1e-9
+    assert _err(ex.relevance[0], ref["x"]) <= REF
     assert abs(ex.unaccounted) <= 1e-9 * float(seed.abs().sum())
     kinds = ex.ledger.by_kind()
     if mode == "cplrp":  # attention weights constant: nothing is lost to the softmax rule
@@ -180,7 +186,7 @@ def test_bidirectional_attention_is_not_causally_masked() -> None:
         seed[:, 0] = y[:, 0].detach()
         x_rel = dynamiclrp.relevance(y, x, seed, rules="attnlrp")[0]
         ref = at.attention_relevance(x.detach(), w, seed, "attnlrp", EPS)["x"]
-        assert _err(x_rel, ref) <= 1e-9
+        assert _err(x_rel, ref) <= REF
         # relevance of later tokens through q/k (x_from_k) is non-zero
         assert ref[:, 1:].abs().sum() > 1e-3 and x_rel[:, 1:].abs().sum() > 1e-3
 
@@ -197,7 +203,7 @@ def test_mlp_block(mode: str, gated: bool, act: str) -> None:
     ex = dynamiclrp.explain(y, x, seed, rules=rules)
     ref_mode = "attnlrp" if mode == "attnlrp" else "cplrp"
     ref = at.mlp_relevance(x.detach(), w, seed, ref_mode, EPS, gate_constant=(mode == "cplrp") if gated else None)
-    assert _err(ex.relevance[0], ref["x"]) <= 1e-9
+    assert _err(ex.relevance[0], ref["x"]) <= REF
     assert abs(ex.unaccounted) <= 1e-9 * float(seed.abs().sum())
     if mode == "cplrp":
         assert ex.ledger.by_kind().get("rule", 0.0) == 0.0
@@ -211,7 +217,7 @@ def test_norm_block(mode: str, kind: str) -> None:
     y = _norm(w)(x)
     seed = torch.randn(y.shape, generator=g, dtype=DT)
     ex = dynamiclrp.explain(y, x, seed, rules=mode)
-    assert _err(ex.relevance[0], at.norm_relevance(x.detach(), w, seed, EPS)["x"]) <= 1e-9
+    assert _err(ex.relevance[0], at.norm_relevance(x.detach(), w, seed, EPS)["x"]) <= REF
     assert abs(ex.unaccounted) <= 1e-9 * float(seed.abs().sum())
 
 
@@ -225,7 +231,7 @@ def test_prenorm_transformer_layer(mode: str, kind: str, impl: str) -> None:
     seed = torch.randn(y.shape, generator=g, dtype=DT)
     ex = dynamiclrp.explain(y, x, seed, rules=mode)
     ref = at.transformer_layer_relevance(x.detach(), w, seed, mode, EPS, None, True)
-    assert _err(ex.relevance[0], ref["x"]) <= 1e-9
+    assert _err(ex.relevance[0], ref["x"]) <= REF
     assert abs(ex.unaccounted) <= 1e-9 * float(seed.abs().sum())
 
 
@@ -310,7 +316,7 @@ def test_hf_bert_layer_equals_reference(impl: str) -> None:
         r_u1 = at.layernorm_relevance(u1, ln1.weight.detach(), ln1.bias.detach(), r_h1, EPS.norm, ln1.eps)
         r_a, r_x = at.add_relevance(a, xd, r_u1, EPS.add)
         r_x = r_x + at.attention_relevance(xd, aw, r_a, mode, EPS, mask)["x"]
-        assert _err(ex.relevance[0], r_x) <= 1e-9, mode
+        assert _err(ex.relevance[0], r_x) <= BERT, mode
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

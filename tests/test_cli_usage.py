@@ -31,8 +31,8 @@ ESC = "\x1b["
 
 def _slow(request: pytest.FixtureRequest) -> None:
     expr = request.config.getoption("markexpr") or ""
-    if "slow" not in expr or "not slow" in expr:
-        pytest.skip("slow: select with -m slow")
+    if not request.config.getoption("--slow") and ("slow" not in expr or "not slow" in expr):
+        pytest.skip("slow: select with -m slow (or --slow)")
 
 
 @pytest.fixture(scope="module")

@@ -135,22 +135,32 @@ def test_a_tensor_used_twice_gets_the_sum_of_both_paths() -> None:
     assert torch.allclose(r, g * x.detach(), rtol=1e-12)
 
 
-def test_inputs_the_outputs_do_not_depend_on_get_zeros() -> None:
+def test_inputs_the_outputs_do_not_depend_on_raise_unless_allowed() -> None:
     model = mlp()
     x = torch.randn(2, 5, dtype=DT, requires_grad=True)
     other = torch.randn(7, dtype=DT, requires_grad=True)
     y = model(x)[:, 0]
-    rx, ro = dynamiclrp.relevance(y, [x, other])
+    with pytest.raises(dynamiclrp.UnusedInputError, match=r"inputs\[1\] is not in the graph.*allow_unused=True"):
+        dynamiclrp.relevance(y, [x, other])
+    with pytest.raises(RuntimeError):  # what autograd does
+        torch.autograd.grad(y.sum(), [x, other], retain_graph=True)
+    rx, ro = dynamiclrp.relevance(y, [x, other], allow_unused=True)
     assert torch.count_nonzero(ro) == 0 and ro.shape == other.shape
     assert torch.count_nonzero(rx) > 0
+    (rx_only,) = dynamiclrp.relevance(y, x)
+    assert torch.equal(rx, rx_only)
 
 
 def test_output_that_never_reaches_the_input() -> None:
     model = mlp()
     x = torch.randn(2, 5, dtype=DT, requires_grad=True)
     z = model(torch.randn(2, 5, dtype=DT))[:, 0]  # depends on parameters only
-    (r,) = dynamiclrp.relevance(z, x)
+    with pytest.raises(dynamiclrp.UnusedInputError):
+        dynamiclrp.relevance(z, x)
+    (r,) = dynamiclrp.relevance(z, x, allow_unused=True)
     assert torch.count_nonzero(r) == 0
+    ex = dynamiclrp.explain(z, x, allow_unused=True)
+    assert torch.count_nonzero(ex.relevance[0]) == 0 and abs(ex.unaccounted) < 1e-12
 
 
 def test_intermediate_tensor_as_input() -> None:

@@ -684,6 +684,40 @@ def test_fused_lstm_equals_the_same_layers_written_with_primitive_ops(rules):
     torch.testing.assert_close(ex.relevance[0], expected, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("rules", ["zero", "epsilon", "epsilon_plus"])
+def test_fused_lstm_relevance_of_every_parameter_equals_the_explicit_ops(rules):
+    """Each tensor's relevance, not only their sum: input, initial states, both weights and both biases of both
+    directions. The explicit reference keeps ``b_ih`` and ``b_hh`` separate leaves added in the graph, so the sum
+    rule splits the bias relevance between them (``b_ih / (b_ih + b_hh)``), and ``W_ih``/``W_hh`` concatenated."""
+    lstm = _fused_lstm(bidirectional=True, seed=7)  # oneDNN fuses float32 layers
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    h0 = torch.randn(2, 2, 4, requires_grad=True)
+    c0 = torch.randn(2, 2, 4, requires_grad=True)
+    if not _mkldnn_available(lstm, x):
+        pytest.skip("nn.LSTM is not fused by oneDNN on this machine")
+    out, _ = lstm(x, (h0, c0))
+    y = out[-1].sum(1)
+    names = [f"{n}_l0{sfx}" for sfx in ("", "_reverse") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    params = [getattr(lstm, n) for n in names]
+    got = dynamiclrp.relevance(y, (x, h0, c0, *params), rules=rules)
+    # the same layer with explicit ops, each parameter its own leaf
+    x2, h2, c2 = (t.detach().clone().requires_grad_(True) for t in (x, h0, c0))
+    leaves = [nn.Parameter(p.detach().clone()) for p in params]
+    outs = []
+    for k, rev in ((0, False), (1, True)):
+        w_ih, w_hh, b_ih, b_hh = leaves[4 * k:4 * k + 4]
+        outs.append(lstm_layer_forward(x2, h2[k], c2[k], torch.cat([w_ih, w_hh], 1), b_ih + b_hh, reverse=rev)[0])
+    y2 = torch.cat(outs, -1)[-1].sum(1)
+    torch.testing.assert_close(y2, y.detach(), rtol=1e-5, atol=1e-6)
+    expected = dynamiclrp.relevance(y2, (x2, h2, c2, *leaves), rules=rules)
+    for name, a, b in zip(["x", "h0", "c0", *names], got, expected):  # float32: the fused kernel's rounding
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    for k in (0, 1):  # the bias relevance is real and split unevenly: a half/half split would not pass
+        r_ih, r_hh = got[3 + 4 * k + 2], got[3 + 4 * k + 3]
+        assert r_ih.abs().sum() > 0 and r_hh.abs().sum() > 0
+        assert not torch.allclose(r_ih, r_hh)
+
+
 def test_bias_free_lstm_under_lrp0_is_conservative():
     lstm = _fused_lstm(bias=False, seed=5)
     x = torch.randn(4, 3, 3, requires_grad=True)

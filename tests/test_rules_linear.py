@@ -248,7 +248,7 @@ def test_pass_hands_relevance_through_activations_and_unmerged_batchnorm() -> No
     (lambda: R.AlphaBeta(2, 2), r"alpha - beta must equal 1"),
     (lambda: R.AlphaBeta(-1, -2), r"alpha and beta must both be >= 0"),
     (lambda: R.AlphaBeta(0.5, -0.5), r"alpha and beta must both be >= 0"),
-    (lambda: R.Gamma(-0.1), r"gamma must be a number >= 0"),
+    (lambda: R.Gamma(-0.1), r"gamma must be >= 0"),
     (lambda: R.Gamma("big"), r"gamma must be a number >= 0"),
     (lambda: R.Epsilon(-1e-6), r"stabilizer must be >= 0"),
     (lambda: R.Epsilon(float("nan")), r"stabilizer must be >= 0"),
@@ -286,3 +286,50 @@ def test_nonnegative_input_fast_path_matches_reference(rule_name: str, layer: st
         xi = x.clone().requires_grad_(True)
         (ours,) = dynamiclrp.relevance(module(xi), xi, Rout, rules=_ruleset(make_rule(extra)))
         _assert_close(ours, reference(weight, b, op, x, Rout, extra))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Large convolutions run in batch chunks (rules/linear.py, _CHUNK_BYTES): the chunks must add up to the whole
+# ---------------------------------------------------------------------------------------------------------
+def _chunk_net() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).to(DT).eval()
+
+
+@pytest.mark.parametrize("rules", [
+    "epsilon", "zero", "epsilon_plus", "epsilon_alpha2_beta1", "epsilon_gamma_box",
+    "conv_flat",  # the second convolution sends explicit relevance to the first: the general path in r-form
+])
+def test_chunked_convolution_equals_unchunked_for_every_requested_tensor(rules: str, monkeypatch) -> None:
+    from dynamiclrp.rules import linear as L
+
+    net = _chunk_net()
+    if rules == "epsilon_gamma_box":
+        rs = presets.epsilon_gamma_box(-4.0, 4.0)
+    elif rules == "conv_flat":
+        rs = presets.epsilon().with_layers({"2": R.Flat()}, model=net)
+    else:
+        rs = presets.by_name(rules)
+    x = torch.randn(6, 2, 5, 5, dtype=DT, requires_grad=True)
+    wanted = (x, net[0].weight, net[0].bias, net[2].weight, net[2].bias, net[6].bias)
+    y = net(x)[:, 1]
+    whole = dynamiclrp.relevance(y, wanted, rules=rs)
+    chunked_calls = []
+    original = L._batch_chunks
+
+    def spy(kernel, g, t):
+        out = original(kernel, g, t)
+        chunked_calls.append(out is not None and len(out) > 1)
+        return out
+
+    monkeypatch.setattr(L, "_CHUNK_BYTES", 64)  # every convolution output is "large": one sample per chunk
+    monkeypatch.setattr(L, "_batch_chunks", spy)
+    chunked = dynamiclrp.relevance(y, wanted, rules=rs)
+    assert any(chunked_calls), "the chunked path was not taken"
+    for name, a, b in zip(["x", "conv0.weight", "conv0.bias", "conv2.weight", "conv2.bias", "head.bias"],
+                          chunked, whole):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=lambda m, name=name: f"{name}: {m}")
+    # the biases do receive relevance (except under flat, which has no bias term, and z^B, whose bias terms cancel)
+    assert whole[2].abs().sum() > 0 or rules == "epsilon_gamma_box"
+    assert whole[4].abs().sum() > 0 or rules == "conv_flat"

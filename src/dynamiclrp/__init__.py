@@ -10,7 +10,7 @@ from .api import Explainer, explain, relevance
 from .coverage import coverage
 from .dataset import attribute_dataset
 from .errors import (ConditionError, DynamicLRPError, GraphFreedError, RuleError, UnsupportedOperationError,
-                     ValueUnavailableError)
+                     UnsupportedTensorError, UnusedInputError, ValueUnavailableError)
 from .core.ledger import Ledger, Sink
 from .core.results import Explanation
 from .rules import RuleSet
@@ -19,6 +19,7 @@ from .version import __version__
 
 __all__ = [
     "ConditionError", "DynamicLRPError", "Explainer", "Explanation", "GraphFreedError", "LRP", "Ledger", "RuleError",
-    "RuleSet", "Sink", "UnsupportedOperationError", "ValueUnavailableError", "attribute_dataset", "concepts",
-    "conditions", "coverage", "explain", "presets", "relevance", "rules", "__version__",
+    "RuleSet", "Sink", "UnsupportedOperationError", "UnsupportedTensorError", "UnusedInputError",
+    "ValueUnavailableError", "attribute_dataset", "concepts", "conditions", "coverage", "explain", "presets",
+    "relevance", "rules", "__version__",
 ]

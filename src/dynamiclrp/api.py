@@ -15,12 +15,15 @@ from .presets import Rules, resolve
 Tensor = torch.Tensor
 #: a tensor whose relevance is wanted: a tensor of the graph, or an autograd graph edge
 InputLike = Tensor | torch.autograd.graph.GradientEdge
+#: starting relevance: one tensor (or number, or ``None`` for the default) per output, or one number for all
+Seeds = Tensor | float | Sequence[Tensor | float | None] | None
 
 
 def relevance(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[InputLike],
-              seeds: Tensor | Sequence[Tensor | None] | None = None, *, rules: Rules = None,
+              seeds: Seeds = None, *, rules: Rules = None,
               model: torch.nn.Module | None = None, conditions: Conditions | None = None,
-              exclude_parallel: bool = True, create_graph: bool = False) -> tuple[Tensor, ...]:
+              exclude_parallel: bool = True, create_graph: bool = False,
+              allow_unused: bool = False) -> tuple[Tensor, ...]:
     """Layer-wise Relevance Propagation relevance of ``inputs`` for ``outputs``, like ``torch.autograd.grad``.
 
     The autograd graph of an ordinary forward pass is walked operation by operation from ``outputs`` to
@@ -37,9 +40,11 @@ def relevance(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[I
     inputs : Tensor or sequence of Tensor
         Tensors whose relevance is wanted: leaves that require grad (inputs, parameters) or intermediate tensors
         of the same graph (e.g. input embeddings).
-    seeds : Tensor or sequence of (Tensor or None), optional
-        Starting relevance of each output, same shape. Default: the outputs' own values, so that with a
-        conservative rule set the input relevance sums to the explained outputs.
+    seeds : Tensor, number or sequence of (Tensor, number or None), optional
+        Starting relevance of each output, same shape (a number: that value at every element, e.g. ``seeds=1.0``).
+        Default: the outputs' own values, so that with a conservative rule set the input relevance sums to the
+        explained outputs. Explaining a whole logits matrix with the default seed explains the *sum* of all its
+        classes and raises a warning: select the class (``logits[:, c]``) or pass the seeds explicitly.
     rules : None, str or RuleSet, optional
         ``None`` for the default (:func:`dynamiclrp.presets.epsilon`), a preset name (``"epsilon"``,
         ``"zero"``, ``"attnlrp"``, ``"cplrp"``, ``"paper"``, ``"epsilon_plus"``...) or a
@@ -65,18 +70,25 @@ def relevance(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[I
         to the inputs and the model's parameters (those that require grad) and can be part of a training loss —
         explanation-guided learning, e.g. "right for the right reasons" (Ross et al. 2017, IJCAI). Costs about
         one more backward pass when differentiated.
+    allow_unused : bool, optional
+        Like ``torch.autograd.grad``: an input that is not in the graph of ``outputs`` (a copy of the tensor the
+        model saw, a slice taken after the forward pass, a tensor the outputs do not depend on) raises
+        :class:`UnusedInputError` by default; with ``allow_unused=True`` its relevance is zeros.
 
     Returns
     -------
     tuple of Tensor
-        One tensor per input, with the input's shape, dtype and device. Inputs the outputs do not depend on get
-        zeros. Detached, unless ``create_graph=True``.
+        One tensor per input, with the input's shape, dtype and device. Detached, unless ``create_graph=True``.
 
     Raises
     ------
     UnsupportedOperationError
         A node type without a rule (e.g. a custom ``torch.autograd.Function``): register one with
         ``RuleSet.with_ops``.
+    UnusedInputError
+        An input is not in the graph of the outputs (and ``allow_unused`` is false).
+    UnsupportedTensorError
+        A sparse or complex output, input or seed.
     GraphFreedError
         The graph's saved tensors were freed by an earlier ``backward()``.
 
@@ -92,18 +104,20 @@ def relevance(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[I
     ruleset = resolve(rules)
     conds = resolve_conditions(outputs, conditions, model or ruleset.model, ruleset)
     return compute(outputs, inputs, seeds, rules=ruleset, ledger=False, model=model, conditions=conds,
-                   exclude_parallel=exclude_parallel, create_graph=create_graph).relevance
+                   exclude_parallel=exclude_parallel, create_graph=create_graph,
+                   allow_unused=allow_unused).relevance
 
 
 def explain(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[InputLike],
-            seeds: Tensor | Sequence[Tensor | None] | None = None, *, rules: Rules = None, ledger: bool = True,
+            seeds: Seeds = None, *, rules: Rules = None, ledger: bool = True,
             model: torch.nn.Module | None = None, trace_promises: bool = False, conditions: Conditions | None = None,
-            exclude_parallel: bool = True, create_graph: bool = False, values: bool = False) -> Explanation:
+            exclude_parallel: bool = True, create_graph: bool = False, values: bool = False,
+            allow_unused: bool = False) -> Explanation:
     """Like :func:`relevance`, returning an :class:`~dynamiclrp.core.results.Explanation` with the ledger.
 
     Parameters
     ----------
-    outputs, inputs, seeds, rules
+    outputs, inputs, seeds, rules, allow_unused
         As in :func:`relevance`.
     ledger : bool, optional
         Account for every unit of seed relevance: requested inputs, or named sinks (biases, unrequested leaves,
@@ -128,7 +142,7 @@ def explain(outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[Inp
     conds = resolve_conditions(outputs, conditions, model or ruleset.model, ruleset)
     return compute(outputs, inputs, seeds, rules=ruleset, ledger=ledger, model=model,
                    trace_promises=trace_promises, conditions=conds, exclude_parallel=exclude_parallel,
-                   create_graph=create_graph, values=values)
+                   create_graph=create_graph, values=values, allow_unused=allow_unused)
 
 
 class Explainer:
@@ -165,23 +179,26 @@ class Explainer:
         self._cache = PlanCache(cache_size)
 
     def relevance(self, outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[InputLike],
-                  seeds: Tensor | Sequence[Tensor | None] | None = None, *, conditions: Conditions | None = None,
-                  exclude_parallel: bool = True, create_graph: bool = False) -> tuple[Tensor, ...]:
+                  seeds: Seeds = None, *, conditions: Conditions | None = None,
+                  exclude_parallel: bool = True, create_graph: bool = False,
+                  allow_unused: bool = False) -> tuple[Tensor, ...]:
         """:func:`relevance` with this explainer's rules and plan cache."""
         conds = resolve_conditions(outputs, conditions, self.model or self.rules.model, self.rules)
         return compute(outputs, inputs, seeds, rules=self.rules, ledger=False, model=self.model,
                        cache=self._cache, conditions=conds, exclude_parallel=exclude_parallel,
-                       create_graph=create_graph).relevance
+                       create_graph=create_graph, allow_unused=allow_unused).relevance
 
     def explain(self, outputs: Tensor | Sequence[Tensor], inputs: InputLike | Sequence[InputLike],
-                seeds: Tensor | Sequence[Tensor | None] | None = None, *, ledger: bool = True,
+                seeds: Seeds = None, *, ledger: bool = True,
                 trace_promises: bool = False, conditions: Conditions | None = None, exclude_parallel: bool = True,
-                create_graph: bool = False, values: bool = False) -> Explanation:
+                create_graph: bool = False, values: bool = False,
+                allow_unused: bool = False) -> Explanation:
         """:func:`explain` with this explainer's rules and plan cache."""
         conds = resolve_conditions(outputs, conditions, self.model or self.rules.model, self.rules)
         return compute(outputs, inputs, seeds, rules=self.rules, ledger=ledger, model=self.model,
                        trace_promises=trace_promises, cache=self._cache, conditions=conds,
-                       exclude_parallel=exclude_parallel, create_graph=create_graph, values=values)
+                       exclude_parallel=exclude_parallel, create_graph=create_graph, values=values,
+                       allow_unused=allow_unused)
 
     def cache_info(self) -> dict[str, int]:
         """``{"hits", "misses", "plans", "size"}`` of the plan cache."""

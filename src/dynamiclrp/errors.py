@@ -22,6 +22,16 @@ class ValueUnavailableError(DynamicLRPError):
     """A rule needs a forward value that can neither be read from the graph nor rebuilt from it."""
 
 
+class UnusedInputError(DynamicLRPError, ValueError):
+    """A requested input is not in the graph of the outputs (a copy, a slice taken after the forward pass, a tensor
+    the outputs do not depend on). ``torch.autograd.grad`` raises here too; pass ``allow_unused=True`` to get zeros
+    for such inputs instead."""
+
+
+class UnsupportedTensorError(DynamicLRPError, TypeError):
+    """An output, input or seed is a kind of tensor relevance is not defined for: sparse or complex."""
+
+
 class RuleError(DynamicLRPError):
     """A rule, rule set or preset was configured with invalid values or keys."""
 
@@ -46,6 +56,15 @@ class TargetError(DynamicLRPError):
 
 class StoreError(DynamicLRPError):
     """A relevance store cannot be used for this job (written by a different job, not a relevance store...)."""
+
+
+class PropertyFailure(DynamicLRPError, AssertionError):
+    """A property every explanation must have does not hold for a fuzzed graph (:mod:`dynamiclrp.testing.fuzz`);
+    ``kind`` names which (for counting), the message holds the case to reproduce it."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
 
 
 class MissingExtraError(DynamicLRPError, ImportError):

@@ -749,7 +749,8 @@ def _run(model: nn.Module, enc: dict[str, Tensor], dec: dict[str, Tensor] | None
 
 def _relevance(outputs: Tensor, fwd: _Forward, rules: Any, ledger: bool, model: nn.Module
                ) -> tuple[list[Tensor], Ledger | None]:
-    ex = _explain(outputs, list(fwd.embeddings), rules=rules, ledger=ledger, model=model)
+    # the helper chose the embeddings (encoder and decoder): an output need not depend on both
+    ex = _explain(outputs, list(fwd.embeddings), rules=rules, ledger=ledger, model=model, allow_unused=True)
     return list(ex.relevance), ex.ledger
 
 

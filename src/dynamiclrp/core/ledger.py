@@ -30,7 +30,8 @@ Tensor = torch.Tensor
 SINK_KINDS = {
     "bias": "bias terms of linear, convolution and normalisation ops (the ε rule's bias sink)",
     "leaf": "leaves that were not requested: parameters, buffers that require grad, unrequested inputs",
-    "constant": "operands that do not require grad (masks, scalars, frozen tensors)",
+    "constant": "operands that do not require grad (masks, scalars, frozen tensors, masked_fill's fill value)",
+    "padding": "relevance sent to the border of a constant padding (F.pad, ZeroPad2d): the fill value's share",
     "stabilizer": "the ε stabilizer of z-rules (relevance absorbed by z + ε·sign(z))",
     "rule": "rules that do not conserve by design (softmax rule, identity rule at a zero input, γ/α-β...)",
     "conversion": "explicit relevance on a zero activation, which gradient form cannot carry",
@@ -305,7 +306,8 @@ def settle(step: "Step", run: "Run", t_out: Any, t_ins: list[Any], outs: list[Ms
     if conservative:
         if not unknown:
             if has_const or carried:
-                book.book("constant", label, t_out if known is None else t_out - known)
+                book.book(step.constant_kind if not carried else "constant", label,
+                          t_out if known is None else t_out - known)
         elif len(unknown) == 1:
             # the one input we cannot measure gets what exact conservation leaves; if this node also sent
             # relevance to constants, that share travels inside the derived total and is booked, measured,

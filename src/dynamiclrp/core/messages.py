@@ -48,10 +48,14 @@ class Msg:
             self.r = other.r if self.r is None else self.r + other.r
 
     def explicit(self, value: Tensor | None) -> Tensor | None:
-        """The relevance this message stands for at a slot whose forward value is ``value``: ``g·value + r``."""
+        """The relevance this message stands for at a slot whose forward value is ``value``: ``g·value + r``.
+
+        Where ``g`` is 0 no relevance arrived, whatever the value: a NaN or infinite input that the model masks out
+        (``torch.where(torch.isnan(x), 0, x)``) gets relevance 0 there, not ``NaN · 0``."""
         out = None
         if self.g is not None:
-            out = self.g * value
+            out = torch.where(self.g == 0, torch.zeros((), dtype=self.g.dtype, device=self.g.device),
+                              self.g * value)
         if self.r is not None:
             out = self.r if out is None else out + self.r
         return out

@@ -125,18 +125,31 @@ class Planner:
     def _activation_flags(self, sources: set[int]) -> list[bool]:
         """Per slot: does the forward value depend on the data rather than on parameters alone?
 
-        Activation sources are data leaves (tensors that require grad but are not ``nn.Parameter``), lookups whose
-        indices are data (registry rows with ``data_lookup``: embeddings) and requested non-parameter tensors.
-        Product rules treat operands that are not activations (weights, parameter-only subgraphs, constants) as
-        constants. The flags are a property of the graph, not of which tensors are requested, so requesting more
-        inputs never changes the relevance of the others.
+        Activation sources are data leaves, lookups whose indices are data (registry rows with ``data_lookup``:
+        embeddings) and requested non-parameter tensors. A leaf is data unless it is a parameter: an
+        ``nn.Parameter``, or a plain tensor *used as one* (:meth:`_weights_by_use`: the weights of
+        ``torch.func.functional_call``). Product rules treat operands that are not activations (weights,
+        parameter-only subgraphs, constants) as constants. The flags are a property of the graph and of which
+        tensors the caller declares data by requesting them.
         """
+        weights = self._weights_by_use(sources)
+        active = self._flags(sources, weights)
+        if weights:
+            # a plain tensor is a weight only where the other operand carries data (x @ W, conv(x, W)); a product
+            # of two such tensors with no data in it (A @ B) keeps both as data
+            wrong = {i for i in weights if not self._other_operand_active(i, active)}
+            if wrong:
+                active = self._flags(sources, weights - wrong)
+        self.weights_by_use = weights
+        return active
+
+    def _flags(self, sources: set[int], weights: set[int]) -> list[bool]:
         g = self.graph
         active = [False] * len(g.slot_node)
         for i in reversed(g.order):  # producers before consumers
             spec = self.specs[i]
             if spec is not None and spec.family == "leaf":
-                a = not isinstance(leaf_tensor(g.nodes[i]), torch.nn.Parameter)
+                a = not isinstance(leaf_tensor(g.nodes[i]), torch.nn.Parameter) and i not in weights
             elif spec is not None and spec.data_lookup:
                 a = True
             else:
@@ -148,6 +161,76 @@ class Planner:
             for s in g.slots_of(i):
                 active[s] = a or s in sources
         return active
+
+    def _layer_uses(self, i: int) -> list[tuple[int, int]] | None:
+        """Where leaf ``i`` is used, through views: ``(node, input position)`` pairs, each a place where a model's
+        parameter goes — an operand or the bias of a ``linear``/``conv`` op (kernels with ``operands`` and
+        ``bias_pos``), an operand of an element-wise product, the weight or bias of a normalisation, the table of an
+        embedding lookup, an addend — or ``None`` if it is used any other way."""
+        g = self.graph
+        uses: list[tuple[int, int]] = []
+        todo = [g.slot_base[i]]
+        seen = 0
+        while todo:
+            s = todo.pop()
+            for c, pos in g.consumers[s]:
+                seen += 1
+                if seen > 64:
+                    return None
+                spec = self.specs[c]
+                if spec is None:
+                    return None
+                if spec.family in ("linear", "conv"):
+                    k = spec.kernel
+                    if pos in getattr(k, "operands", ()) or pos == getattr(k, "bias_pos", None):
+                        uses.append((c, pos))
+                        continue
+                    return None
+                if ((spec.family == "product" and spec.elementwise == "binary" and pos in (0, 1))
+                        or (spec.family == "norm" and pos >= 1) or (spec.family == "embedding" and pos == 0)
+                        or (spec.family == "add" and spec.elementwise == "binary")):
+                    uses.append((c, pos))
+                    continue
+                if spec.view and sum(1 for e in g.edges[c] if e >= 0) == 1 and (g.n_out[c] or 1) == 1:
+                    todo.append(g.slot_base[c])
+                    continue
+                return None
+        return uses or None
+
+    def _weights_by_use(self, sources: set[int]) -> set[int]:
+        """Leaves holding plain tensors (not ``nn.Parameter``, not requested) that are used only as operands or
+        biases of linear/convolution ops: candidates for weights passed as plain tensors."""
+        g = self.graph
+        found: set[int] = set()
+        self._uses: dict[int, list[tuple[int, int]]] = {}
+        for i, t in enumerate(g.types):
+            if t != "AccumulateGrad" or g.slot_base[i] in sources:
+                continue
+            if isinstance(leaf_tensor(g.nodes[i]), torch.nn.Parameter):
+                continue
+            uses = self._layer_uses(i)
+            if uses is not None:
+                found.add(i)
+                self._uses[i] = uses
+        return found
+
+    def _other_operand_active(self, i: int, active: list[bool]) -> bool:
+        """Whether every use of leaf ``i`` meets data: the other operand of a layer op, a product or a sum is an
+        activation (a normalisation's weight or an embedding table qualify by their place alone)."""
+        g = self.graph
+        for c, pos in self._uses[i]:
+            spec = self.specs[c]
+            edges = g.edges[c]
+            if spec.family in ("linear", "conv"):
+                ops = tuple(getattr(spec.kernel, "operands", ()))
+                others = [ops[1 - ops.index(pos)]] if pos in ops else list(ops)  # a bias: any data operand
+            elif spec.family in ("product", "add"):  # a factor or an addend of data (a scale, a bias)
+                others = [1 - pos]
+            else:
+                continue
+            if not any(0 <= o < len(edges) and edges[o] >= 0 and active[edges[o]] for o in others):
+                return False
+        return True
 
     def _needed_below(self) -> list[bool]:
         """Per node: does some requested slot lie strictly below it (so its rule must run)?"""
@@ -175,6 +258,7 @@ class Planner:
         clone.resolver = copy.copy(self.resolver)
         clone.resolver.graph = graph  # type: ignore[assignment]
         clone.resolver.recipes = dict(self.resolver.recipes)
+        clone.resolver.fallbacks = dict(self.resolver.fallbacks)
         clone.resolver.params = None if model is None else ModelParams(model)
         clone.analyses = {}
         clone._labels = {}
@@ -196,7 +280,8 @@ class Planner:
         return self.resolver.request_const(node, pos)
 
     def can_value(self, slot: int) -> bool:
-        """Whether the full value of ``slot`` can be obtained (without requesting it)."""
+        """Whether the full value of ``slot`` can be obtained (without requesting it; a rule that must have it can
+        still get a last resort from :meth:`need_value`: :meth:`PromiseResolver.request`)."""
         return available(self.resolver.recipe(slot))
 
     def can_support(self, slot: int) -> bool:

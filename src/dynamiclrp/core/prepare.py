@@ -6,12 +6,13 @@ sources, and every tensor the caller holds (the Promise System's ``Known`` value
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
-from ..errors import ConditionError, DynamicLRPError
+from ..errors import ConditionError, DynamicLRPError, UnsupportedTensorError, UnusedInputError
 from .graph import GradientEdge, GraphView, gradient_edge
 
 Tensor = torch.Tensor
@@ -80,13 +81,18 @@ def prepare(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any,
 
     ``conditions`` are ``(tensor or GradientEdge, mask)`` pairs, each mask broadcastable to the tensor's shape
     (with a leading dimension of ``concepts`` masks when that is given). ``keep_graph`` (differentiable relevance)
-    keeps the seeds attached to the graph: the default seed is then the output itself.
+    keeps the seeds attached to the graph: the default seed is then the output itself. Inputs not in the graph get
+    the slot ``None``: :func:`check_unused` decides what that means.
     """
     outs = as_tuple(outputs, "outputs")
     ins = as_tuple(inputs, "inputs", edges_ok=True)
     for k, o in enumerate(outs):
+        _check_kind(o, f"outputs[{k}]")
         if o.grad_fn is None:
             raise DynamicLRPError(_no_graph_message(k, o))
+    for k, t in enumerate(ins):
+        if isinstance(t, torch.Tensor):
+            _check_kind(t, f"inputs[{k}]")
     seed_tensors = _seeds(outs, seeds, keep_graph)
     graph = GraphView([(o.grad_fn, o.output_nr) for o in outs])
     held: list[Tensor | None] = [o for o in outs] + [None if isinstance(t, GradientEdge) else t for t in ins]
@@ -130,12 +136,68 @@ def prepare(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any,
                     conds)
 
 
+def check_unused(call: Prepared, allow_unused: bool) -> None:
+    """An input that is not in the graph of the outputs (a copy of the tensor the model saw, a slice taken after the
+    forward pass, a tensor the outputs do not depend on) raises :class:`UnusedInputError`, as ``torch.autograd.grad``
+    does, unless ``allow_unused`` (then its relevance is zeros)."""
+    if not isinstance(allow_unused, bool):
+        raise TypeError(f"allow_unused must be True or False, got {allow_unused!r}")
+    if allow_unused:
+        return
+    unused = [k for k, slot in enumerate(call.input_slots) if slot is None]
+    if unused:
+        raise UnusedInputError(_unused_message(unused, call.inputs))
+
+
+def _check_kind(t: Tensor, what: str) -> None:
+    """Refuse tensors relevance is not defined for (sparse, complex), before anything else fails on them."""
+    if t.layout != torch.strided:
+        raise UnsupportedTensorError(
+            f"{what} is a {str(t.layout).replace('torch.', '')} tensor; dynamiclrp explains dense (strided) tensors "
+            "only. Convert it with .to_dense() before the forward pass (and pass that dense tensor as the input).")
+    if t.is_complex():
+        raise UnsupportedTensorError(
+            f"{what} is complex ({t.dtype}); relevance is defined for real-valued tensors only (an explanation splits "
+            "a real output into real contributions). Explain a real-valued output of real-valued inputs: e.g. pass "
+            "the real and imaginary parts as a real tensor (torch.view_as_real(z), or z.real and z.imag) into the "
+            "model, and explain a real output such as z.abs() or z.real.")
+
+
+def _unused_message(unused: list[int], ins: tuple[Any, ...]) -> str:
+    which = ", ".join(f"inputs[{k}]" for k in unused)
+    verb = "is" if len(unused) == 1 else "are"
+    hint = ""
+    for k in unused:
+        t = ins[k]
+        if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+            hint = (f" inputs[{k}] was computed from a tensor of the graph ({type(t.grad_fn).__name__}) but is not "
+                    "itself part of it: a slice or copy taken after the forward pass (e.g. x[0]) is a new tensor. "
+                    "Pass the tensor the model saw and index the result instead (relevance(out, x)[0][0]).")
+            break
+    return (f"{which} {verb} not in the graph of the outputs, so no relevance can reach {'it' if verb == 'is' else 'them'} "
+            "(torch.autograd.grad raises here too). A copy (x.clone(), x.detach(), a tensor preprocessed again) or a "
+            "slice taken after the forward pass is a different tensor: pass the tensor that went into the model, or "
+            f"an intermediate tensor of the forward pass.{hint} To get zeros for inputs the outputs do not depend "
+            "on, pass allow_unused=True.")
+
+
+def _is_number(s: Any) -> bool:
+    return isinstance(s, numbers.Real) and not isinstance(s, bool)
+
+
 def _seed_list(outs: tuple[Tensor, ...], seeds: Any) -> list[Any]:
+    """One entry per output. A Python number is the seed of every element of every output (``seeds=1.0``: each
+    output element starts with relevance 1)."""
     if seeds is None:
         return [None] * len(outs)
+    if _is_number(seeds):
+        return [seeds] * len(outs)
     if isinstance(seeds, torch.Tensor):
         return [seeds]
-    return list(seeds)
+    if isinstance(seeds, (list, tuple)):
+        return list(seeds)
+    raise TypeError(f"seeds must be None, a number, a tensor, or a sequence of those (one per output), got "
+                    f"{type(seeds).__name__}")
 
 
 def _condition_slot(graph: GraphView, key: Any, k: int) -> tuple[int, torch.Size]:
@@ -181,9 +243,14 @@ def _seeds(outs: tuple[Tensor, ...], seeds: Any, keep_graph: bool = False) -> li
     for k, (o, s) in enumerate(zip(outs, seed_list)):
         if s is None:
             s = o if keep_graph else o.detach()
+        elif _is_number(s):
+            if s != s or s in (float("inf"), float("-inf")):
+                raise ValueError(f"seeds[{k}] is {s}; a seed must be finite")
+            s = torch.full_like(o.detach(), float(s), memory_format=torch.contiguous_format)
         else:
             if not isinstance(s, torch.Tensor):
-                raise TypeError(f"seeds[{k}] must be a tensor or None")
+                raise TypeError(f"seeds[{k}] must be a tensor, a number or None, got {type(s).__name__}")
+            _check_kind(s, f"seeds[{k}]")
             if s.shape != o.shape:
                 raise ValueError(f"seeds[{k}] has shape {tuple(s.shape)} but outputs[{k}] has shape "
                                  f"{tuple(o.shape)}; a seed is the starting relevance of every output element")

@@ -167,12 +167,15 @@ class Unview(Recipe):
 
 class Total(Recipe):
     """The full value of ``slot`` recovered *upwards*: an addend of a sum whose output and other addend are both
-    known in full (``h = sum − other``, e.g. a residual stream from the normalisation layer that saved the sum)."""
+    known in full (``h = sum − other``, e.g. a residual stream from the normalisation layer that saved the sum), or
+    the input of an invertible element-wise op that saved its output (``x = logit(sigmoid(x))``), checked to be exact
+    everywhere when evaluated."""
 
-    __slots__ = ("part",)
+    __slots__ = ("slot", "part")
 
-    def __init__(self, slot: int, part: "SumPart"):
+    def __init__(self, slot: int, part: "Part"):
         super().__init__(slot)
+        self.slot = slot
         self.part = part
 
     def children(self) -> tuple[Recipe, ...]:
@@ -357,14 +360,36 @@ class PromiseResolver:
         self.known = known
         self.params = params
         self.recipes: dict[Hashable, Recipe] = {}
+        self.fallbacks: dict[int, Recipe] = {}  # last-resort full values, for the rules that requested them
         self.requests: dict[Hashable, int] = {}  # recipe key -> number of rule requests (for freeing)
         self._upward_busy: set[int] = set()  # slots whose value is being recovered from their consumers
         self._support_busy: set[int] = set()
 
     # -- what rules call ----------------------------------------------------------------------------------
     def request(self, slot: int) -> Recipe:
-        """Register that a rule will read the full value of ``slot`` once per run; returns its recipe."""
-        return self._count(self.recipe(slot))
+        """Register that a rule will read the full value of ``slot`` once per run; returns its recipe.
+
+        When nothing else gives the value, a last resort: the input of an invertible element-wise consumer that
+        saved its output (``x = logit(sigmoid(x))``), checked when evaluated to be exact everywhere (not saturated).
+        It serves this request only — no other recipe is built on it, and :meth:`recipe` does not offer it — so
+        rules that can do without the value are not steered towards a value that may fail at run time."""
+        recipe = self.recipe(slot)
+        if not available(recipe):
+            fallback = self.fallbacks.get(slot) or self._inverse_fallback(slot)
+            if fallback is not None:
+                self.fallbacks[slot] = fallback
+                recipe = fallback
+        return self._count(recipe)
+
+    def _inverse_fallback(self, s: int) -> Recipe | None:
+        g = self.graph
+        for c, pos in g.consumers[s]:
+            spec = self.specs[c]
+            k = spec.kernel if spec is not None else None
+            if (getattr(k, "inverse", None) is not None and getattr(k, "from_output", None) is not None
+                    and saved(g.nodes[c], k.y_field) is not None):
+                return Total(s, InversePart(s, c, pos))
+        return None
 
     def request_support(self, slot: int) -> Recipe:
         """Register that a rule will read the value of ``slot`` on its support once per run."""
@@ -614,11 +639,15 @@ class PromiseResolver:
         """A recipe of the value of ``slot`` valid wherever gradient-form relevance can reach it: the full value
         when there is one, else a :class:`Support` walk over the slot's consumers."""
         full = self.recipe(slot)
-        if available(full) and not self.avoid(full):
+        # an inverse of a saved output is exact only where the op did not saturate: on the support, that is enough
+        inverse = inverted(full)
+        if available(full) and not inverse and not self.avoid(full):
             return full
         walk = self._support(slot, 0)
-        if available(full) and (not available(walk) or self.avoid(walk)):
-            return full  # recomputing a matrix product beats a walk that recomputes one too
+        if available(full) and not inverse and (not available(walk) or self.avoid(walk) or _inverts(walk)):
+            # recomputing a matrix product beats a walk that recomputes one too, or that inverts a saved output
+            # (exact only where the op is well conditioned, while the op's rule may pass relevance everywhere)
+            return full
         return walk
 
     def _support(self, slot: int, depth: int) -> Recipe:
@@ -801,7 +830,10 @@ class ValueStore:
         ValueUnavailableError
             When the graph holds no way to obtain it (e.g. an activation only a frozen layer consumed).
         """
-        return self._get(self.resolver.recipe(slot), origin)
+        recipe = self.resolver.recipe(slot)
+        if not available(recipe):
+            recipe = self.resolver.fallbacks.get(slot, recipe)
+        return self._get(recipe, origin)
 
     def get_support(self, slot: int, origin: str = "") -> tuple[torch.Tensor, Mask]:
         """The value of ``slot`` on its support and the mask where it is exact (``None``: everywhere); zero
@@ -900,7 +932,14 @@ class ValueStore:
             meta = g.meta(rec.key)
             return out if out.dtype == meta[1] else out.to(meta[1])
         if isinstance(rec, Total):
-            return local[rec.part.key][0]
+            v, m = local[rec.part.key]
+            if m is not None:  # an inverse: exact where the op did not saturate, checked after the loop
+                self.checks.add(~m.all(), lambda: ValueUnavailableError(
+                    f"The forward value of output {g.slot_nr[rec.slot]} of {g.describe(g.slot_node[rec.slot])} is "
+                    f"needed in full, but the graph holds it only through {g.describe(rec.part.node)}'s saved output, "
+                    "which cannot be inverted where it saturates (e.g. a sigmoid at exactly 0 or 1). Choose a rule "
+                    "that does not need this value, or explain in float64."))
+            return v
         if isinstance(rec, Support):
             v, m = _combine([local[p.key] for p in rec.parts], g.meta(rec.slot))
             if rec.missing:
@@ -1059,6 +1098,26 @@ class ValueStore:
         return pre, depth[recipe.key]
 
 
+def inverted(recipe: Recipe) -> bool:
+    """Whether ``recipe`` is a full value read back through an invertible op's saved output (exact only where the
+    op did not saturate; checked when evaluated)."""
+    return isinstance(recipe, Total) and isinstance(recipe.part, InversePart)
+
+
+def _inverts(recipe: Recipe) -> bool:
+    """Whether ``recipe`` reads a value by inverting an element-wise op's saved output somewhere."""
+    stack, seen = [recipe], set()
+    while stack:
+        r = stack.pop()
+        if r.key in seen:
+            continue
+        seen.add(r.key)
+        if isinstance(r, InversePart):
+            return True
+        stack.extend(r.children())
+    return False
+
+
 def _vm(value: Any) -> tuple[Tensor, Mask]:
     return value if isinstance(value, tuple) else (value, None)
 
@@ -1074,8 +1133,10 @@ def _ones_or(mask: Mask, like: Tensor) -> Tensor:
 def _masked_mean(num: Tensor, cnt: Tensor, shape: torch.Size, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Values summed over copies (``num``) divided by their number (``cnt``), reduced to ``shape`` the way a
     broadcast is: ``(value, mask)`` with the value 0 where nothing was known."""
+    if cnt.shape != num.shape:
+        cnt = cnt.expand_as(num)
     num = fit_to(num, shape)
-    cnt = fit_to(cnt.expand_as(num) if cnt.shape != num.shape else cnt, shape)
+    cnt = fit_to(cnt, shape)
     ok = cnt > 0
     v = torch.where(ok, num / torch.where(ok, cnt, 1), 0)
     return v.to(dtype), ok

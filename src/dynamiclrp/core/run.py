@@ -8,6 +8,7 @@ the ledger, when asked for, watches the loop (:class:`~dynamiclrp.core.ledger.Le
 """
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -18,7 +19,7 @@ from .ledger import Ledger, LedgerObserver
 from .messages import Msg, finite_sum, safe_div
 from .params import ModelParams
 from .plan import PlanCache, Planner
-from .prepare import Prepared, prepare
+from .prepare import Prepared, check_unused, prepare
 from .promises import ValueStore
 from .results import Explanation
 
@@ -89,20 +90,26 @@ class Run:
         ``None`` when the op had no such operand."""
         return self.values.get_const(node, pos, origin)
 
+    def value_under(self, slot: int, r: Tensor, origin: str = "") -> Tensor:
+        """The value of ``slot`` wherever the explicit relevance ``r`` lies: the full value when there is one,
+        else the value on the support, with a check (read after the loop) that ``r`` is zero where that is not
+        exact."""
+        if self.planner.can_value(slot):
+            return self.value(slot, origin)
+        v, mask = self.support_masked(slot, origin)
+        if mask is not None:
+            graph = self.graph
+            self.values.checks.add((r != 0).logical_and_(~mask.expand_as(r)).any(), lambda: ValueUnavailableError(
+                f"explicit relevance reaches output {graph.slot_nr[slot]} of "
+                f"{graph.describe(graph.slot_node[slot])} where its forward value cannot be recovered "
+                "from the graph; pass model= so frozen constants can be read from the model, or choose rules "
+                "that keep relevance in gradient form there"))
+        return v
+
     def r_to_g(self, slot: int, r: Tensor) -> Tensor:
         """Turn explicit relevance at ``slot`` into gradient form by dividing by the slot's value (its value on
         the support will do when the relevance lies inside it)."""
-        if self.planner.can_value(slot):
-            v = self.value(slot, "conversion to gradient form")
-        else:
-            v, mask = self.support_masked(slot, "conversion to gradient form")
-            if mask is not None:
-                graph = self.graph
-                self.values.checks.add((r != 0).logical_and_(~mask.expand_as(r)).any(), lambda: ValueUnavailableError(
-                    f"explicit relevance reaches output {graph.slot_nr[slot]} of "
-                    f"{graph.describe(graph.slot_node[slot])} where its forward value cannot be recovered "
-                    "from the graph; pass model= so frozen constants can be read from the model, or choose rules "
-                    "that keep relevance in gradient form there"))
+        v = self.value_under(slot, r, "conversion to gradient form")
         if v.shape != r.shape:
             v = v.expand_as(r)
         g = safe_div(r, v)
@@ -162,7 +169,7 @@ def compute(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any = None, 
             cache: PlanCache | None = None, seed_messages: Sequence[Msg] | None = None,
             finish_ledger: bool = True, conditions: Sequence[tuple[Any, Tensor]] = (),
             exclude_parallel: bool = True, concepts: int | None = None, vectorize: bool = True,
-            create_graph: bool = False, values: bool = False) -> Explanation:
+            create_graph: bool = False, values: bool = False, allow_unused: bool = False) -> Explanation:
     """Run one relevance pass with the rule set ``rules`` (see :func:`dynamiclrp.explain` for the parameters);
     ``cache`` reuses plans.
 
@@ -173,19 +180,36 @@ def compute(outputs: Tensor | Sequence[Tensor], inputs: Any, seeds: Any = None, 
     pass is vectorised over the concepts (``torch.func.vmap``) where every step allows it, and repeated per
     concept otherwise (or when ``vectorize`` is false). ``create_graph`` records the pass with autograd, so the
     relevance is differentiable with respect to the inputs and parameters. ``values`` returns the forward value
-    of every requested input with the relevance (:attr:`Explanation.values`).
+    of every requested input with the relevance (:attr:`Explanation.values`). ``allow_unused``: inputs not in the
+    graph get zeros instead of an :class:`~dynamiclrp.errors.UnusedInputError`.
 
     For rules that run an inner pass on a re-expressed node: ``seed_messages`` gives the starting messages
     themselves, one per output, in the form they arrived at the node (``seeds`` must still be their explicit
     relevance, for the ledger); ``finish_ledger=False`` leaves the ledger's totals unread on the device
     (:meth:`~dynamiclrp.core.ledger.Ledger.pending`), so that the outer pass books them without a sync.
+
+    Works inside ``torch.inference_mode()`` too, for a graph recorded outside it: the pass itself runs with
+    inference mode off (it reads the graph and creates ordinary tensors).
     """
+    with torch.inference_mode(False):
+        return _compute(outputs, inputs, seeds, rules, ledger, model, trace_promises, cache, seed_messages,
+                        finish_ledger, conditions, exclude_parallel, concepts, vectorize, create_graph, values,
+                        allow_unused)
+
+
+def _compute(outputs: Any, inputs: Any, seeds: Any, rules: "RuleChooser", ledger: bool, model: torch.nn.Module | None,
+             trace_promises: bool, cache: PlanCache | None, seed_messages: Sequence[Msg] | None,
+             finish_ledger: bool, conditions: Sequence[tuple[Any, Tensor]], exclude_parallel: bool,
+             concepts: int | None, vectorize: bool, create_graph: bool, values: bool,
+             allow_unused: bool) -> Explanation:
     if concepts is not None and not conditions:
         raise ConditionError("concepts= counts the concepts along the conditions' first dimension: pass conditions")
     if concepts is not None and ledger:
         raise ValueError("a ledger is kept for one pass at a time: explain the concepts one by one "
                          "(conditions without a concept dimension) to get a ledger for each")
     call = prepare(outputs, inputs, seeds, conditions, keep_graph=create_graph, concepts=concepts)
+    check_unused(call, allow_unused)
+    _warn_whole_matrix(call, rules)
     if model is None:
         model = rules.model
     mode = torch.enable_grad() if create_graph else torch.no_grad()
@@ -294,6 +318,26 @@ def _check_chain(graph: Any, slots: list[int]) -> None:
                 "so with exclude_parallel=True (only relevance that passed every conditioned tensor goes on) the "
                 "lower one would receive nothing. Pass exclude_parallel=False, or condition on tensors that lie on "
                 "one path.")
+
+
+def _warn_whole_matrix(call: Prepared, rules: "RuleChooser") -> None:
+    """Warn when an output explained with the default seed looks like a whole logits matrix: the explanation is then
+    that of the *sum* of all its classes, which is rarely what was meant (``relevance(logits, x)``)."""
+    for k, default in enumerate(call.default_seeds):
+        if not default:
+            continue
+        o = call.outputs[k]
+        if o.dim() < 2 or o.shape[-1] < 2:
+            continue
+        spec = rules.spec_for(call.graph.types[call.graph.slot_node[call.graph.root_slots[k]]])
+        if spec is not None and spec.selection:  # logits[:, c], logits.gather(...): a chosen part
+            continue
+        warnings.warn(
+            f"outputs[{k}] has shape {tuple(o.shape)} and the default seed (its own value), so the explanation is "
+            f"that of the sum of all its {o.shape[-1]} entries along the last dimension (e.g. all classes of a "
+            "logits matrix), which is rarely what is meant. To explain class c of each row pass logits[:, c] (or "
+            "logits.gather(1, y[:, None])); to explain the sum on purpose, pass the seed explicitly "
+            "(seeds=out.detach()).", UserWarning, stacklevel=4)
 
 
 def _plan(call: Prepared, rules: "RuleChooser", ledger: bool, model: torch.nn.Module | None,

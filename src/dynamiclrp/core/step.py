@@ -126,6 +126,10 @@ class Step:
         """Whether the relevance this node sends to inputs that do not require grad is provably zero."""
         return False
 
+    #: ledger kind of the share of constant operands (``"padding"`` for a padding's fill value)
+    constant_kind = "constant"
+
+
     def book(self, run: "Run", t_out: Any, t_ins: list[Any], outs: list[Msg | None]) -> list[Any]:
         """Book this node's sinks given the relevance that arrived (``t_out``) and what it sent on
         (:func:`dynamiclrp.core.ledger.settle`: conservative steps book only the share of constant inputs,

@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..core.graph import call_backward, function_attr, saved
+from ..core.graph import call_backward, function_attr, next_edges, node_type, output_meta, saved
 from .routing import out_shape
 
 Tensor = torch.Tensor
@@ -47,6 +47,34 @@ class SumKernel:
         if self.transpose is not None:
             return self.transpose(node, s)
         return call_backward(node, [s])
+
+
+class AddKernel(SumKernel):
+    """``a + alpha·b``; knows one more thing than the sum rule: a frozen layer's bias added after a matrix product.
+
+    ``F.linear`` on a non-contiguous input of three or more dimensions runs as ``matmul`` then ``add(bias)``, so a
+    frozen bias is a constant of an ``AddBackward0`` whose other operand is a reshaped ``mm`` (or ``bmm``) with the
+    layer's weight: :meth:`companion` points the Promise System at that weight, whose module's ``bias`` it is (read
+    only with ``model=``, and only when that bias has the output's width)."""
+
+    _VIEWS = ("UnsafeViewBackward0", "ViewBackward0", "ReshapeAliasBackward0", "ExpandBackward0")
+
+    def companion(self, node: Any, pos: int) -> tuple | None:
+        edges = next_edges(node)
+        if pos not in (0, 1) or len(edges) != 2 or edges[pos][0] is not None or edges[1 - pos][0] is None:
+            return None
+        other = edges[1 - pos][0]
+        for _ in range(4):
+            if node_type(other) not in self._VIEWS:
+                break
+            nxt = next_edges(other)
+            if len(nxt) != 1 or nxt[0][0] is None:
+                return None
+            other = nxt[0][0]
+        if node_type(other) not in ("MmBackward0", "BmmBackward0"):
+            return None
+        w = saved(other, "mat2")
+        return None if w is None else (w, output_meta(node)[0].shape[-1], "weight", "bias")
 
 
 def _alpha(node) -> float:

@@ -37,9 +37,9 @@ from .linear import (AddmmKernel, BaddbmmKernel, BmmKernel, ConvKernel, GroupedM
                      LinearKernel, MmKernel, MvKernel, VdotKernel)
 from .norm import NormKernel
 from .reduce import (AFFINE_GRID, CUMPROD, GRID_SAMPLE, PROD, ROI_ALIGN, SCATTER_REDUCE, STD, VAR, VECTOR_NORM,
-                     SumKernel, _adaptive_avg_pool_nd, _alpha, _avg_pool2d, _avg_pool3d, add_forward, avg_pool_rebuild,
-                     cumsum_forward, mean_forward, nll_forward, rsub_forward, sub_forward, sum_forward,
-                     upsample_forward, vector_norm_forward)
+                     AddKernel, SumKernel, _adaptive_avg_pool_nd, _alpha, _avg_pool2d, _avg_pool3d, add_forward,
+                     avg_pool_rebuild, cumsum_forward, mean_forward, nll_forward, rsub_forward, sub_forward,
+                     sum_forward, upsample_forward, vector_norm_forward)
 from .special import (CHECKPOINT, GLU, TRILINEAR, CopySlicesKernel, CudnnRnnKernel, FusedCellKernel, LeafKernel,
                       RecurrentKernel, WeightNormKernel,
                       function_family)
@@ -120,8 +120,9 @@ def _unary(name: str) -> OpSpec:
 
 
 def _sum(forward: Callable | None, coefficients: Callable | None = None, rebuild: Callable | None = None,
-         inputs_saved: tuple = (), replay_inputs: Any = None, family: str = "add", **traits: Any) -> OpSpec:
-    return OpSpec(family, SumKernel(forward, coefficients, rebuild), rebuild=rebuild, replay=forward,
+         inputs_saved: tuple = (), replay_inputs: Any = None, family: str = "add", kernel: type = SumKernel,
+         **traits: Any) -> OpSpec:
+    return OpSpec(family, kernel(forward, coefficients, rebuild), rebuild=rebuild, replay=forward,
                   replay_inputs=replay_inputs, inputs_saved=inputs_saved, **traits)
 
 
@@ -210,6 +211,7 @@ def _routing_rows() -> dict[str, OpSpec]:
     rows: dict[str, OpSpec] = {}
     for name in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0",
                  "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "SqueezeBackward4",
+                 "SqueezeBackward5",  # in-place squeeze_(dims), met under vmap
                  "UnsqueezeBackward0", "UnsqueezeBackward1", "FlattenBackward0", "UnflattenBackward0"):
         rows[name] = _view(routing.replay_reshape, reshape=True)
     for name in ("CloneBackward0", "AliasBackward0", "ContiguousBackward0", "LiftFreshBackward0", "DetachBackward0"):
@@ -227,6 +229,7 @@ def _routing_rows() -> dict[str, OpSpec]:
     rows["FftC2RBackward0"] = OpSpec("routing", cplx(routing.replay_fft_c2r), replay=routing.replay_fft_c2r)
     rows["ToCopyBackward0"] = _view(routing.replay_to_copy, reshape=True, bijection=False)  # a cast may round
     rows["TBackward0"] = _view(routing.replay_t)
+    rows["TBackward1"] = _view(routing.replay_t)  # in-place t_()
     rows["TransposeBackward0"] = _view(routing.replay_transpose)
     rows["TransposeBackward1"] = _view(routing.replay_transpose)
     rows["PermuteBackward0"] = _view(routing.replay_permute)
@@ -247,6 +250,8 @@ def _routing_rows() -> dict[str, OpSpec]:
     rows["FlipBackward0"] = _routing(routing.replay_flip)
     rows["RollBackward0"] = _routing(routing.replay_roll)
     rows["WhereBackward0"] = _routing(routing.replay_where, replay_inputs=(0, 1))
+    # F.pad(mode="constant") keeps only the padding sizes, not the fill value: where no consumer saved the padded
+    # tensor (a convolution does) it is replayed with F.pad's default fill, 0 (README, "Known limits")
     rows["ConstantPadNdBackward0"] = _routing(routing.replay_constant_pad)
     rows["MaskedFillBackward0"] = _routing()
     rows["MaskedFillBackward1"] = _routing()
@@ -257,20 +262,29 @@ def _routing_rows() -> dict[str, OpSpec]:
     rows["IndexAddBackward0"] = _routing(selection=False)
     rows["NativeDropoutBackward0"] = _routing(selection=False, view=True)
     rows["UnfoldBackward0"] = _routing()
-    rows["Im2ColBackward0"] = _routing()
+    rows["Im2ColBackward0"] = _routing(routing.replay_im2col)
     rows["Col2ImBackward0"] = _routing(selection=False)
-    for name in ("PixelShuffleBackward0", "PixelUnshuffleBackward0", "UpsampleNearest1DBackward0",
-                 "UpsampleNearest2DBackward0", "UpsampleNearest3DBackward0", "UpsampleNearestExact1DBackward0",
-                 "UpsampleNearestExact2DBackward0", "UpsampleNearestExact3DBackward0", "ReflectionPad1DBackward0",
-                 "ReflectionPad2DBackward0", "ReplicationPad1DBackward0", "ReplicationPad2DBackward0"):
-        rows[name] = _routing()
+    rows["PixelShuffleBackward0"] = _routing(routing.replay_pixel_shuffle)
+    rows["PixelUnshuffleBackward0"] = _routing(routing.replay_pixel_unshuffle)
+    for name, op in (("UpsampleNearest1DBackward0", "upsample_nearest1d"),
+                     ("UpsampleNearest2DBackward0", "upsample_nearest2d"),
+                     ("UpsampleNearest3DBackward0", "upsample_nearest3d"),
+                     ("UpsampleNearestExact1DBackward0", "_upsample_nearest_exact1d"),
+                     ("UpsampleNearestExact2DBackward0", "_upsample_nearest_exact2d"),
+                     ("UpsampleNearestExact3DBackward0", "_upsample_nearest_exact3d")):
+        rows[name] = _routing(routing.replay_upsample_nearest(op))
+    # reflection and replication padding save their input: rebuilt from it (every output element is a copy)
+    for name, mode in (("ReflectionPad1DBackward0", "reflect"), ("ReflectionPad2DBackward0", "reflect"),
+                       ("ReplicationPad1DBackward0", "replicate"), ("ReplicationPad2DBackward0", "replicate")):
+        rows[name] = OpSpec("routing", routing.RoutingKernel(routing.replay_pad(mode)), inputs_saved=((0, "self"),),
+                            rebuild=routing.rebuild_pad(mode), replay=routing.replay_pad(mode), selection=True)
     for name in ("TopkBackward0", "SortBackward0", "KthvalueBackward0"):
         rows[name] = _routing(routing.replay_take_indices)
     for name in ("AsStridedBackward0", "AsStridedBackward1"):
         rows[name] = _routing(routing.replay_as_strided)
     # winner-take-all maxima: the gradient routes everything to the arg-max
-    rows["MaxBackward0"] = _routing()
-    rows["MinBackward0"] = _routing()
+    rows["MaxBackward0"] = _routing(routing.replay_take_indices)  # max(dim): the input at the saved indices
+    rows["MinBackward0"] = _routing(routing.replay_take_indices)
     for name in ("MaxBackward1", "MinBackward1", "AmaxBackward0", "AminBackward0"):  # they keep their result
         rows[name] = OpSpec("routing", routing.RoutingKernel(), results=((0, "result"),), inputs_saved=((0, "self"),),
                             selection=True, reduction=name in ("MaxBackward1", "AmaxBackward0"))
@@ -287,6 +301,12 @@ def _routing_rows() -> dict[str, OpSpec]:
                             rebuild=routing.rebuild_take_flat_indices, replay=routing.replay_take_flat_indices, selection=True)
     rows["EmbeddingBackward0"] = OpSpec("embedding", routing.EmbeddingKernel(), replay=_embedding_replay,
                                         replay_inputs=(0,), selection=True, data_lookup=True)
+    # full backward hooks (register_full_backward_hook): each output is its input. The rule routes through the
+    # node's own backward, called directly, so the hooks (which only the autograd engine runs) never fire
+    rows["BackwardHookFunctionBackward"] = OpSpec(
+        "routing", routing.RoutingKernel(routing.replay_nth), replay=routing.replay_nth, selection=True, view=True,
+        reshape=True, family_of=function_family("routing"),
+        function=("torch.nn.modules._functions", "BackwardHookFunction"))
     # sum/mean/max of weight rows per bag, or the per-index weights when they are data (see EmbeddingBagKernel)
     bag = routing.EmbeddingBagKernel()
     rows["EmbeddingBagBackward0"] = OpSpec("embedding", bag, inputs_saved=((0, "weight"), (1, "per_sample_weights")),
@@ -327,7 +347,7 @@ def _build() -> Mapping[str, OpSpec]:
     t["GeneratedBackwardFor_transformers_grouped_mm_fallback_defaultBackward"] = _linear(
         GroupedMmFallbackKernel(), ((0, "saved_tensors.0"), (1, "saved_tensors.1")))
     # sums
-    t["AddBackward0"] = _sum(add_forward, _add_coefs, replay_inputs=(0, 1), elementwise="binary")
+    t["AddBackward0"] = _sum(add_forward, _add_coefs, replay_inputs=(0, 1), elementwise="binary", kernel=AddKernel)
     t["AddBackward1"] = _sum(None, lambda n: (1.0,), elementwise="unary")
     t["SubBackward0"] = _sum(sub_forward, _sub_coefs, replay_inputs=(0, 1), elementwise="binary")
     t["SubBackward1"] = _sum(None, lambda n: (1.0,), elementwise="unary")

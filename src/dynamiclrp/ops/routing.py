@@ -54,6 +54,11 @@ def replay_identity(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
     return xs[0]
 
 
+def replay_nth(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    """Output ``nr`` is input ``nr`` (a node that passes several tensors through, e.g. a backward hook's)."""
+    return xs[nr]
+
+
 def replay_to_copy(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
     m = output_meta(node)[nr]
     return xs[0].to(dtype=m.dtype, device=m.device)
@@ -144,7 +149,52 @@ def replay_where(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
 
 
 def replay_constant_pad(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    """``F.pad(x, pad)`` with the default fill, 0: the node keeps the padding sizes, not the fill value."""
     return F.pad(xs[0], saved(node, "pad"))
+
+
+def replay_pad(mode: str) -> Callable[[Any, Sequence[Tensor | None], int], Tensor]:
+    """Reflection and replication padding, which save their input and their padding sizes."""
+    def replay(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+        return F.pad(xs[0], tuple(saved(node, "padding")), mode=mode)
+    return replay
+
+
+def rebuild_pad(mode: str) -> Callable[[Any, int], Tensor | None]:
+    replay = replay_pad(mode)
+
+    def rebuild(node: Any, nr: int) -> Tensor | None:
+        x = saved(node, "self")
+        return None if x is None or nr != 0 else replay(node, [x], 0)
+    return rebuild
+
+
+def replay_upsample_nearest(op: str) -> Callable[[Any, Sequence[Tensor | None], int], Tensor]:
+    """Nearest-neighbour upsampling with the saved output size and scales (the aten op itself, so the index map is
+    the forward's exactly)."""
+    fn = getattr(torch.ops.aten, op)
+
+    def replay(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+        size = list(saved(node, "output_size"))
+        if op.endswith("1d"):
+            return fn(xs[0], size, saved(node, "scales"))
+        if op.endswith("2d"):
+            return fn(xs[0], size, saved(node, "scales_h"), saved(node, "scales_w"))
+        return fn(xs[0], size, saved(node, "scales_d"), saved(node, "scales_h"), saved(node, "scales_w"))
+    return replay
+
+
+def replay_pixel_shuffle(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    return F.pixel_shuffle(xs[0], saved(node, "upscale_factor"))
+
+
+def replay_pixel_unshuffle(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    return F.pixel_unshuffle(xs[0], saved(node, "downscale_factor"))
+
+
+def replay_im2col(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:
+    return F.unfold(xs[0], saved(node, "kernel_size"), saved(node, "dilation"), saved(node, "padding"),
+                    saved(node, "stride"))
 
 
 def replay_take_flat_indices(node: Any, xs: Sequence[Tensor | None], nr: int) -> Tensor:

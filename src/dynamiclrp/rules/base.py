@@ -6,6 +6,8 @@ that could be decided from the graph's structure (:mod:`dynamiclrp.core.step`).
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Callable
 
 import torch
@@ -67,15 +69,29 @@ def _fit_mask(mask: Tensor, like: Tensor) -> Tensor:
     return mask if mask.shape == like.shape else mask.expand_as(like)
 
 
+def _check_number(name: str, v: Any, minimum: float | None = 0.0) -> float:
+    """``v`` as a float, after checking it is a real number (not a bool or a string), finite and ``>= minimum``;
+    raises :class:`RuleError` saying which parameter is wrong and what is valid."""
+    valid = "a real number" if minimum is None else f"a number >= {minimum:g}"
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool:
+            v = v.item()
+        else:
+            raise RuleError(f"{name} must be {valid}, got {v!r} ({type(v).__name__})")
+    f = float(v)
+    if not math.isfinite(f) or (minimum is not None and f < minimum):
+        bound = "finite" if minimum is None else f">= {minimum:g} and finite"
+        raise RuleError(f"{name} must be {bound}, got {f}")
+    return f
+
+
 def _check_stabilizer(stabilizer: Any) -> None:
-    if callable(stabilizer):
+    if callable(stabilizer) and not isinstance(stabilizer, torch.Tensor):
         return
-    try:
-        v = float(stabilizer)
-    except (TypeError, ValueError):
-        raise RuleError(f"a stabilizer must be a float >= 0 or a callable z -> stabilized z, got {stabilizer!r}") from None
-    if v < 0 or v != v:
-        raise RuleError(f"a stabilizer must be >= 0, got {v}")
+    if isinstance(stabilizer, bool) or not isinstance(stabilizer, (numbers.Real, torch.Tensor)):
+        raise RuleError(f"a stabilizer must be a float >= 0 or a callable z -> stabilized z, got "
+                        f"{stabilizer!r} ({type(stabilizer).__name__})")
+    _check_number("a stabilizer", stabilizer)
 
 
 def _message(R: Tensor, value: Tensor, meta: tuple[torch.Size, torch.dtype] | None) -> Msg:

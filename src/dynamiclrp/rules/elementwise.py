@@ -43,6 +43,8 @@ class IdentityStep(Step):
                              and site.type in ("TanhBackward0", "SigmoidBackward0"))
         # a non-linearity that saved neither its input nor its output (sign): the input from the Promise System
         self.need_x_value = self.need_x_value or (k.x_field is None and k.y_field is None and site.edges[0] >= 0)
+        if self.need_x_value and k.y_field is not None and not site.planner.can_value(site.edges[0]):
+            self.need_x_value = False  # only this node's own output holds x: its inverse (see _inverse)
         if self.need_x_value:
             site.planner.need_value(site.edges[0])
         # exp(x − max) where the sum rule holds the maximum constant (ShiftStep): where x − max == 0 the relevance
@@ -51,7 +53,8 @@ class IdentityStep(Step):
         if self.explicit_at_zero:
             self.conservative = True
 
-    def _xy(self, run, node) -> tuple[Tensor | None, Tensor | None]:
+    def _xy(self, run, node) -> tuple[Tensor | None, Tensor | None, bool]:
+        """``x``, ``y``, and whether ``x`` is the inverse of the saved ``y`` (``inf`` where that is not exact)."""
         k = self.kernel
         x = saved(node, k.x_field) if k.x_field else None
         y = saved(node, k.y_field) if k.y_field else None
@@ -59,33 +62,42 @@ class IdentityStep(Step):
             x = run.value(self.in_edges[0], run.graph.describe(self.index))
         if y is None and x is not None:
             y = k.f(node, x)
+        inverted = False
         if x is None:
             if self.need_x_value:
                 try:
                     x = run.value(self.in_edges[0], run.graph.describe(self.index))
                 except ValueUnavailableError:  # fall back to the inverse map
-                    x = _inverse(k, node, y)
+                    x, inverted = _inverse(k, node, y), True
             elif k.inverse is not None:
-                x = _inverse(k, node, y)
-        return x, y
+                x, inverted = _inverse(k, node, y), True
+        return x, y, inverted
 
     def ratio(self, run, node) -> Tensor:
+        return self._ratio(run, node)[0]
+
+    def _ratio(self, run, node) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``y / x`` (the limit where ``x == 0``) and, where ``x`` is the inverse of the saved output, the mask of the
+        positions where that inverse is not exact (a saturated ``tanh``/``sigmoid``: the ratio is 0 there) and ``y``."""
         k = self.kernel
         if k._ratio is None or k.x_field is not None or k.y_field is None:
-            x, y = self._xy(run, node)
+            x, y, inverted = self._xy(run, node)
         else:
-            x, y = None, saved(node, k.y_field)
+            x, y, inverted = None, saved(node, k.y_field), False
         if k._ratio is not None:
             if x is None and k.x_field is not None:
                 x = saved(node, k.x_field)
-            return k._ratio(node, x, y)
+            return k._ratio(node, x, y), None, None
         lim = self.limit(node) if callable(self.limit) else self.limit
         zero = x == 0
         r = y / torch.where(zero, 1, x)
         lim_t = lim.to(dtype=r.dtype, device=r.device) if isinstance(lim, torch.Tensor) else \
             torch.full((), float(lim), dtype=r.dtype, device=r.device)  # a fill, not a copy from the host
         r = torch.where(zero, lim_t, r)
-        return torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)
+        r = torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)
+        if inverted:  # where the inverse is not exact: x unknown, nothing passes (no host sync to ask if any)
+            return r, ~torch.isfinite(x) & torch.isfinite(y), y
+        return r, None, None
 
     def g(self, run, gs):
         node = run.graph.nodes[self.index]
@@ -93,13 +105,20 @@ class IdentityStep(Step):
             (gx,) = call_backward(node, gs)[:1]
             return [Msg(g=_fit(gx, self.meta[0]))]
         if self.explicit_at_zero:
-            x, y = self._xy(run, node)
+            x, y, _ = self._xy(run, node)
             zero = x == 0
             g = gs[0]
             r = torch.where(zero, g * y, torch.zeros((), dtype=g.dtype, device=g.device))
             gx = torch.where(zero, torch.zeros((), dtype=g.dtype, device=g.device), g * self.ratio(run, node))
             return [Msg(g=_fit(gx, self.meta[0]), r=_fit(r, self.meta[0]))]  # the shift step takes both forms
-        return [Msg(g=_fit(gs[0] * self.ratio(run, node), self.meta[0]))]
+        ratio, lost, y = self._ratio(run, node)
+        if lost is not None and run.ledger is not None:
+            # where x is unknown (the saved output saturated, e.g. tanh = ±1 exactly, and x is in no other place of
+            # the graph), gradient form cannot carry R_x = G_y·y: that relevance stops here, and the ledger says so
+            kept = torch.where(lost, gs[0] * y, torch.zeros((), dtype=gs[0].dtype, device=gs[0].device))
+            run.book_local("rule", self.index, kept.sum(), "a saturated activation whose input is not in the graph: "
+                           "the relevance at the saturated positions cannot be passed on")
+        return [Msg(g=_fit(gs[0] * ratio, self.meta[0]))]
 
     def r(self, run, rs):
         return [Msg(r=_fit(rs[0], self.meta[0]))]
@@ -107,10 +126,12 @@ class IdentityStep(Step):
 
 def _inverse(k: UnaryKernel, node: Any, y: Tensor) -> Tensor:
     """``x`` from a saved output by the kernel's inverse, ``+inf`` where the output is saturated (``exp`` underflowed
-    to 0, ``tanh`` at ±1): there the ratio ``y / x`` is 0, as nothing passes in gradient form. The inverse is taken
-    at a harmless point there, so that differentiating the relevance (``create_graph=True``) meets no ``log(0)``."""
+    to 0, ``tanh`` at ±1) or so close to it that the inverse is not exact (one ulp of ``y`` moves ``x`` visibly:
+    :func:`~dynamiclrp.ops.elementwise.well_conditioned`): there the ratio ``y / x`` is 0, as nothing passes in
+    gradient form. The inverse is taken at a harmless point there, so that differentiating the relevance
+    (``create_graph=True``) meets no ``log(0)``."""
     with torch.no_grad():
-        bad = ~torch.isfinite(k.inverse(node, y))
+        bad = ~torch.isfinite(k.inverse(node, y)) if k.from_output is None else ~k.from_output(node, y)[1]
     safe = torch.where(bad, k.f(node, torch.ones((), dtype=y.dtype, device=y.device)), y)
     return torch.where(bad, torch.full((), float("inf"), dtype=y.dtype, device=y.device), k.inverse(node, safe))
 

@@ -15,6 +15,7 @@ Notation: ``R`` relevance, ``G`` its gradient form (``R = value * G``), ``z`` an
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -27,7 +28,7 @@ from ..core.promises import Saved, available
 from ..core.step import Site, Step
 from ..errors import RuleError, ValueUnavailableError
 from ..ops.linear import ConvKernel, LinearKernel
-from .base import Rule, Stabilizer, _check_stabilizer, _child_meta, _fit, _fit_mask, _stab, _wrong_family
+from .base import Rule, Stabilizer, _check_number, _check_stabilizer, _child_meta, _fit, _fit_mask, _stab, _wrong_family
 from .batchnorm import _MergedBN
 from .structure import structure_of
 from .sums import SumStep
@@ -143,8 +144,11 @@ class LinearStep(Step):
         # relevance reaches the output only where it is > 0: its one consumer is a ReLU
         cons = site.graph.consumers[out]
         self.pos_only = len(cons) == 1 and site.graph.types[cons[0][0]] == "ReluBackward0"
-        self.bias_wanted = (self.bias_pos is not None and site.edges[self.bias_pos] >= 0
-                            and (planner.everywhere or site.edges[self.bias_pos] in planner.requested))
+        # the bias's relevance is computed when someone reads it: the ledger, a requested bias, or a requested
+        # tensor behind it (b = b_ih + b_hh, a bias cast or viewed on its way in)
+        b_edge = site.edges[self.bias_pos] if self.bias_pos is not None else -1
+        self.bias_wanted = b_edge >= 0 and (planner.everywhere or b_edge in planner.requested
+                                            or planner.needed_below[site.graph.slot_node[b_edge]])
         if self.bias_kind == "edge":
             planner.mark_bias(site.edges[self.bias_pos])
         # plan the values the expected path reads: the lean path (gradient form) for LRP-0 and ε, the full
@@ -712,6 +716,8 @@ class _LinearRule(Rule):
 
     def __init__(self, stabilizer: Stabilizer = 1e-6, zero_params: Sequence[str] = ()):
         _check_stabilizer(stabilizer)
+        if isinstance(zero_params, str):
+            zero_params = (zero_params,)
         zp = tuple(zero_params)
         bad = [p for p in zp if p != "bias"]
         if bad:
@@ -787,10 +793,9 @@ class Gamma(_LinearRule):
     kind = "gamma"
 
     def __init__(self, gamma: float = 0.25, stabilizer: Stabilizer = 1e-6, zero_params: Sequence[str] = ()):
-        if not isinstance(gamma, (int, float)) or gamma < 0:
-            raise RuleError(f"gamma must be a number >= 0, got {gamma!r}")
+        gamma = _check_number("gamma", gamma)
         super().__init__(stabilizer, zero_params)
-        self.gamma = float(gamma)
+        self.gamma = gamma
 
     def branches(self):
         g = self.gamma
@@ -821,20 +826,24 @@ class ZPlus(_LinearRule):
 class AlphaBeta(_LinearRule):
     """LRP-αβ (Bach et al. 2015): ``α`` times the positive-contribution rule minus ``β`` times the negative one.
 
-    Requires ``α − β = 1`` and ``α, β ≥ 0``.
+    Requires ``α − β = 1`` (to a relative tolerance of 1e-9, so that ``AlphaBeta(2.2, 1.2)`` is accepted) and
+    finite ``α, β ≥ 0``.
     """
 
     kind = "alphabeta"
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: Stabilizer = 1e-6,
                  zero_params: Sequence[str] = ()):
+        alpha = _check_number("alpha", alpha, minimum=None)
+        beta = _check_number("beta", beta, minimum=None)
         if alpha < 0 or beta < 0:
             raise RuleError(f"alpha and beta must both be >= 0, got alpha={alpha}, beta={beta}")
-        if alpha - beta != 1:
-            raise RuleError(f"alpha - beta must equal 1 (conservation), got alpha={alpha}, beta={beta}")
+        if abs(alpha - beta - 1.0) > 1e-9 * max(1.0, alpha):
+            raise RuleError(f"alpha - beta must equal 1 (conservation), got alpha={alpha}, beta={beta} "
+                            f"(alpha - beta = {alpha - beta!r})")
         super().__init__(stabilizer, zero_params)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
+        self.alpha = alpha
+        self.beta = beta
 
     def branches(self):
         return (
@@ -853,9 +862,14 @@ class ZBox(_LinearRule):
                  zero_params: Sequence[str] = ()):
         super().__init__(stabilizer, zero_params)
         for name, v in (("low", low), ("high", high)):
-            if not isinstance(v, (int, float, torch.Tensor)) or isinstance(v, bool):
+            if not isinstance(v, (numbers.Real, torch.Tensor)) or isinstance(v, bool):
                 raise RuleError(f"ZBox {name} must be a number or a tensor (scalar, per-channel (1, C, 1, 1) or "
                                 f"per-pixel (1, C, H, W)), got {type(v).__name__}")
+            if isinstance(v, torch.Tensor) and (v.is_complex() or v.dtype == torch.bool):
+                raise RuleError(f"ZBox {name} must be a real tensor, got dtype {v.dtype}")
+            if not bool(torch.isfinite(torch.as_tensor(v, dtype=torch.float64)).all()):
+                raise RuleError(f"ZBox {name} must be finite everywhere (the input's lowest/highest possible "
+                                "value), got a NaN or an infinity")
         try:
             ok = bool(torch.all(torch.as_tensor(low, dtype=torch.float64) <= torch.as_tensor(high,
                                                                                             dtype=torch.float64)))

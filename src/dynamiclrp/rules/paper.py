@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..core.messages import Msg, safe_div
+from ..core.promises import available
 from ..core.step import Site, Step
+from ..errors import RuleError
 from ..ops.elementwise import NegKernel, ProductKernel
 from ..ops.reduce import SumKernel
 from .base import Rule, _check_stabilizer, _child_meta, _fit, _wrong_family
@@ -23,7 +25,7 @@ Tensor = torch.Tensor
 class MagnitudeStep(Step):
     """The DynamicLRP paper's magnitude split: ``R_i = |c_i| / (Σ_j |c_j| + ε) · R`` (explicit relevance)."""
 
-    __slots__ = ("kernel", "eps", "meta")
+    __slots__ = ("kernel", "eps", "meta", "params")
     handles_r = True
 
     def __init__(self, site: Site, eps: float):
@@ -31,14 +33,24 @@ class MagnitudeStep(Step):
         self.kernel: SumKernel = site.spec.kernel
         self.eps = eps
         self.meta = _child_meta(site)
-        for e in site.edges:
+        # a frozen parameter added as a constant (a bias after a matmul) keeps its magnitude share, as it would as a
+        # parameter of a trainable model (read through model=); other constants get nothing
+        self.params: tuple[int, ...] = ()
+        for pos, e in enumerate(site.edges):
             if e >= 0:
                 site.planner.need_value(e)
+            elif self.kernel.coefficients is not None:
+                recipe = site.planner.resolver.const(site.index, pos)
+                if available(recipe) and recipe.source[0] == "param":
+                    site.planner.need_const(site.index, pos)
+                    self.params += (pos,)
         site.planner.need_value(self.out_slots[0])
 
     def _split(self, run, R: Tensor) -> list[Msg | None]:
         node = run.graph.nodes[self.index]
         vals = [None if e < 0 else run.value(e, "magnitude split") for e in self.in_edges]
+        for pos in self.params:
+            vals[pos] = run.const(self.index, pos, "magnitude split")
         mags = [None if v is None else v.abs() for v in vals]
         coefs = self.kernel.coefficients(node) if self.kernel.coefficients is not None else None
         if coefs is not None:
@@ -49,7 +61,12 @@ class MagnitudeStep(Step):
                 term = abs(c) * mg
                 den = term if den is None else den + term
             s = R / (den + self.eps)
-            return [None if mg is None else Msg(r=_fit(abs(c) * mg * s, m)) for c, mg, m in zip(coefs, mags, self.meta)]
+            if self.params and run.ledger is not None:
+                for pos in self.params:
+                    run.book_local("bias", self.index, (abs(coefs[pos]) * mags[pos] * s).sum(),
+                                   "a frozen parameter's magnitude share")
+            return [None if (mg is None or e < 0) else Msg(r=_fit(abs(c) * mg * s, m))
+                    for c, mg, m, e in zip(coefs, mags, self.meta, self.in_edges)]
         den = self.kernel.forward(node, mags, 0)
         s = R / (den + self.eps)
         back = self.kernel.back(node, s)
@@ -130,6 +147,8 @@ class MagnitudeSplit(Rule):
 
     def __init__(self, epsilon: float = 1e-11):
         _check_stabilizer(epsilon)
+        if callable(epsilon):
+            raise RuleError("MagnitudeSplit(epsilon=...) takes a number >= 0, not a callable")
         self.epsilon = float(epsilon)
 
     def bind(self, site):

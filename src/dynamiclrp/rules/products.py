@@ -156,6 +156,9 @@ class Product(Rule):
     families = frozenset({"matmul", "product"})
 
     def __init__(self, normalisers: bool = True, gates: bool = True, self_gating: bool = True):
+        for name, v in (("normalisers", normalisers), ("gates", gates), ("self_gating", self_gating)):
+            if not isinstance(v, bool):
+                raise RuleError(f"Product({name}=...) must be True or False, got {v!r}")
         self.normalisers = normalisers
         self.gates = gates
         self.self_gating = self_gating

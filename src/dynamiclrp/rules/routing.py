@@ -17,10 +17,19 @@ if TYPE_CHECKING:  # pragma: no cover
 Tensor = torch.Tensor
 
 
-class RoutingStep(Step):
-    """Selection, permutation, copy and broadcast ops: relevance moves exactly like gradient, in both forms."""
+#: routing ops whose output has positions that come from no input (a fill value autograd does not keep): the
+#: relevance arriving there is the fill value's share, booked under this ledger kind
+_FILLS = {"ConstantPadNdBackward0": "padding", "MaskedFillBackward0": "constant"}
 
-    __slots__ = ("meta", "dropped")
+
+class RoutingStep(Step):
+    """Selection, permutation, copy and broadcast ops: relevance moves exactly like gradient, in both forms.
+
+    A constant padding (or ``masked_fill`` with a scalar) also has output positions that hold a fill value, not a
+    copy of the input: relevance arriving there stays with the fill value, and the ledger books it (``"padding"``,
+    ``"constant"``)."""
+
+    __slots__ = ("meta", "dropped", "fill", "implicit_constant")
     handles_r = True
 
     def __init__(self, site: Site):
@@ -29,6 +38,12 @@ class RoutingStep(Step):
         # inputs the kernel says receive nothing (the weight of an embedding bag with per-index weights)
         dropped = getattr(site.spec.kernel, "dropped", None)
         self.dropped = frozenset(dropped(site.edges, site.active)) if dropped is not None else frozenset()
+        self.fill = _FILLS.get(site.type)
+        self.implicit_constant = self.fill is not None  # the fill value: a constant operand without an edge
+
+    @property
+    def constant_kind(self) -> str:  # type: ignore[override]
+        return self.fill or "constant"
 
     def _route(self, run: "Run", parts: list[Tensor | None]) -> list[Tensor | None]:
         node = run.graph.nodes[self.index]

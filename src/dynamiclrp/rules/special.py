@@ -145,7 +145,7 @@ class _ReExpressedStep(Step):
             return res
         ledger = run.ledger is not None
         ex = compute(chosen, inner_in, seeds, rules=self.rules, ledger=ledger, seed_messages=forms,
-                     finish_ledger=False)
+                     finish_ledger=False, allow_unused=True)
         for k, t in enumerate(scatter(list(ex.relevance))):
             if t is not None and k < self.n_in and self.in_edges[k] >= 0:
                 res[k] = Msg(r=_fit(t, self.meta[k]))

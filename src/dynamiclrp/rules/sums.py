@@ -56,8 +56,8 @@ class SumStep(Step):
         return [gmsg(t) for t in self._transpose(run, s)]
 
     def r(self, run, rs):
-        z = run.value(self.out_slots[0], run.graph.describe(self.index))
         r = rs[0]
+        z = run.value_under(self.out_slots[0], r, run.graph.describe(self.index))
         if self.eps0:
             s = safe_div(r, z)
             if run.ledger is not None:  # R_i = c_i / z · R is undefined on a zero sum: that relevance stops here
