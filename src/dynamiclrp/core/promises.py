@@ -517,8 +517,7 @@ class PromiseResolver:
 
     def _cheap_up(self, s: int, depth: int) -> Recipe | None:
         """``s`` recovered from a consumer at element-wise cost: through a one-to-one rearrangement
-        (:class:`Unview`), or, in float64, as ``sum − other`` (:class:`Total`) with both held cheaply. ``None`` if
-        neither."""
+        (:class:`Unview`), or as ``sum − other`` (:class:`Total`) with both held cheaply. ``None`` if neither."""
         g = self.graph
         if depth > 8 or s in self._upward_busy:
             return None
@@ -534,8 +533,7 @@ class PromiseResolver:
                     if up is not None:
                         return Unview(s, c, up)
                 elif (getattr(spec.kernel, "support_role", None) == "sum" and len(edges) == 2 and min(edges) >= 0
-                        and edges[0] != edges[1] and g.meta(edges[pos]) == g.meta(g.slot_base[c])
-                        and g.meta(s)[1] == torch.float64):  # see avoid(): a difference is exact in float64 only
+                        and edges[0] != edges[1] and g.meta(edges[pos]) == g.meta(g.slot_base[c])):
                     total = self._cheap(g.slot_base[c], depth + 1)
                     other = self._cheap(edges[1 - pos], depth + 1) if total is not None else None
                     if other is not None:
@@ -546,9 +544,10 @@ class PromiseResolver:
 
     def avoid(self, recipe: Recipe) -> bool:
         """Whether recomputing a value beats evaluating ``recipe``: it recomputes a costly op (a matrix product or
-        convolution) itself, or it takes a difference ``sum − other`` in less than float64 (a residual stream is
-        large next to a layer's output, and the subtraction cancels its digits), or inverts a saturating function
-        in less than float64 (``logit`` of a sigmoid near 1 keeps few digits)."""
+        convolution) itself, or inverts a saturating function in less than float64 (``logit`` of a sigmoid near 1
+        keeps few digits). A difference ``sum − other`` is not avoided in any precision: it is exact to the
+        rounding of the sum (a few ulp of ``|sum|``), and the rules that read a layer's output that way (the ε
+        denominator) depend on it only through ``z / (z + ε)``."""
         g = self.graph
         stack = [recipe]
         seen: set[Hashable] = set()
@@ -561,8 +560,6 @@ class PromiseResolver:
                 spec = self.specs[r.node]
                 if spec is not None and spec.costly:
                     return True
-            elif isinstance(r, SumPart) and g.meta(r.slot)[1] != torch.float64:
-                return True
             elif (isinstance(r, InversePart) and g.meta(r.slot)[1] != torch.float64
                   and not getattr(self.specs[r.node].kernel, "exact_inverse", False)):
                 return True  # atanh/logit/log of a saved tanh/sigmoid/exp lose digits below float64 (saturation)
@@ -1008,7 +1005,12 @@ class ValueStore:
                     f"The value of output {g.slot_nr[rec.slot]} of {g.describe(g.slot_node[rec.slot])} cannot be "
                     f"recovered from the sum {g.describe(rec.node)}: the other addend is not known everywhere "
                     "relevance reaches the sum. Pass model= so frozen constants can be read from the model."))
-            v = (total - c[1 - rec.pos] * ov) / c[rec.pos]
+            a, b = c[1 - rec.pos], c[rec.pos]
+            v = total - (ov if _is_one(a) else a * ov)
+            if not _is_one(b):
+                v = v / b
+            if tmask is None and v.shape == shape:  # the common case (a residual stream): nothing to reduce
+                return (v if v.dtype == dtype else v.to(dtype)), None
             return _masked_mean(_masked(v, tmask), _ones_or(tmask, v), shape, dtype)
         kernel = self.specs[rec.node].kernel
         ov = other[0] if other is not None else kernel.operand(node, 1)
@@ -1120,6 +1122,10 @@ def _inverts(recipe: Recipe) -> bool:
 
 def _vm(value: Any) -> tuple[Tensor, Mask]:
     return value if isinstance(value, tuple) else (value, None)
+
+
+def _is_one(c: Any) -> bool:
+    return isinstance(c, (int, float)) and c == 1
 
 
 def _masked(v: Tensor, mask: Mask) -> Tensor:

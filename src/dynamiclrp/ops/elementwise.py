@@ -165,11 +165,12 @@ def _sign_ratio(node, x, y):
 
 
 def _gelu_ratio(node, x):
-    """``gelu(x) / x`` in closed form: ``Φ(x)`` (exact GELU) or ``(1 + tanh(√(2/π)(x + 0.044715x³))) / 2``."""
-    if _param(node, "approximate", "none") == "tanh":
-        inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)
-        return 0.5 * (1.0 + torch.tanh(inner))
-    return 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+    """``gelu(x) / x`` = ``Φ(x)`` (exact GELU; its tanh approximation likewise), ``1/2`` at ``x = 0``: the fused
+    ``gelu`` kernel and one division (``erf`` alone costs several times the whole GELU on a CPU)."""
+    y = F.gelu(x, approximate=_param(node, "approximate", "none"))
+    if torch.is_grad_enabled() and x.requires_grad:  # differentiable relevance: no in-place ops
+        return torch.nan_to_num(y / x, nan=0.5)
+    return y.div_(x).nan_to_num_(nan=0.5)
 
 
 def _leaky_ratio(node, x):

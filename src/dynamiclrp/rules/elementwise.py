@@ -80,6 +80,10 @@ class IdentityStep(Step):
         """``y / x`` (the limit where ``x == 0``) and, where ``x`` is the inverse of the saved output, the mask of the
         positions where that inverse is not exact (a saturated ``tanh``/``sigmoid``: the ratio is 0 there) and ``y``."""
         k = self.kernel
+        if k._ratio is not None and k.x_field is not None:  # a closed form of y / x from the saved input alone
+            x = saved(node, k.x_field)
+            if x is not None:
+                return k._ratio(node, x, None), None, None
         if k._ratio is None or k.x_field is not None or k.y_field is None:
             x, y, inverted = self._xy(run, node)
         else:

@@ -7,13 +7,13 @@ import torch
 
 from ..core.graph import GraphView, gradient_edge
 from ..core.params import ModelParams
-from ..core.promises import PromiseResolver, Unavailable, ValueStore
+from ..core.promises import PromiseResolver, Recipe, SumPart, Unavailable, ValueStore
 from ..presets import Rules, resolve
 
 
 def recover_all(outputs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.Tensor] = (),
                 rules: Rules = None, model: torch.nn.Module | None = None,
-                support: bool = False) -> list[tuple[Any, int, str, Any]]:
+                support: bool = False, scales: bool = False) -> list[tuple[Any, ...]]:
     """Recover the forward value of every slot of the graph that the Promise System can recover.
 
     A diagnostic (and the basis of the tests that check recovered values against the true forward values).
@@ -30,12 +30,16 @@ def recover_all(outputs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence
         Resolve frozen constants through it.
     support : bool
         Also return values known only on their support, as ``(value, mask)`` pairs with ``how == "support"``.
+    scales : bool
+        Append to each entry the largest ``|sum|`` among the sums the value was recovered from by a difference
+        (``addend = sum − other``; ``0.0`` if none). Such a value is exact to the rounding of that sum: in
+        float32 its error is a few units in the last place of ``|sum|``, not of the value itself.
 
     Returns
     -------
-    list of (node, output_nr, how, value)
+    list of (node, output_nr, how, value), or (node, output_nr, how, value, scale) with ``scales=True``
         ``how`` is the recipe kind at the top of the branch (``"saved"``, ``"rebuild"``, ``"replay"``,
-        ``"leaf"``, ``"known"``, ``"total"``, ``"support"``).
+        ``"leaf"``, ``"known"``, ``"total"``, ``"unview"``, ``"support"``).
     """
     outs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
     rule_set = resolve(rules)
@@ -61,7 +65,25 @@ def recover_all(outputs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence
                 continue
             node, nr = graph.nodes[graph.slot_node[slot]], graph.slot_nr[slot]
             if recipe.support:
-                found.append((node, nr, "support", store.get_support(slot)))
+                entry: tuple[Any, ...] = (node, nr, "support", store.get_support(slot))
             else:
-                found.append((node, nr, type(recipe).__name__.lower(), store.get(slot)))
+                entry = (node, nr, type(recipe).__name__.lower(), store.get(slot))
+            if scales:
+                entry += (_difference_scale(recipe, graph, store),)
+            found.append(entry)
     return found
+
+
+def _difference_scale(recipe: Recipe, graph: GraphView, store: ValueStore) -> float:
+    """The largest ``|sum|`` of the sums a recipe takes a difference of (``0.0`` if it takes none)."""
+    scale, stack, seen = 0.0, [recipe], set()
+    while stack:
+        r = stack.pop()
+        if r.key in seen:
+            continue
+        seen.add(r.key)
+        if isinstance(r, SumPart):
+            total = store.get(graph.slot_base[r.node])
+            scale = max(scale, float(total.abs().max()) if total.numel() else 0.0)
+        stack.extend(r.children())
+    return scale
