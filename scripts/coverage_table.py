@@ -246,15 +246,15 @@ rules = dynamiclrp.presets.epsilon().with_ops({"MyActivationBackward": (spec, Id
   the identity rule's sink, booked as `rule`.
 * **In-place non-linear ops on views** (`x[..., :k].sigmoid_()`, `x[i] *= t`): the `CopySlices` node wraps the op's
   backward only, so its relevance rule cannot be recovered; refused with a clear error (write it out of place).
-* **`CudnnRnnBackward0`** (`nn.LSTM`/`nn.GRU` on CUDA, all layers fused): not registered (no GPU to test on); on CPU
-  LSTMs are fused per layer (covered) and GRUs are decomposed (covered).
 * **Values the graph does not hold**: a promise is refused rather than guessed for `as_strided` with overlapping
   windows. Constants autograd does not keep (BLOOM's ALiBi inside `baddbmm`, GPT-Neo's mask value in a `where`)
   cannot be measured where relevance reaches them; the ledger measures their combined share at the next node whose
   inputs are known and names them there, so the ledger still closes.
-* **CUDA-only node types**: the CUDA flash/efficient/cuDNN attention nodes are registered (same rule as the CPU
-  flash node) but were not exercised; `CudnnBatchNormBackward0` and `CudnnRnnBackward0` have no rule yet (a clear
-  `UnsupportedOperationError` on a GPU). No GPU was available while this was built.
+* **CUDA-only node types, not yet run on a GPU**: the CUDA flash/efficient/cuDNN attention nodes, cuDNN/MIOpen
+  batch norm and RNN (`nn.LSTM`/`nn.GRU`/`nn.RNN`, every layer and direction), the fused LSTM/GRU cells and fused
+  RMSNorm have rows and rules, tested on a CPU with stand-in nodes that carry the CUDA classes' saved fields
+  (`tests/test_cuda_nodes.py`). That each GPU selects them and their bfloat16 numerics are what
+  `scripts/gpu_check.py` checks on the first GPU available; none was while this was built.
 """
 
 
