@@ -75,7 +75,7 @@ class ShiftStep(Step):
     The shift only keeps ``exp`` in range: ``exp(x − m) = e^{−m}·exp(x)`` and the normalised result (softmax, a
     WKV ratio) does not depend on ``m``. Held constant, as AttnLRP holds normalisers constant, ``x`` takes all the
     relevance — also where ``x − m`` is exactly 0 (``x`` is the maximum), which the signed sum rule cannot divide
-    by; the ``exp`` there hands its relevance on in explicit form (:class:`~dynamiclrp.rules.IdentityStep`).
+    by; the ``exp`` there hands its relevance on in explicit form (:class:`~dynamiclrp.rules.elementwise.IdentityStep`).
     """
 
     __slots__ = ("meta",)
