@@ -51,7 +51,7 @@ How this maps to the paper, and where we differ
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Hashable, Iterator, Sequence
 
 import torch
 
@@ -549,13 +549,7 @@ class PromiseResolver:
         rounding of the sum (a few ulp of ``|sum|``), and the rules that read a layer's output that way (the ε
         denominator) depend on it only through ``z / (z + ε)``."""
         g = self.graph
-        stack = [recipe]
-        seen: set[Hashable] = set()
-        while stack:
-            r = stack.pop()
-            if r.key in seen:
-                continue
-            seen.add(r.key)
+        for r in walk(recipe):
             if isinstance(r, (Rebuild, Replay)):
                 spec = self.specs[r.node]
                 if spec is not None and spec.costly:
@@ -563,7 +557,6 @@ class PromiseResolver:
             elif (isinstance(r, InversePart) and g.meta(r.slot)[1] != torch.float64
                   and not getattr(self.specs[r.node].kernel, "exact_inverse", False)):
                 return True  # atanh/logit/log of a saved tanh/sigmoid/exp lose digits below float64 (saturation)
-            stack.extend(r.children())
         return False
 
     def _upward(self, s: int, reason: str) -> Recipe:
@@ -1106,18 +1099,21 @@ def inverted(recipe: Recipe) -> bool:
     return isinstance(recipe, Total) and isinstance(recipe.part, InversePart)
 
 
-def _inverts(recipe: Recipe) -> bool:
-    """Whether ``recipe`` reads a value by inverting an element-wise op's saved output somewhere."""
+def walk(recipe: Recipe) -> Iterator[Recipe]:
+    """Every distinct recipe of a promise tree (``recipe`` and what it is built on), each once."""
     stack, seen = [recipe], set()
     while stack:
         r = stack.pop()
         if r.key in seen:
             continue
         seen.add(r.key)
-        if isinstance(r, InversePart):
-            return True
+        yield r
         stack.extend(r.children())
-    return False
+
+
+def _inverts(recipe: Recipe) -> bool:
+    """Whether ``recipe`` reads a value by inverting an element-wise op's saved output somewhere."""
+    return any(isinstance(r, InversePart) for r in walk(recipe))
 
 
 def _vm(value: Any) -> tuple[Tensor, Mask]:

@@ -7,7 +7,7 @@ import torch
 
 from ..core.graph import GraphView, gradient_edge
 from ..core.params import ModelParams
-from ..core.promises import PromiseResolver, Recipe, SumPart, Unavailable, ValueStore
+from ..core.promises import PromiseResolver, Recipe, SumPart, Unavailable, ValueStore, walk
 from ..presets import Rules, resolve
 
 
@@ -76,14 +76,9 @@ def recover_all(outputs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence
 
 def _difference_scale(recipe: Recipe, graph: GraphView, store: ValueStore) -> float:
     """The largest ``|sum|`` of the sums a recipe takes a difference of (``0.0`` if it takes none)."""
-    scale, stack, seen = 0.0, [recipe], set()
-    while stack:
-        r = stack.pop()
-        if r.key in seen:
-            continue
-        seen.add(r.key)
+    scale = 0.0
+    for r in walk(recipe):
         if isinstance(r, SumPart):
             total = store.get(graph.slot_base[r.node])
             scale = max(scale, float(total.abs().max()) if total.numel() else 0.0)
-        stack.extend(r.children())
     return scale
